@@ -1,0 +1,6 @@
+"""CLI command modules; each decorates functions onto ``flows.cli_app.app``.
+
+Add one import line per module here.
+"""
+
+from flows.commands import ingest  # noqa: F401

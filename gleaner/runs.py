@@ -1,0 +1,64 @@
+"""Run identity and the run record (``runs/<run_id>/run.json``): config and package versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import platform
+import secrets
+from typing import Any
+
+from gleaner.config import GleanerConfig
+from gleaner.store import Store, validate_run_id
+
+RECORDED_PACKAGES = (
+    "gleaner", "prefect", "prefect-ray", "ray", "openai", "pandas", "pyarrow",
+    "fsspec", "s3fs", "torch", "transformers", "sentence-transformers",
+)
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a short random suffix."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def package_versions() -> dict[str, str]:
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def run_record_path(store: Store, run_id: str) -> str:
+    return store.run_path(run_id, "run.json")
+
+
+def record_run(store: Store, run_id: str, config: GleanerConfig, **extra: Any) -> dict[str, Any]:
+    """Create or update run.json. The config holds no secrets (keys are read from env by name)."""
+    validate_run_id(run_id)
+    path = run_record_path(store, run_id)
+    record: dict[str, Any] = store.read_json(path) if store.exists(path) else {}
+    now = dt.datetime.now(dt.UTC).isoformat()
+    record.setdefault("run_id", run_id)
+    record.setdefault("created_at", now)
+    record["updated_at"] = now
+    record["config"] = config.model_dump(mode="json")
+    record["versions"] = package_versions()
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(record.get(key), dict):
+            record[key].update(value)
+        else:
+            record[key] = value
+    store.write_json(path, record)
+    return record
+
+
+def read_run(store: Store, run_id: str) -> dict[str, Any]:
+    path = run_record_path(store, run_id)
+    if not store.exists(path):
+        raise FileNotFoundError(f"run {run_id!r} not found in {store.uri(store.root)}")
+    return store.read_json(path)

@@ -1,0 +1,169 @@
+"""The checkpoint store: Parquet parts and JSON documents on any fsspec URL.
+
+Layout: ``<root>/runs/<run_id>/<stage>/part-<nnnnn>.parquet``. A part is
+written atomically (temp file + rename on a local disk, one PUT on an object
+store), so listing the finished parts of a stage is how a rerun knows what is
+done. Cross-run caches live under ``<root>/cache/<name>/``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id):
+        raise ValueError(
+            f"run id {run_id!r} must be 1-128 letters, digits, '.', '_' or '-' "
+            "and start with a letter or digit"
+        )
+    return run_id
+
+
+class Store:
+    """One store URL, resolved once into an fsspec filesystem and a root path."""
+
+    def __init__(self, url: str = "./gleaner-data", storage_options: dict[str, Any] | None = None):
+        options = dict(storage_options or {})
+        endpoint = options.pop("endpoint_url", None)
+        if endpoint and url.startswith("s3://"):
+            options.setdefault("client_kwargs", {})["endpoint_url"] = endpoint
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **options)
+        self.root = root.rstrip("/") if root not in ("/", "") else root
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:  # never show storage options: they may carry credentials
+        return f"Store({self.url!r})"
+
+    # ---- paths -------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def run_path(self, run_id: str, *parts: str) -> str:
+        return self.path("runs", validate_run_id(run_id), *parts)
+
+    def stage_path(self, run_id: str, stage: str) -> str:
+        return self.run_path(run_id, stage)
+
+    def uri(self, path: str) -> str:
+        """A full URL for a store path, for messages and for other tools."""
+        return self.fs.unstrip_protocol(path)
+
+    # ---- atomic writes -----------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> str:
+        """Write a whole object atomically: readers see all of it or none of it."""
+        parent = posixpath.dirname(path)
+        if self.is_local:
+            self.fs.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            # Object stores make a single PUT atomic: the key appears complete or not at all.
+            self.fs.pipe_file(path, data)
+        return path
+
+    def write_table(self, path: str, table: pa.Table) -> str:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        return self.write_bytes(path, buffer.getvalue())
+
+    def write_part(self, run_id: str, stage: str, index: int, table: pa.Table) -> str:
+        return self.write_table(posixpath.join(self.stage_path(run_id, stage), part_name(index)), table)
+
+    def write_json(self, path: str, document: Any) -> str:
+        text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+        return self.write_bytes(path, text.encode("utf-8"))
+
+    # ---- reads -------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def part_paths(self, directory: str) -> dict[int, str]:
+        """Finished parts under a directory, by index (temp files and others are ignored)."""
+        try:
+            entries = self.fs.ls(directory, detail=False, refresh=True)
+        except FileNotFoundError:
+            return {}
+        parts: dict[int, str] = {}
+        for entry in entries:
+            match = PART_RE.match(posixpath.basename(entry))
+            if match:
+                parts[int(match.group(1))] = entry
+        return dict(sorted(parts.items()))
+
+    def finished_parts(self, run_id: str, stage: str) -> set[int]:
+        return set(self.part_paths(self.stage_path(run_id, stage)))
+
+    def dataset(self, paths: Iterable[str], schema: pa.Schema | None = None) -> ds.Dataset:
+        return ds.dataset(list(paths), format="parquet", filesystem=self.fs, schema=schema)
+
+    def stage_dataset(self, run_id: str, stage: str, schema: pa.Schema | None = None) -> ds.Dataset:
+        """A stage's output as one pyarrow dataset (empty when the stage wrote nothing)."""
+        paths = list(self.part_paths(self.stage_path(run_id, stage)).values())
+        if not paths and schema is None:
+            raise FileNotFoundError(
+                f"stage {stage!r} of run {run_id!r} has no output in {self.uri(self.root)}"
+            )
+        return self.dataset(paths, schema=schema)
+
+    def read_stage(
+        self,
+        run_id: str,
+        stage: str,
+        columns: list[str] | None = None,
+        schema: pa.Schema | None = None,
+    ) -> pa.Table:
+        return self.stage_dataset(run_id, stage, schema=schema).to_table(columns=columns)
+
+    def has_stage(self, run_id: str, stage: str) -> bool:
+        return bool(self.part_paths(self.stage_path(run_id, stage)))
+
+    def list_runs(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.path("runs"), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def clear_stage(self, run_id: str, stage: str) -> None:
+        """Forget a stage's output (for --force); later stages must be recomputed by the caller."""
+        directory = self.stage_path(run_id, stage)
+        if self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)
