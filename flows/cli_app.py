@@ -19,8 +19,12 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold API keys
 )
 
-ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file.", exists=True, dir_okay=False)
-StoreOption = typer.Option(None, "--store", help="Store URL: a folder, s3://bucket/prefix, any fsspec URL.")
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="YAML config file.", exists=True, dir_okay=False
+)
+StoreOption = typer.Option(
+    None, "--store", help="Store URL: a folder, s3://bucket/prefix, any fsspec URL."
+)
 RunIdOption = typer.Option(None, "--run-id", help="Run id (generated when not given).")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object instead of a human summary.")
 

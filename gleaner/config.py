@@ -27,7 +27,14 @@ class StoreConfig(Section):
     @field_validator("options")
     @classmethod
     def _no_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
-        banned = {"key", "secret", "token", "password", "aws_secret_access_key", "aws_access_key_id"}
+        banned = {
+            "key",
+            "secret",
+            "token",
+            "password",
+            "aws_secret_access_key",
+            "aws_access_key_id",
+        }
         leaked = banned & {k.lower() for k in options}
         if leaked:
             raise ValueError(
@@ -171,7 +178,9 @@ class GleanerConfig(Section):
         return GleanerConfig.model_validate(data)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> GleanerConfig:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> GleanerConfig:
     """Load a YAML config (or the defaults) and apply CLI overrides on top."""
     config = GleanerConfig()
     if path is not None:

@@ -12,8 +12,18 @@ from gleaner.config import GleanerConfig
 from gleaner.store import Store, validate_run_id
 
 RECORDED_PACKAGES = (
-    "gleaner", "prefect", "prefect-ray", "ray", "openai", "pandas", "pyarrow",
-    "fsspec", "s3fs", "torch", "transformers", "sentence-transformers",
+    "gleaner",
+    "prefect",
+    "prefect-ray",
+    "ray",
+    "openai",
+    "pandas",
+    "pyarrow",
+    "fsspec",
+    "s3fs",
+    "torch",
+    "transformers",
+    "sentence-transformers",
 )
 
 

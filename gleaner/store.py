@@ -99,7 +99,9 @@ class Store:
         return self.write_bytes(path, buffer.getvalue())
 
     def write_part(self, run_id: str, stage: str, index: int, table: pa.Table) -> str:
-        return self.write_table(posixpath.join(self.stage_path(run_id, stage), part_name(index)), table)
+        return self.write_table(
+            posixpath.join(self.stage_path(run_id, stage), part_name(index)), table
+        )
 
     def write_json(self, path: str, document: Any) -> str:
         text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False, default=str)

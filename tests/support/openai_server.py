@@ -159,7 +159,11 @@ class OpenAIStub:
             ]
         )
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
             timeout_keep_alive=30,
         )
         self._server = uvicorn.Server(config)
