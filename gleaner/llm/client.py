@@ -1,0 +1,342 @@
+"""An OpenAI-compatible async client wrapper shared by every stage that calls an LLM.
+
+Layers of retry, each doing what the one below cannot:
+
+1. the openai SDK (``max_retries``): 429 honouring ``Retry-After``, 408/409/5xx,
+   timeouts and connection errors, with exponential back-off and jitter;
+2. this wrapper: responses the SDK hands back but that are unusable — a body
+   that is not JSON, or JSON without choices — are retried with jittered
+   back-off (``body_retries``);
+3. the caller (e.g. the rating stage) retries answers it cannot parse.
+
+Every HTTP attempt first takes a slot from the optional cluster-wide rate
+limiter (an httpx request hook, so the SDK's own retries are counted too) and
+every call holds the per-worker concurrency semaphore. API keys never appear in
+messages produced here (:func:`describe_error` scrubs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx2
+import openai
+
+from gleaner.config import EndpointConfig
+
+SCORE_TOKENS_0_5 = tuple(str(k) for k in range(6))
+SCORE_TOKENS_1_6 = tuple(str(k) for k in range(1, 7))
+_KEYLIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
+
+
+class RateLimiter(Protocol):
+    """Anything that can make a caller wait for a request slot and a token budget."""
+
+    async def acquire(self, requests: int = 1, tokens: int = 0) -> None: ...
+
+
+class LLMError(Exception):
+    """A call that failed after every retry. The message never contains the API key."""
+
+    def __init__(self, message: str, *, attempts: int, transient: bool, kind: str):
+        super().__init__(message)
+        self.attempts = attempts
+        self.transient = transient
+        self.kind = kind
+
+
+class MalformedResponse(ValueError):
+    """A 200 answer whose body cannot be used (no choices, not JSON)."""
+
+
+@dataclass
+class Completion:
+    """One successful call: the text, per-position top logprobs, tokens and cost in time."""
+
+    text: str
+    # One {token: logprob} per generated position; None when the endpoint sent none.
+    top_logprobs: list[dict[str, float]] | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    attempts: int  # HTTP requests this call took, the SDK's own retries included
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    """Running totals of one client (a worker's share of a run's cost)."""
+
+    calls: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failed_calls: int = 0
+
+    def add(self, completion: Completion) -> None:
+        self.calls += 1
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """Remove API keys (the configured one, and anything key-shaped) from a message."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _KEYLIKE.sub(lambda m: f"{m.group(1)}-***", text)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Errors worth trying again later (rate limits, overload, network), as the SDK judges them."""
+    if isinstance(error, LLMError):
+        return error.transient
+    if isinstance(error, openai.APIConnectionError | openai.APITimeoutError):
+        return True
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in (408, 409, 429) or error.status_code >= 500
+    return isinstance(error, MalformedResponse | json.JSONDecodeError | httpx2.TransportError)
+
+
+def describe_error(error: BaseException, secrets: Iterable[str] = ()) -> str:
+    """A short, key-free description: type, HTTP status and the server's message."""
+    if isinstance(error, openai.APIStatusError):
+        message = error.message if isinstance(error.message, str) else str(error)
+        text = f"HTTP {error.status_code} {type(error).__name__}: {message}"
+    elif isinstance(error, openai.APITimeoutError):
+        text = "timeout: the endpoint did not answer within the client timeout"
+    elif isinstance(error, openai.APIConnectionError):
+        cause = error.__cause__
+        text = f"connection error: {type(cause).__name__ if cause else 'unknown'}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return scrub(text, secrets)[:500]
+
+
+def _positions_chat(logprobs: Any) -> list[dict[str, float]] | None:
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if not content:
+        return None
+    positions: list[dict[str, float]] = []
+    for item in content:
+        top = {t.token: float(t.logprob) for t in (item.top_logprobs or [])}
+        top.setdefault(item.token, float(item.logprob))
+        positions.append(top)
+    return positions
+
+
+def _positions_text(logprobs: Any) -> list[dict[str, float]] | None:
+    top = getattr(logprobs, "top_logprobs", None) if logprobs is not None else None
+    if not top:
+        return None
+    return [{str(k): float(v) for k, v in (position or {}).items()} for position in top]
+
+
+def expected_score(top: Mapping[str, float] | None, allowed: Sequence[str]) -> float | None:
+    """Sum of k * p_k over the allowed score tokens, renormalised over those tokens only.
+
+    This is DEITA's softmax over the logits of tokens "1".."6" (and the
+    AlpaGasus score-only mode over "0".."5") computed from an endpoint's
+    top_logprobs: softmax over a subset equals exp(logprob) renormalised over
+    that subset. Tokens may come with leading spaces (" 4"); variants of one
+    digit are summed. A score token missing from the top-k contributes 0.
+    None when no allowed token is present.
+    """
+    if not top:
+        return None
+    allowed_set = set(allowed)
+    mass: dict[str, float] = {}
+    for token, logprob in top.items():
+        key = token.strip()
+        if key in allowed_set and logprob is not None and math.isfinite(logprob):
+            mass[key] = mass.get(key, 0.0) + math.exp(logprob)
+    total = sum(mass.values())
+    if total <= 0.0:
+        return None
+    return sum(float(k) * p for k, p in mass.items()) / total
+
+
+def estimate_tokens(body: bytes) -> int:
+    """Rough tokens a request may use (prompt chars / 4 + max_tokens), for the tokens/min budget."""
+    try:
+        document = json.loads(body or b"{}")
+    except ValueError:
+        return max(1, len(body) // 4)
+    max_tokens = document.get("max_tokens") or document.get("max_completion_tokens") or 0
+    return max(1, len(body) // 4 + int(max_tokens))
+
+
+@dataclass
+class LLMClient:
+    """One endpoint + model, used as ``async with LLMClient(endpoint) as client:``."""
+
+    endpoint: EndpointConfig
+    limiter: RateLimiter | None = None
+    concurrency: int | None = None
+    body_retries: int = 2
+    backoff_s: float = 0.5
+    usage: Usage = field(default_factory=Usage)
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.base_url:
+            raise ValueError(
+                "LLMClient needs an endpoint base_url (None means: start the offline server)"
+            )
+        self.model = self.endpoint.model
+        self._semaphore = asyncio.Semaphore(self.concurrency or self.endpoint.concurrency)
+        self._api_key = self.endpoint.api_key()
+        hooks = {"request": [self._before_request]} if self.limiter is not None else {}
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks=hooks)
+        self._openai = openai.AsyncOpenAI(
+            base_url=self.endpoint.base_url,
+            api_key=self._api_key,
+            timeout=self.endpoint.timeout_s,
+            max_retries=self.endpoint.max_retries,
+            http_client=http_client,
+        )
+
+    def __repr__(self) -> str:  # never the key
+        return f"LLMClient(base_url={self.endpoint.base_url!r}, model={self.model!r})"
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._openai.close()
+
+    async def _before_request(self, request: httpx2.Request) -> None:
+        assert self.limiter is not None
+        await self.limiter.acquire(requests=1, tokens=estimate_tokens(request.content))
+
+    def describe(self, error: BaseException) -> str:
+        return describe_error(error, [self._api_key])
+
+    # ---- public calls --------------------------------------------------------
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        **extra: Any,
+    ) -> Completion:
+        """A chat completion; with ``logprobs`` the per-position top_logprobs come back too."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "messages": [dict(m) for m in messages],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            **extra,
+        }
+        if logprobs:
+            kwargs["logprobs"] = True
+            if top_logprobs:
+                kwargs["top_logprobs"] = top_logprobs
+        return await self._call(self._openai.chat.completions, kwargs, chat=True)
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        logprobs: int | None = None,
+        **extra: Any,
+    ) -> Completion:
+        """Raw-text completion (``/v1/completions``): no chat template, as DEITA's scorers need."""
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            **extra,
+        }
+        if logprobs:
+            kwargs["logprobs"] = logprobs
+        return await self._call(self._openai.completions, kwargs, chat=False)
+
+    # ---- the retry loop for what the SDK does not retry ------------------------
+    async def _call(self, resource: Any, kwargs: dict[str, Any], *, chat: bool) -> Completion:
+        attempts = 0
+        started = time.perf_counter()
+        async with self._semaphore:
+            try:
+                for body_try in range(self.body_retries + 1):
+                    try:
+                        raw = await resource.with_raw_response.create(**kwargs)
+                    except openai.APIError as error:
+                        attempts += self._sdk_attempts(error)
+                        self.usage.failed_calls += 1
+                        transient = is_transient(error)
+                        raise LLMError(
+                            self.describe(error),
+                            attempts=attempts,
+                            transient=transient,
+                            kind="transient" if transient else "permanent",
+                        ) from None
+                    attempts += int(getattr(raw, "retries_taken", 0) or 0) + 1
+                    try:
+                        completion = self._read(raw.parse(), chat, attempts, started)
+                    except (ValueError, openai.APIResponseValidationError) as error:
+                        # Broken JSON body, or JSON without choices: the SDK does not retry these.
+                        if body_try >= self.body_retries:
+                            self.usage.failed_calls += 1
+                            raise LLMError(
+                                f"malformed response after {attempts} attempts: "
+                                f"{self.describe(error)}",
+                                attempts=attempts,
+                                transient=True,
+                                kind="transient",
+                            ) from None
+                        delay = self.backoff_s * (2**body_try) * random.uniform(0.5, 1.5)
+                        await asyncio.sleep(delay)
+                        continue
+                    self.usage.add(completion)
+                    return completion
+            finally:
+                self.usage.requests += attempts
+        raise AssertionError("unreachable")
+
+    def _sdk_attempts(self, error: BaseException) -> int:
+        """The SDK retries transient errors max_retries times before raising."""
+        return self.endpoint.max_retries + 1 if is_transient(error) else 1
+
+    @staticmethod
+    def _read(response: Any, chat: bool, attempts: int, started: float) -> Completion:
+        choices = getattr(response, "choices", None)
+        if not choices:
+            raise MalformedResponse("the response has no choices")
+        choice = choices[0]
+        if chat:
+            message = getattr(choice, "message", None)
+            text = (getattr(message, "content", None) or "") if message is not None else ""
+            positions = _positions_chat(getattr(choice, "logprobs", None))
+        else:
+            text = getattr(choice, "text", None) or ""
+            positions = _positions_text(getattr(choice, "logprobs", None))
+        usage = getattr(response, "usage", None)
+        return Completion(
+            text=text,
+            top_logprobs=positions,
+            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            attempts=attempts,
+            finish_reason=getattr(choice, "finish_reason", None),
+        )
