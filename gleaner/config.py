@@ -47,9 +47,22 @@ class StoreConfig(Section):
 class IngestConfig(Section):
     # auto-detect from the first record, or force one of the known formats
     format: Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "lima"] = "auto"
-    max_field_bytes: int = 1_000_000
+    max_field_bytes: int = Field(1_000_000, gt=0)  # a longer text field is quarantined
+    # a JSON line / array element larger than this is quarantined without being parsed
+    max_record_bytes: int = Field(64 * 2**20, gt=0)
     require_output: bool = True
-    batch_rows: int = 50_000
+    batch_rows: int = Field(50_000, gt=0)
+    # fsspec options for reading sources (e.g. {"endpoint_url": ...}); empty: the store's
+    # options when the sources live on the store's protocol. Never credentials.
+    source_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("source_options")
+    @classmethod
+    def _no_secrets(cls, options: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return StoreConfig._no_secrets(options)
+        except ValueError as error:
+            raise ValueError(str(error).replace("store.options", "ingest.source_options")) from None
 
 
 class EndpointConfig(Section):
@@ -87,13 +100,22 @@ DEFAULT_PRICES: dict[str, PriceConfig] = {
 class RateConfig(Section):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     dimension: str = "accuracy"
-    mode: Literal["explain", "score-only"] = "explain"
+    # None: explain (the paper's) on a configured endpoint, score-only on the offline model
+    mode: Literal["explain", "score-only"] | None = None
     template_file: str | None = None
-    batch_size: int = 256
-    parse_retries: int = 2
-    task_retries: int = 2
+    batch_size: int = Field(256, ge=1)
+    parse_retries: int = Field(2, ge=0)
+    explain_max_tokens: int = Field(256, ge=1)
+    top_logprobs: int = Field(20, ge=1, le=20)
+    task_retries: int = Field(2, ge=0)
+    task_retry_delay_s: float = Field(10.0, ge=0)
+    # Ray CPUs per batch task: batches in flight = cluster CPUs / task_cpus (rating is I/O-bound)
+    task_cpus: float = Field(1.0, gt=0)
     threshold: float = 4.5
-    force: bool = False
+    force: bool = False  # ignore the rating cache and this run's finished batches
+    cache: bool = True  # reuse ratings across runs (same id, model, prompt, dimension, mode)
+    # offline default: requantize the shipped Q4_1 GGUF to Q4_0 once (faster prompt processing)
+    offline_q4_0: bool = True
 
 
 class ScoreConfig(Section):

@@ -1,0 +1,451 @@
+"""The ingest stage: source files -> canonical examples, with quarantine and exact dedup.
+
+Every record read ends in exactly one place: kept (a row of ``runs/<id>/ingest``),
+quarantined (a row of ``runs/<id>/quarantine`` with file, row, field and a
+plain reason) or counted as a duplicate of an example already kept (same
+``id``). The summary always satisfies ``read = kept + quarantined + duplicates``.
+
+Memory stays flat: records stream from the readers and leave in Parquet parts
+of ``ingest.batch_rows`` rows; only the set of seen ids grows with the input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from gleaner.config import GleanerConfig, IngestConfig
+from gleaner.runs import record_run
+from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
+from gleaner.store import Store, validate_run_id
+from tasks.formats import MAPPERS, Mapped, Rejected, detect_format, json_type
+from tasks.readers import (
+    Item,
+    Problem,
+    SourceError,
+    SourceFile,
+    expand_sources,
+    read_source,
+    sniff_kind,
+)
+
+INGEST_STAGE = "ingest"
+QUARANTINE_STAGE = "quarantine"
+SUMMARY_NAME = "ingest.summary.json"
+RAW_EXCERPT_CHARS = 1000
+DETECT_WINDOW = 100  # records looked at to auto-detect a file's format
+SAMPLES = 10  # quarantine rows quoted in the summary, for a person to read
+
+log = logging.getLogger("gleaner.ingest")
+
+
+class IngestError(Exception):
+    """The run cannot proceed (a source cannot be opened, the run id holds other data)."""
+
+
+# ---- one record ---------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _show_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def excerpt(text: str, limit: int = RAW_EXCERPT_CHARS) -> str:
+    """The start of a raw record, always valid UTF-8 (undecodable bytes shown as \\xNN)."""
+    return _SURROGATE.sub(_show_surrogate, text[:limit])
+
+
+def _check_text(label: str, text: str, max_bytes: int) -> None:
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as error:
+            raise Rejected(
+                "invalid_utf8",
+                label,
+                f"field '{label}' holds invalid UTF-8 bytes (at character {error.start})",
+            ) from None
+    if size > max_bytes:
+        raise Rejected(
+            "too_large",
+            label,
+            f"field '{label}' is {size:,} bytes, over the {max_bytes:,}-byte limit "
+            "(ingest.max_field_bytes)",
+        )
+
+
+def _output_label(fmt: str, mapped: Mapped) -> str:
+    if fmt == "dolly":
+        return "response"
+    if fmt in ("alpaca", "lima") and mapped.texts and mapped.texts[0][0] == "instruction":
+        return "output"
+    return {"sharegpt": "conversations", "messages": "messages"}.get(fmt, "conversations")
+
+
+def to_row(fmt: str, value: Any, source: str, row: int, settings: IngestConfig) -> dict[str, Any]:
+    """One parsed record -> one EXAMPLE_SCHEMA row, or :class:`Rejected` saying why not."""
+    if not isinstance(value, dict):
+        raise Rejected("not_an_object", None, f"record is a JSON {json_type(value)}, not an object")
+    mapped = MAPPERS[fmt](value)
+    for label, text in mapped.texts:
+        _check_text(label, text, settings.max_field_bytes)
+    if settings.require_output and not mapped.output.strip():
+        label = _output_label(fmt, mapped)
+        raise Rejected(
+            "empty_output",
+            label,
+            f"no response: '{label}' is empty or missing (ingest.require_output)",
+        )
+    example = Example(
+        source=source,
+        source_row=row,
+        instruction=mapped.instruction,
+        input=mapped.input,
+        output=mapped.output,
+        history=mapped.history,
+        metadata=mapped.metadata,
+        system=mapped.system,
+    )
+    out = example.to_row()
+    metadata = out["metadata"]
+    if not metadata.isascii():
+        try:
+            metadata.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad_metadata(mapped.metadata) from None
+    return out
+
+
+def _bad_metadata(metadata: dict[str, Any]) -> Rejected:
+    for key, value in metadata.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False, default=str).encode("utf-8")
+        except UnicodeEncodeError:
+            return Rejected("invalid_utf8", key, f"field '{key}' holds invalid UTF-8 bytes")
+    return Rejected("invalid_utf8", None, "a field holds invalid UTF-8 bytes")
+
+
+# ---- batched output -----------------------------------------------------------
+
+
+class PartWriter:
+    """Rows in, Parquet parts out (``part-<nnnnn>``), built per batch from column lists."""
+
+    def __init__(self, store: Store, run_id: str, stage: str, schema: pa.Schema, batch_rows: int):
+        self.store, self.run_id, self.stage, self.schema = store, run_id, stage, schema
+        self.batch_rows = max(1, batch_rows)
+        self.columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._pairs = list(self.columns.items())
+        self.rows = 0
+        self.parts = 0
+        self.total = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        for name, column in self._pairs:
+            column.append(row[name])
+        self.rows += 1
+        if self.rows >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.Table.from_pydict(self.columns, schema=self.schema)
+        self.store.write_part(self.run_id, self.stage, self.parts, table)
+        self.parts += 1
+        self.total += self.rows
+        for column in self.columns.values():
+            column.clear()
+        self.rows = 0
+
+
+# ---- one source ---------------------------------------------------------------
+
+
+@dataclass
+class SourceStats:
+    url: str
+    kind: str
+    format: str | None
+    read: int = 0
+    kept: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.url,
+            "kind": self.kind,
+            "format": self.format,
+            "read": self.read,
+            "kept": self.kept,
+            "quarantined": self.quarantined,
+            "duplicates": self.duplicates,
+            "reasons": dict(sorted(self.reasons.items())),
+        }
+
+
+def detect_source_format(source: SourceFile, settings: IngestConfig) -> tuple[str, str | None]:
+    """(file kind, record format) before anything is written: a file whose records match no
+    known format stops the run here, naming it, instead of quarantining every row."""
+    kind = sniff_kind(source)
+    if settings.format != "auto":
+        return kind, settings.format
+    first_keys: list[str] | None = None
+    items = read_source(source, settings.max_record_bytes, batch_rows=DETECT_WINDOW)
+    try:
+        parsed = 0
+        for _, value, problem, _ in items:
+            if problem is not None:
+                continue
+            fmt = detect_format(value)
+            if fmt:
+                return kind, fmt
+            if first_keys is None:
+                first_keys = sorted(value) if isinstance(value, dict) else [json_type(value)]
+            parsed += 1
+            if parsed >= DETECT_WINDOW:
+                break
+    finally:
+        items.close()
+    if first_keys is None:
+        return kind, None  # nothing parses: every record is quarantined anyway
+    raise IngestError(
+        f"cannot tell the format of {source.url}: its first record has keys {first_keys}, "
+        f"matching none of {sorted(MAPPERS)}; pass --format"
+    )
+
+
+class Ingestor:
+    """Streams sources into the two writers; owns the seen-id set and the counts."""
+
+    def __init__(self, store: Store, run_id: str, settings: IngestConfig):
+        self.settings = settings
+        self.kept = PartWriter(store, run_id, INGEST_STAGE, EXAMPLE_SCHEMA, settings.batch_rows)
+        self.quarantine = PartWriter(
+            store, run_id, QUARANTINE_STAGE, QUARANTINE_SCHEMA, settings.batch_rows
+        )
+        self.seen: set[str] = set()
+        self.samples: list[dict[str, Any]] = []
+
+    def _quarantine(
+        self,
+        stats: SourceStats,
+        row: int,
+        code: str,
+        field_name: str | None,
+        reason: str,
+        raw: str | None,
+        value: Any = None,
+    ) -> None:
+        if raw is None and value is not None:
+            raw = json.dumps(value, ensure_ascii=False, default=str)[:RAW_EXCERPT_CHARS]
+        record = {
+            "source": stats.url,
+            "source_row": row,
+            "field": field_name,
+            "reason": reason,
+            "raw": None if raw is None else excerpt(raw),
+        }
+        self.quarantine.append(record)
+        stats.quarantined += 1
+        stats.reasons[code] += 1
+        if len(self.samples) < SAMPLES:
+            self.samples.append({k: record[k] for k in ("source", "source_row", "field", "reason")})
+
+    def ingest(self, source: SourceFile, kind: str, fmt: str | None) -> SourceStats:
+        stats = SourceStats(url=source.url, kind=kind, format=fmt)
+        settings, seen, append = self.settings, self.seen, self.kept.append
+        items: Iterator[Item] = read_source(source, settings.max_record_bytes, settings.batch_rows)
+        for row, value, problem, raw in items:
+            stats.read += 1
+            if problem is not None:
+                self._problem(stats, row, problem, raw)
+                continue
+            if fmt is None:
+                fmt = stats.format = detect_format(value)
+                if fmt is None:
+                    self._quarantine(
+                        stats,
+                        row,
+                        "unknown_format",
+                        None,
+                        "record matches no known format; pass --format",
+                        raw,
+                        value,
+                    )
+                    continue
+            try:
+                out = to_row(fmt, value, source.url, row, settings)
+            except Rejected as rejected:
+                self._quarantine(
+                    stats, row, rejected.code, rejected.field, rejected.reason, raw, value
+                )
+                continue
+            example_id = out["id"]
+            if example_id in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(example_id)
+            append(out)
+            stats.kept += 1
+        log.info(
+            "ingested %s: read %d, kept %d, quarantined %d, duplicates %d",
+            source.url,
+            stats.read,
+            stats.kept,
+            stats.quarantined,
+            stats.duplicates,
+        )
+        return stats
+
+    def _problem(self, stats: SourceStats, row: int, problem: Problem, raw: str | None) -> None:
+        self._quarantine(stats, row, problem.code, problem.field, problem.reason, raw)
+
+
+# ---- the stage ----------------------------------------------------------------
+
+
+def summary_path(store: Store, run_id: str) -> str:
+    return store.run_path(run_id, SUMMARY_NAME)
+
+
+def run_ingest(
+    sources: Sequence[str],
+    store: Store,
+    run_id: str,
+    config: GleanerConfig,
+    *,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Ingest ``sources`` into ``runs/<run_id>/ingest`` (+ ``quarantine``) and return the summary.
+
+    Rerunning with the same sources and settings returns the finished summary
+    (``reused: true``); an interrupted attempt (parts but no summary) is redone."""
+    validate_run_id(run_id)
+    if not sources:
+        raise IngestError("no source given")
+    settings = config.ingest
+    options = settings.source_options or _same_protocol_options(sources, config)
+    try:
+        files = expand_sources(sources, options)
+        plan = [(source, *detect_source_format(source, settings)) for source in files]
+    except SourceError as error:
+        raise IngestError(str(error)) from error
+    urls = [source.url for source in files]
+    settings_record = settings.model_dump(mode="json", exclude={"source_options"})
+
+    path = summary_path(store, run_id)
+    if store.exists(path) and not force:
+        previous = store.read_json(path)
+        if previous.get("source_files") == urls and previous.get("settings") == settings_record:
+            return {**previous, "reused": True}
+        raise IngestError(
+            f"run {run_id!r} already holds an ingest of other sources or settings; "
+            "use another --run-id, or --force to replace it"
+        )
+    for stage in (INGEST_STAGE, QUARANTINE_STAGE):  # leftovers of an interrupted attempt
+        store.clear_stage(run_id, stage)
+    if store.exists(path):
+        store.fs.rm(path)
+
+    started = time.perf_counter()
+    ingestor = Ingestor(store, run_id, settings)
+    per_source: list[SourceStats] = []
+    for source, kind, fmt in plan:
+        try:
+            per_source.append(ingestor.ingest(source, kind, fmt))
+        except SourceError as error:
+            raise IngestError(str(error)) from error
+        except OSError as error:
+            raise IngestError(f"cannot read {source.url}: {error}") from error
+    ingestor.kept.flush()
+    ingestor.quarantine.flush()
+    seconds = time.perf_counter() - started
+
+    summary = _summary(run_id, store, per_source, ingestor, settings_record, urls, seconds)
+    if summary["read"] != summary["kept"] + summary["quarantined"] + summary["duplicates"]:
+        raise AssertionError(f"ingest counts do not add up: {summary}")  # a bug, never data
+    store.write_json(path, summary)
+    record_run(store, run_id, config, ingest=summary)
+    return summary
+
+
+def _same_protocol_options(sources: Sequence[str], config: GleanerConfig) -> dict[str, Any]:
+    """Sources on the store's own object store reach it the same way (e.g. one endpoint_url)."""
+    store_protocol = config.store.url.split("://", 1)[0] if "://" in config.store.url else "file"
+    if all(s.split("://", 1)[0] == store_protocol for s in sources if "://" in s):
+        return dict(config.store.options)
+    return {}
+
+
+def _summary(
+    run_id: str,
+    store: Store,
+    per_source: list[SourceStats],
+    ingestor: Ingestor,
+    settings_record: dict[str, Any],
+    urls: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    reasons: Counter[str] = Counter()
+    for stats in per_source:
+        reasons.update(stats.reasons)
+    read = sum(s.read for s in per_source)
+    return {
+        "run_id": run_id,
+        "stage": INGEST_STAGE,
+        "read": read,
+        "kept": sum(s.kept for s in per_source),
+        "quarantined": sum(s.quarantined for s in per_source),
+        "duplicates": sum(s.duplicates for s in per_source),
+        "reasons": dict(sorted(reasons.items())),
+        "sources": [s.as_dict() for s in per_source],
+        "source_files": urls,
+        "parts": ingestor.kept.parts,
+        "quarantine_parts": ingestor.quarantine.parts,
+        "output": store.uri(store.stage_path(run_id, INGEST_STAGE)),
+        "quarantine_output": store.uri(store.stage_path(run_id, QUARANTINE_STAGE)),
+        "quarantine_samples": ingestor.samples,
+        "settings": settings_record,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(read / seconds, 1) if seconds > 0 else None,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The human summary printed at the end of an ingest."""
+    lines = [
+        f"ingest {summary['run_id']}: read {summary['read']:,} = kept {summary['kept']:,}"
+        f" + quarantined {summary['quarantined']:,} + duplicates {summary['duplicates']:,}"
+        + ("  (already done; reused)" if summary.get("reused") else ""),
+    ]
+    for s in summary["sources"]:
+        lines.append(
+            f"  {s['source']} [{s['kind']}, {s['format'] or 'unknown'}]: read {s['read']:,}, "
+            f"kept {s['kept']:,}, quarantined {s['quarantined']:,}, duplicates {s['duplicates']:,}"
+        )
+    if summary["reasons"]:
+        reasons = ", ".join(f"{code} {n:,}" for code, n in summary["reasons"].items())
+        lines.append(f"quarantine reasons: {reasons}")
+        for sample in summary.get("quarantine_samples", [])[:5]:
+            where = f"{sample['source']}:{sample['source_row']}"
+            field_name = f" [{sample['field']}]" if sample["field"] else ""
+            lines.append(f"  {where}{field_name}: {sample['reason']}")
+        lines.append(f"quarantine: {summary['quarantine_output']}")
+    lines.append(f"examples: {summary['output']} ({summary['parts']} parts)")
+    return "\n".join(lines)
