@@ -340,7 +340,7 @@ def run_ingest(
     if not sources:
         raise IngestError("no source given")
     settings = config.ingest
-    options = settings.source_options or _same_protocol_options(sources, config)
+    options = source_options(sources, config)
     try:
         files = expand_sources(sources, options)
         plan = [(source, *detect_source_format(source, settings)) for source in files]
@@ -385,10 +385,14 @@ def run_ingest(
     return summary
 
 
-def _same_protocol_options(sources: Sequence[str], config: GleanerConfig) -> dict[str, Any]:
-    """Sources on the store's own object store reach it the same way (e.g. one endpoint_url)."""
+def source_options(sources: Sequence[str], config: GleanerConfig) -> dict[str, Any]:
+    """fsspec options for reading sources: ``ingest.source_options``, else the store's when the
+    sources live on the store's own protocol (one S3 endpoint for both)."""
+    if config.ingest.source_options:
+        return dict(config.ingest.source_options)
     store_protocol = config.store.url.split("://", 1)[0] if "://" in config.store.url else "file"
-    if all(s.split("://", 1)[0] == store_protocol for s in sources if "://" in s):
+    remote = [s.split("://", 1)[0] for s in sources if "://" in s]
+    if remote and all(protocol == store_protocol for protocol in remote):
         return dict(config.store.options)
     return {}
 

@@ -118,7 +118,9 @@ def expand_sources(
     seen: set[str] = set()
     for source in sources:
         try:
-            fs, path = fsspec.core.url_to_fs(source, **fs_options(source, options))
+            remote = "://" in source and not source.startswith("file://")
+            opts = fs_options(source, options) if remote else {}
+            fs, path = fsspec.core.url_to_fs(source, **opts)
         except (ImportError, ValueError) as error:
             raise SourceError(f"cannot open {source}: {error}") from error
         try:

@@ -1,0 +1,167 @@
+"""Writers for the final dataset: Alpaca JSON, JSON lines, Parquet, ShareGPT, to any fsspec path.
+
+Input is EXAMPLE_SCHEMA rows (a pyarrow Table, Dataset, or record batches);
+extra columns (scores, ratings) are kept in Parquet and left out of the JSON
+formats, whose records follow the shape fine-tuning tools expect:
+
+- ``alpaca``: one JSON array of ``{instruction, input, output}``, plus ``history``
+  (earlier ``[user, assistant]`` pairs, LIMA/LLaMA-Factory style) and ``system``
+  when an example has them;
+- ``jsonl``: the same records, one per line, with the example ``id``;
+- ``sharegpt``: a JSON array of ``{id, conversations: [{from, value}]}``;
+- ``parquet``: the columns as they are (``datasets.load_dataset("parquet", ...)`` reads them).
+
+Files appear whole or not at all: the write runs in an fsspec transaction
+(temp file + move on a local disk, multipart upload completed only on commit
+on S3), so a failure half-way leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from gleaner.schema import user_assistant_pairs
+from tasks.readers import fs_options
+
+EXPORT_FORMATS = ("alpaca", "jsonl", "parquet", "sharegpt")
+SHAREGPT_SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}
+
+Data = pa.Table | ds.Dataset | Iterable[pa.RecordBatch]
+
+
+def infer_format(path: str) -> str:
+    """Export format from the file name: .parquet, .jsonl, .sharegpt.json, else .json = Alpaca."""
+    name = posixpath.basename(path).lower()
+    if name.endswith((".parquet", ".pq")):
+        return "parquet"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".sharegpt.json"):
+        return "sharegpt"
+    if name.endswith(".json"):
+        return "alpaca"
+    raise ValueError(
+        f"cannot tell the export format of {path}: name it .json (Alpaca), .jsonl, .parquet "
+        "or .sharegpt.json, or pass the format"
+    )
+
+
+def record_batches(data: Data, batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
+    if isinstance(data, pa.Table):
+        yield from data.to_batches(max_chunksize=batch_rows)
+    elif isinstance(data, ds.Dataset):
+        yield from data.to_batches(batch_size=batch_rows)
+    else:
+        yield from data
+
+
+def _split_conversation(conversation: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
+    """(system prompt, earlier turns): the final user/assistant pair is instruction/output."""
+    turns = list(conversation or [])
+    system = ""
+    if turns and turns[0]["role"] == "system":
+        system = turns.pop(0)["content"]
+    return system, turns[:-2]
+
+
+def alpaca_record(row: dict[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "instruction": row["instruction"],
+        "input": row["input"],
+        "output": row["output"],
+    }
+    system, earlier = _split_conversation(row.get("conversation") or [])
+    if earlier:
+        record["history"] = [list(pair) for pair in user_assistant_pairs(earlier)]
+    if system:
+        record["system"] = system
+    return record
+
+
+def jsonl_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], **alpaca_record(row)}
+
+
+def sharegpt_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "conversations": [
+            {"from": SHAREGPT_SPEAKERS[turn["role"]], "value": turn["content"]}
+            for turn in row["conversation"]
+        ],
+    }
+
+
+def _write_json_array(handle: IO[bytes], batches: Iterator[pa.RecordBatch], to_record: Any) -> int:
+    rows = 0
+    handle.write(b"[\n")
+    for batch in batches:
+        for row in batch.to_pylist():
+            prefix = b",\n" if rows else b""
+            handle.write(prefix + json.dumps(to_record(row), ensure_ascii=False).encode("utf-8"))
+            rows += 1
+    handle.write(b"\n]\n")
+    return rows
+
+
+def _write_jsonl(handle: IO[bytes], batches: Iterator[pa.RecordBatch]) -> int:
+    rows = 0
+    for batch in batches:
+        lines = [json.dumps(jsonl_record(row), ensure_ascii=False) for row in batch.to_pylist()]
+        if lines:
+            handle.write(("\n".join(lines) + "\n").encode("utf-8"))
+        rows += len(lines)
+    return rows
+
+
+def _write_parquet(handle: IO[bytes], batches: Iterator[pa.RecordBatch]) -> int:
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for batch in batches:
+            if writer is None:
+                writer = pq.ParquetWriter(handle, batch.schema, compression="zstd")
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no batch at all: still a valid (empty) file
+        pq.write_table(pa.table({"id": pa.array([], pa.string())}), handle)
+    return rows
+
+
+def write_dataset(
+    data: Data,
+    path: str,
+    fmt: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    batch_rows: int = 10_000,
+) -> dict[str, Any]:
+    """Write examples to ``path`` (local or any fsspec URL) in one of EXPORT_FORMATS."""
+    fmt = fmt or infer_format(path)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
+    parent = posixpath.dirname(fs_path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    batches = record_batches(data, batch_rows)
+    with fs.transaction, fs.open(fs_path, "wb") as handle:
+        if fmt == "parquet":
+            rows = _write_parquet(handle, batches)
+        elif fmt == "jsonl":
+            rows = _write_jsonl(handle, batches)
+        elif fmt == "sharegpt":
+            rows = _write_json_array(handle, batches, sharegpt_record)
+        else:
+            rows = _write_json_array(handle, batches, alpaca_record)
+    return {"path": fs.unstrip_protocol(fs_path), "format": fmt, "rows": rows}
