@@ -49,3 +49,10 @@ def emit(summary: dict[str, Any], as_json: bool, human: str) -> None:
         sys.stdout.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
     else:
         typer.echo(human)
+
+
+@app.callback()
+def _group() -> None:
+    """Curate instruction-tuning data: ingest, rate, score, embed, select, finetune, evaluate."""
+    # A callback keeps `gleaner <command>` a command group even while only one command is
+    # registered (typer would otherwise run that command directly and treat its name as an arg).
