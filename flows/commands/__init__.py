@@ -3,4 +3,7 @@
 Add one import line per module here.
 """
 
-from flows.commands import ingest  # noqa: F401
+from flows.commands import (
+    ingest,  # noqa: F401
+    rate,  # noqa: F401
+)
