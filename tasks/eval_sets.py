@@ -1,0 +1,147 @@
+"""Test-set loaders: Koala, Vicuna, WizardLM, Self-Instruct, MT-Bench (first turns), any JSONL.
+
+Every loader yields the same record, :class:`EvalPrompt`: the instruction and
+(for Self-Instruct) the instance input kept apart so a fine-tuned model gets
+them in its own prompt template, and ``question`` = what the judge reads.
+A named set resolves to ``<eval_sets_dir>/<file>``; anything else is a path or
+fsspec URL of a JSONL file whose rows hold a ``prompt`` field (an ``id`` is
+optional). Bad rows stop the load with the file, line and field named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+
+EVAL_SETS_ENV = "GLEANER_EVAL_SETS"
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    test_set: str
+    id: str
+    instruction: str
+    input: str = ""
+
+    @property
+    def question(self) -> str:
+        """The text the judge sees (Self-Instruct: instruction, blank line, instance input)."""
+        return self.instruction if not self.input else f"{self.instruction}\n\n{self.input}"
+
+    def as_row(self) -> dict[str, Any]:
+        return {**asdict(self), "question": self.question}
+
+
+class EvalSetError(ValueError):
+    pass
+
+
+def _text(row: dict[str, Any], field: str, where: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise EvalSetError(
+            f"{where}: field {field!r} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def _koala(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    return str(row.get("id", f"koala_{line}")), _text(row, "prompt", where), ""
+
+
+def _vicuna(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    return str(row.get("question_id", line)), _text(row, "text", where), ""
+
+
+def _wizardlm(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    return str(row.get("idx", line)), _text(row, "Instruction", where), ""
+
+
+def _sinstruct(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    instances = row.get("instances")
+    if not isinstance(instances, list) or not instances or not isinstance(instances[0], dict):
+        raise EvalSetError(f"{where}: field 'instances' must be a non-empty list of objects")
+    instance_input = instances[0].get("input", "")
+    if not isinstance(instance_input, str):
+        raise EvalSetError(f"{where}: field 'instances[0].input' must be a string")
+    return str(row.get("id", line)), _text(row, "instruction", where), instance_input.strip()
+
+
+def _mt_bench(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+        raise EvalSetError(f"{where}: field 'turns' must be a non-empty list of strings")
+    return str(row.get("question_id", line)), turns[0], ""
+
+
+def _generic(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]:
+    key = row.get("id", row.get("question_id", line))
+    return str(key), _text(row, "prompt", where), ""
+
+
+Reader = Callable[[dict[str, Any], int, str], tuple[str, str, str]]
+
+KNOWN_SETS: dict[str, tuple[str, Reader]] = {
+    "koala": ("koala_test_set.jsonl", _koala),
+    "vicuna": ("vicuna_test_set.jsonl", _vicuna),
+    "wizardlm": ("wizardlm_test_set.jsonl", _wizardlm),
+    "sinstruct": ("sinstruct_test_set.jsonl", _sinstruct),
+    "mt_bench": ("mt_bench_question.jsonl", _mt_bench),
+}
+ALIASES = {"self-instruct": "sinstruct", "self_instruct": "sinstruct", "mt-bench": "mt_bench",
+           "mtbench": "mt_bench"}
+
+
+def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Reader]:
+    """(name, url, reader) for a known set name, ``name=path`` or a path to a prompt JSONL."""
+    name, _, explicit = spec.partition("=")
+    key = ALIASES.get(name.lower(), name.lower())
+    if explicit:
+        reader = KNOWN_SETS[key][1] if key in KNOWN_SETS else _generic
+        return name, explicit, reader
+    if key in KNOWN_SETS:
+        directory = eval_sets_dir or os.environ.get(EVAL_SETS_ENV)
+        if not directory:
+            raise EvalSetError(
+                f"test set {spec!r} is a known set, but no folder holds it: set "
+                f"evaluate.eval_sets_dir or ${EVAL_SETS_ENV} to the folder with "
+                f"{KNOWN_SETS[key][0]}"
+            )
+        return key, posixpath.join(directory.rstrip("/"), KNOWN_SETS[key][0]), KNOWN_SETS[key][1]
+    stem = posixpath.basename(spec).rsplit(".", 1)[0] or spec
+    return stem, spec, _generic
+
+
+def load_eval_set(spec: str, eval_sets_dir: str | None = None, limit: int | None = None,
+                  storage_options: dict[str, Any] | None = None) -> list[EvalPrompt]:
+    """Read one test set (all rows, or the first ``limit``)."""
+    name, url, reader = resolve(spec, eval_sets_dir)
+    prompts: list[EvalPrompt] = []
+    try:
+        handle = fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {}))
+        with handle as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{url}, line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise EvalSetError(f"{where}: not valid JSON ({error.msg})") from error
+                if not isinstance(row, dict):
+                    raise EvalSetError(f"{where}: expected a JSON object")
+                key, instruction, instance_input = reader(row, number, where)
+                prompts.append(EvalPrompt(name, key, instruction, instance_input))
+                if limit is not None and len(prompts) >= limit:
+                    break
+    except FileNotFoundError as error:
+        raise EvalSetError(f"test set {spec!r}: file not found: {url}") from error
+    except UnicodeDecodeError as error:
+        raise EvalSetError(
+            f"test set {spec!r}: {url} is not UTF-8 text ({error.reason})") from error
+    return prompts
