@@ -162,7 +162,9 @@ def init_ray(config: GleanerConfig) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if config.ray.num_cpus:
         kwargs["num_cpus"] = config.ray.num_cpus
-    ray.init(include_dashboard=False, **kwargs)
+    # address="local": always a fresh local Ray, never some other process's cluster that
+    # Ray would otherwise auto-join through /tmp/ray/ray_current_cluster.
+    ray.init(address="local", include_dashboard=False, **kwargs)
 
 
 @contextlib.contextmanager
