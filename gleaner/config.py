@@ -150,7 +150,13 @@ class FinetuneConfig(Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
     num_workers: int = 1
     use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: Ray Train's default (1 CPU per worker)
+    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
     baseline: Literal["none", "pool", "random"] = "random"
+    baseline_seed: int = 0  # which random subset the "random" baseline trains on
+    pool_stage: str = "ingest"  # the whole pool (the "pool" baseline)
+    selection_stage: str = "select"  # the selection manifest (id, selected): the curated set
+    force: bool = False  # retrain even when the store already holds the trained model
 
 
 class EvaluateConfig(Section):
@@ -159,6 +165,16 @@ class EvaluateConfig(Section):
     rule: Literal["alpagasus", "fastchat"] = "alpagasus"
     max_new_tokens: int = 256
     limit: int | None = None
+    # Folder (or fsspec URL) with koala_test_set.jsonl, vicuna_test_set.jsonl, ...;
+    # None: $GLEANER_EVAL_SETS. Paths to any prompt JSONL work without it.
+    eval_sets_dir: str | None = None
+    model_a: str = "curated"  # a fine-tuned name of this run, a local folder or an HF id
+    model_b: str = "baseline"
+    parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
+    generation_batch_size: int = 8
+    do_sample: bool = False  # greedy by default
+    temperature: float = 0.7  # only when sampling
+    force: bool = False  # regenerate and rejudge what the store already holds
 
 
 class RayConfig(Section):
