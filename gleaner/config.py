@@ -177,6 +177,18 @@ class EvaluateConfig(Section):
     force: bool = False  # regenerate and rejudge what the store already holds
 
 
+class CurateConfig(Section):
+    """What the curate flow does after selection."""
+
+    dataset_name: str = "curated"  # datasets/<name>/v<NNNN>/ in the store
+    train: bool = True
+    evaluate: bool = True
+    # subflow: fine-tune and evaluate in this flow run (the embedded default);
+    # event: only emit gleaner.selection.completed, and let the deployment triggers in
+    # prefect.yaml start the finetune and evaluate deployments on their own work pools.
+    downstream: Literal["subflow", "event"] = "subflow"
+
+
 class RayConfig(Section):
     address: str | None = None  # None: a local Ray started by gleaner
     num_cpus: int | None = None
@@ -198,6 +210,7 @@ class GleanerConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
 
     def with_overrides(self, overrides: dict[str, Any]) -> GleanerConfig:
