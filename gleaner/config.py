@@ -52,6 +52,9 @@ class IngestConfig(Section):
     max_record_bytes: int = Field(64 * 2**20, gt=0)
     require_output: bool = True
     batch_rows: int = Field(50_000, gt=0)
+    # read at most this many records over all sources, in order (demos, smoke runs);
+    # None reads everything. Records past the limit are not read, so not counted.
+    limit: int | None = Field(None, gt=0)
     # fsspec options for reading sources (e.g. {"endpoint_url": ...}); empty: the store's
     # options when the sources live on the store's protocol. Never credentials.
     source_options: dict[str, Any] = Field(default_factory=dict)

@@ -4,6 +4,7 @@ Add one import line per module here.
 """
 
 from flows.commands import (
+    curate,  # noqa: F401
     ingest,  # noqa: F401
     rate,  # noqa: F401
 )
