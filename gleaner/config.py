@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Section(BaseModel):
@@ -258,6 +258,18 @@ def load_config(
             raise ValueError(f"config file {path} must hold a mapping at the top level")
         try:
             config = GleanerConfig.model_validate(document)
-        except Exception as error:
-            raise ValueError(f"config file {path}: {error}") from error
-    return config.with_overrides(overrides or {})
+        except ValidationError as error:
+            raise ValueError(f"config file {path}: {describe(error)}") from None
+    try:
+        return config.with_overrides(overrides or {})
+    except ValidationError as error:
+        raise ValueError(f"config flags: {describe(error)}") from None
+
+
+def describe(error: ValidationError) -> str:
+    """Field paths and messages only: pydantic's own text echoes input values (secrets)."""
+    problems = [
+        f"{'.'.join(str(p) for p in item['loc']) or '<top>'}: {item['msg']}"
+        for item in error.errors(include_input=False, include_url=False)
+    ]
+    return "; ".join(problems)

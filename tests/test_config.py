@@ -1,0 +1,48 @@
+"""The one config model: example files validate, flags override, secrets are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gleaner.config import GleanerConfig, load_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_configs_validate(path: Path) -> None:
+    config = load_config(path)
+    assert isinstance(config, GleanerConfig)
+
+
+def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("rate:\n  endpoint:\n    model: from-file\n  batch_size: 7\n")
+    config = load_config(path, {"rate.endpoint.model": "from-flag", "rate.batch_size": None})
+    assert config.rate.endpoint.model == "from-flag"
+    assert config.rate.batch_size == 7  # None means "flag not given"
+
+
+def test_unknown_keys_are_errors_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("rate:\n  treshold: 4\n")
+    with pytest.raises(ValueError, match=r"(?s)typo\.yaml.*rate\.treshold"):
+        load_config(path)
+
+
+def test_credentials_in_store_options_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "leak.yaml"
+    path.write_text("store:\n  url: s3://b/p\n  options:\n    secret: hunter2\n")
+    with pytest.raises(ValueError) as error:
+        load_config(path)
+    assert "hunter2" not in str(error.value)
+    assert "AWS_SECRET_ACCESS_KEY" in str(error.value)
+
+
+def test_api_key_comes_from_the_named_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_config(None, {"rate.endpoint.api_key_env": "MY_RATER_KEY"})
+    monkeypatch.setenv("MY_RATER_KEY", "sk-test-123")
+    assert config.rate.endpoint.api_key() == "sk-test-123"
+    assert "sk-test-123" not in config.model_dump_json()
