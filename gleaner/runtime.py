@@ -62,6 +62,8 @@ def start_prefect_server(
     env = dict(os.environ)
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env["PREFECT_UI_ENABLED"] = env.get("PREFECT_UI_ENABLED", "true")
+    # The UI asks the browser to call PREFECT_UI_API_URL, which otherwise means port 4200.
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
     env.pop("PREFECT_API_URL", None)
     if home is not None:
         env["PREFECT_HOME"] = str(home)
