@@ -1,0 +1,164 @@
+"""Fine-tuning recipes: the Alpaca and LIMA presets (SPEC §3, §5), optimizer and schedule.
+
+A recipe is a flat dataclass so every field can be overridden from the config
+(``finetune.overrides``) or the CLI. Presets state the papers' numbers:
+
+- ``alpaca``: lr 2e-5, 3 epochs, effective batch 128, max length 512, cosine
+  schedule with 3 % warm-up, bf16 on GPU; AdamW with the HF Trainer defaults
+  Alpaca used (betas 0.9/0.999, no weight decay).
+- ``lima``: AdamW betas 0.9/0.95, weight decay 0.1, lr 1e-5 decaying linearly to
+  1e-6 with no warm-up, 15 epochs, 2048 tokens, an end-of-turn token between
+  speakers, residual dropout rising linearly from 0.0 at the bottom layer to 0.3
+  at the top. LIMA used batch 32 and dropout 0.3 for its 65B model and batch 64
+  and dropout 0.2 "for smaller models"; here a model is "large" from
+  ``large_model_params`` (60e9) parameters on, decided when the model is loaded.
+
+Weight decay skips biases and normalisation weights (every parameter with fewer
+than two dimensions), as the HF Trainer does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+PRESETS = ("alpaca", "lima")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    preset: str = "alpaca"
+    learning_rate: float = 2e-5
+    final_learning_rate: float = 0.0  # where a linear schedule ends
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    epochs: float = 3.0
+    effective_batch_size: int = 128  # per optimizer step, across all workers
+    per_device_batch_size: int = 4  # micro-batch; gradient accumulation makes up the rest
+    max_length: int = 512
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    bf16: bool = True  # only where a GPU supports it; CPU trains in fp32
+    template: str = "alpaca"  # alpaca | chat | eot  (see tasks/sft_data.py)
+    end_of_turn_token: str | None = None
+    residual_dropout_top: float = 0.0  # dropout on the top layer's residual branches
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    seed: int = 42
+    checkpoint_every_steps: int = 100
+    keep_checkpoints: int = 2
+    log_every_steps: int = 1
+    # LIMA's size rule; None = keep the values above whatever the model's size.
+    large_model_params: float | None = None
+    small_model_effective_batch_size: int | None = None
+    small_model_residual_dropout_top: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ALPACA = Recipe()
+
+LIMA = Recipe(
+    preset="lima",
+    learning_rate=1e-5,
+    final_learning_rate=1e-6,
+    scheduler="linear",
+    warmup_ratio=0.0,
+    epochs=15.0,
+    effective_batch_size=32,
+    per_device_batch_size=2,
+    max_length=2048,
+    weight_decay=0.1,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    template="eot",
+    end_of_turn_token="<|end_of_turn|>",
+    residual_dropout_top=0.3,
+    large_model_params=60e9,
+    small_model_effective_batch_size=64,
+    small_model_residual_dropout_top=0.2,
+)
+
+
+def recipe_fields() -> set[str]:
+    return {f.name for f in fields(Recipe)}
+
+
+def build_recipe(preset: str, overrides: dict[str, Any] | None = None,
+                 model_params: int | None = None) -> Recipe:
+    """The preset, adjusted for the model's size (LIMA), then the user's overrides on top."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    recipe = ALPACA if preset == "alpaca" else LIMA
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - recipe_fields()
+    if unknown:
+        raise ValueError(
+            f"unknown finetune override(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(recipe_fields()))}"
+        )
+    threshold = overrides.get("large_model_params", recipe.large_model_params)
+    if threshold is not None and model_params is not None and model_params < threshold:
+        small: dict[str, Any] = {}
+        if recipe.small_model_effective_batch_size is not None:
+            small["effective_batch_size"] = recipe.small_model_effective_batch_size
+        if recipe.small_model_residual_dropout_top is not None:
+            small["residual_dropout_top"] = recipe.small_model_residual_dropout_top
+        recipe = replace(recipe, **small)
+    return replace(recipe, **overrides)
+
+
+def gradient_accumulation(recipe: Recipe, world_size: int) -> int:
+    """Micro-batches per optimizer step so that micro x workers x steps = effective batch."""
+    per_step = recipe.per_device_batch_size * max(1, world_size)
+    return max(1, math.ceil(recipe.effective_batch_size / per_step))
+
+
+def total_steps(recipe: Recipe, micro_batches_per_epoch: int, accumulation: int) -> int:
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / accumulation))
+    steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
+    return min(steps, recipe.max_steps) if recipe.max_steps else steps
+
+
+def build_optimizer(model: Any, recipe: Recipe) -> Any:
+    import torch
+
+    decay, no_decay = [], []
+    for _, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=recipe.learning_rate, betas=(recipe.adam_beta1, recipe.adam_beta2),
+        eps=recipe.adam_epsilon,
+    )
+
+
+def build_scheduler(optimizer: Any, recipe: Recipe, steps: int) -> Any:
+    """The learning-rate schedule over ``steps`` optimizer steps (transformers' own schedules)."""
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_polynomial_decay_schedule_with_warmup,
+    )
+
+    warmup = math.ceil(recipe.warmup_ratio * steps)
+    if recipe.scheduler == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    if recipe.scheduler == "linear":
+        # power 1 = a straight line from the peak lr to final_learning_rate.
+        return get_polynomial_decay_schedule_with_warmup(
+            optimizer, warmup, steps, lr_end=recipe.final_learning_rate, power=1.0)
+    if recipe.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    raise ValueError(f"unknown scheduler {recipe.scheduler!r}; choose cosine, linear or constant")

@@ -1,0 +1,261 @@
+"""Fine-tuning: templates and the response-only label mask, recipe settings, and a real
+Ray Train run of a tiny Llama (2 layers, hidden 64, SmolLM2's tokenizer) on CPU that
+saves to the store, resumes from its checkpoint, reloads and generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gleaner.schema import Example
+from tasks.recipes import build_optimizer, build_recipe, build_scheduler, gradient_accumulation
+from tasks.sft_data import (
+    ALPACA_PROMPT_INPUT,
+    IGNORE_INDEX,
+    SftFormat,
+    collate,
+    pack,
+    prepare_tokenizer,
+    tokenise,
+    tokenise_all,
+)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's tokenizer read from the shipped GGUF once per session (takes seconds)."""
+    from gleaner.models import smollm2_gguf
+    from tasks.finetune import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("smol-tokenizer")
+    load_tokenizer(str(smollm2_gguf())).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tokenizer(smol_tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with SmolLM2's vocabulary, built from a config: trains in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def record(instruction: str, output: str, input: str = "", history=()) -> dict:
+    return Example("test", 0, instruction, input, output, list(history)).to_row()
+
+
+def labelled_text(tokenizer, item) -> str:
+    return tokenizer.decode([t for t in item.labels if t != IGNORE_INDEX])
+
+
+# ---- templates and label masks -------------------------------------------------------------
+def test_alpaca_template_masks_everything_but_the_response(tokenizer) -> None:
+    fmt = SftFormat("alpaca")
+    row = record("Name a colour.", "Blue is a colour.", input="Think of the sky.")
+    item = tokenise(row, tokenizer, fmt, max_length=512)
+    text = tokenizer.decode(item.input_ids)
+    assert text.startswith(ALPACA_PROMPT_INPUT.format(instruction="Name a colour.",
+                                                      input="Think of the sky."))
+    assert "### Instruction:\nName a colour.\n\n### Input:\nThink of the sky.\n\n### Response:\n" \
+        in text
+    assert labelled_text(tokenizer, item) == "Blue is a colour." + tokenizer.eos_token
+    first = next(i for i, t in enumerate(item.labels) if t != IGNORE_INDEX)
+    assert all(t == IGNORE_INDEX for t in item.labels[:first])
+    assert all(t != IGNORE_INDEX for t in item.labels[first:])  # response runs to the end
+    no_input = tokenise(record("Say hi.", "Hi."), tokenizer, fmt, 512)
+    assert "### Input:" not in tokenizer.decode(no_input.input_ids)
+
+
+def test_conversations_use_the_chat_template_and_learn_every_assistant_turn(tokenizer) -> None:
+    from gleaner.schema import Turn
+
+    row = record("And 3+3?", "6.", history=[Turn("user", "2+2?"), Turn("assistant", "4.")])
+    item = tokenise(row, tokenizer, SftFormat("alpaca"), 512)
+    text = tokenizer.decode(item.input_ids)
+    assert "<|im_start|>user\n2+2?<|im_end|>" in text and "### Instruction" not in text
+    learned = labelled_text(tokenizer, item)
+    assert learned == "4.<|im_end|>\n6.<|im_end|>\n"
+    assert "2+2?" not in learned and "3+3" not in learned
+
+
+def test_lima_end_of_turn_token_between_speakers(tokenizer) -> None:
+    fmt = SftFormat("eot", "<|end_of_turn|>")
+    assert prepare_tokenizer(tokenizer, fmt) is True  # a new token: embeddings must grow
+    eot_id = tokenizer.convert_tokens_to_ids("<|end_of_turn|>")
+    item = tokenise(record("Hello?", "Hi there."), tokenizer, fmt, 2048)
+    assert item.input_ids.count(eot_id) == 2  # after the user turn and after the answer
+    assert labelled_text(tokenizer, item) == "Hi there.<|end_of_turn|>"
+
+
+def test_trimming_and_examples_with_no_response_left(tokenizer) -> None:
+    rows = [record("Short?", "Yes."), record("word " * 300, "Answer."),
+            record("Q", "long answer " * 200)]
+    result = tokenise_all(rows, tokenizer, SftFormat("alpaca"), max_length=64)
+    assert result.examples == 3
+    assert result.trimmed == 2
+    assert result.dropped_no_response == 1  # the 300-word prompt fills all 64 tokens
+    assert len(result.sequences) == 2 and all(len(s.input_ids) <= 64 for s in result.sequences)
+    assert result.counts()["examples"] == len(result.sequences) + result.dropped_no_response
+
+
+def test_packing_and_collation(tokenizer) -> None:
+    items = tokenise_all([record(f"Q{i}?", f"A{i}.") for i in range(10)], tokenizer,
+                         SftFormat("alpaca"), 128).sequences
+    packed = pack(items, 128)
+    assert len(packed) < len(items)
+    assert sum(len(p.input_ids) for p in packed) == sum(len(i.input_ids) for i in items)
+    assert all(len(p.input_ids) <= 128 for p in packed)
+    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+                     {"input_ids": [4], "labels": [4]}], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+# ---- recipes -------------------------------------------------------------------------------
+def test_alpaca_preset_optimizer_and_cosine_schedule(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    recipe = build_recipe("alpaca")
+    assert (recipe.learning_rate, recipe.epochs, recipe.effective_batch_size,
+            recipe.max_length, recipe.scheduler, recipe.warmup_ratio, recipe.bf16) == (
+        2e-5, 3.0, 128, 512, "cosine", 0.03, True)
+    optimizer = build_optimizer(model, recipe)
+    assert all(g["betas"] == (0.9, 0.999) and g["weight_decay"] == 0.0
+               for g in optimizer.param_groups)
+    scheduler = build_scheduler(optimizer, recipe, steps=100)  # 3 warm-up steps
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(2e-5 / 3)
+    assert lrs[3] == pytest.approx(2e-5)  # peak after warm-up
+    assert lrs[3 + 97 // 2] == pytest.approx(1e-5, rel=0.05)  # cosine: half-way = half
+    assert lrs[-1] < 1e-7
+    assert gradient_accumulation(recipe, world_size=4) == 8  # 4 per device x 4 workers x 8
+
+
+def test_lima_preset_optimizer_linear_decay_and_size_rule(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    large = build_recipe("lima", model_params=65_000_000_000)
+    small = build_recipe("lima", model_params=7_000_000_000)
+    assert (large.effective_batch_size, large.residual_dropout_top) == (32, 0.3)
+    assert (small.effective_batch_size, small.residual_dropout_top) == (64, 0.2)
+    assert (small.epochs, small.max_length, small.warmup_ratio, small.template) == (
+        15.0, 2048, 0.0, "eot")
+    optimizer = build_optimizer(model, small)
+    decay, no_decay = optimizer.param_groups
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    scheduler = build_scheduler(optimizer, small, steps=10)
+    lrs = []
+    for _ in range(11):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5)  # no warm-up
+    assert lrs[5] == pytest.approx(5.5e-6)  # straight line
+    assert lrs[10] == pytest.approx(1e-6)
+    overridden = build_recipe("lima", {"learning_rate": 3e-5, "epochs": 1}, 7_000_000_000)
+    assert (overridden.learning_rate, overridden.epochs, overridden.weight_decay) == (3e-5, 1, 0.1)
+    with pytest.raises(ValueError, match="unknown finetune override.*learning_rat"):
+        build_recipe("alpaca", {"learning_rat": 1})
+
+
+def test_residual_dropout_rises_linearly_and_only_in_training(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tasks.finetune import add_residual_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model.eval()
+    before = model(ids).logits
+    assert add_residual_dropout(model, 0.3) == [0.0, 0.3]
+    assert torch.equal(model(ids).logits, before)  # eval: no dropout
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(ids).logits, before)
+
+
+# ---- the real Ray Train path ---------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_train_fit_saves_resumes_reloads_and_generates(
+        ray_local, tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from flows.finetune_flow import model_path, run_finetune
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+    from tasks.eval_sets import EvalPrompt
+    from tasks.generation import GenerationSettings, Generator
+
+    rows = json.loads((shared_data / "alpaca" / "alpaca_random_9k.json").read_text())[:12]
+    table = pa.Table.from_pylist(
+        [Example("alpaca", i, r["instruction"], r["input"], r["output"]).to_row()
+         for i, r in enumerate(rows)])
+    store = Store(str(tmp_path / "store"))
+    overrides = {"max_steps": 2, "effective_batch_size": 4, "per_device_batch_size": 2,
+                 "max_length": 128, "checkpoint_every_steps": 1, "learning_rate": 1e-3}
+    config = GleanerConfig().with_overrides({
+        "finetune.base_model": str(tiny_model_dir), "finetune.overrides": overrides})
+
+    first = run_finetune(store, "ft-run", config, table, name="curated")
+    assert first["steps"] == 2 and first["resumed_from_step"] is None
+    assert first["data"]["examples"] == 12
+    metrics = store.read_json(store.run_path("ft-run", "finetune", "curated", "metrics.json"))
+    assert [h["step"] for h in metrics["history"]] == [1, 2]
+    assert all(h["loss"] > 0 for h in metrics["history"])
+    assert metrics["tokens_per_s"] > 0 and metrics["device"] == "cpu"
+    assert metrics["gradient_accumulation"] == 2
+    saved = Path(model_path(store, "ft-run", "curated"))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "gleaner_sft.json"):
+        assert (saved / name).exists(), name
+    checkpoints = list(Path(store.run_path("ft-run", "finetune", "curated", "ray")).rglob(
+        "trainer_state.json"))
+    assert checkpoints, "Ray Train persisted no checkpoint into the store"
+
+    # Same run, longer budget: Ray Train restores the last checkpoint from the store.
+    again = config.with_overrides({"finetune.force": True,
+                                   "finetune.overrides": {**overrides, "max_steps": 4}})
+    resumed = run_finetune(store, "ft-run", again, table, name="curated")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
+    metrics = store.read_json(store.run_path("ft-run", "finetune", "curated", "metrics.json"))
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4]  # one unbroken loss curve
+
+    skipped = run_finetune(store, "ft-run", again.with_overrides({"finetune.force": False}),
+                           table, name="curated")
+    assert skipped["skipped"] is True
+
+    generator = Generator(str(saved), GenerationSettings(max_new_tokens=5, batch_size=2))
+    assert generator.format.template == "alpaca"
+    prompts = [EvalPrompt("t", str(i), r["instruction"], r["input"])
+               for i, r in enumerate(rows[:3])]
+    assert generator.prompts(prompts)[0].endswith("### Response:\n")
+    answers = generator.answer(prompts)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
