@@ -2,7 +2,8 @@
 
 Formats (``ingest.format``):
 
-- ``alpaca``: ``instruction``, ``input``, ``output``;
+- ``alpaca``: ``instruction``, ``input``, ``output`` (plus optional ``history`` and ``system``,
+  as LIMA and LLaMA-Factory write them);
 - ``dolly``: ``instruction``, ``context``, ``response`` (``category`` and the rest go to metadata);
 - ``lima``: Alpaca plus ``history`` = earlier ``[user, assistant]`` turns, in order; LIMA's
   own ``conversations: [user, assistant, ...]`` strings are read too;
@@ -121,19 +122,14 @@ def _single_turn(record: dict[str, Any], instruction: str, input: str, output: s
 
 
 def map_alpaca(record: dict[str, Any]) -> Mapped:
-    return _single_turn(record, "instruction", "input", "output")
-
-
-def map_dolly(record: dict[str, Any]) -> Mapped:
-    return _single_turn(record, "instruction", "context", "response")
-
-
-def map_lima(record: dict[str, Any]) -> Mapped:
-    if "instruction" not in record and "conversations" in record:
-        return _lima_conversations(record)
+    """Alpaca, with the optional ``history`` and ``system`` of LIMA / LLaMA-Factory's Alpaca
+    layout (what :mod:`tasks.export` writes), so multi-turn examples survive a round trip."""
     mapped = _single_turn(record, "instruction", "input", "output")
-    history = record.get("history")
-    mapped.metadata.pop("history", None)
+    history = mapped.metadata.pop("history", None)
+    system = mapped.metadata.pop("system", None)
+    if system is not None:
+        mapped.system = _string(system, "system")
+        mapped.texts.append(("system", mapped.system))
     if history is None:
         return mapped
     if not isinstance(history, list):
@@ -156,6 +152,16 @@ def map_lima(record: dict[str, Any]) -> Mapped:
         mapped.texts += [(f"history[{i}][0]", user), (f"history[{i}][1]", assistant)]
     mapped.history = turns
     return mapped
+
+
+def map_dolly(record: dict[str, Any]) -> Mapped:
+    return _single_turn(record, "instruction", "context", "response")
+
+
+def map_lima(record: dict[str, Any]) -> Mapped:
+    if "instruction" not in record and "conversations" in record:
+        return _lima_conversations(record)
+    return map_alpaca(record)
 
 
 def _lima_conversations(record: dict[str, Any]) -> Mapped:

@@ -93,17 +93,32 @@ def test_dolly_native_fields(tmp_path):
 
 
 def test_forced_format_overrides_detection(tmp_path):
-    path = write_jsonl(tmp_path / "lima_like.jsonl", [
-        {"instruction": "q2", "input": "", "output": "a2", "history": [["q1", "a1"]]},
+    path = write_jsonl(tmp_path / "ambiguous.jsonl", [
+        {"instruction": "q", "output": "a", "context": "from a wiki page"},
     ])
     auto, store = ingest(tmp_path, path)
-    assert auto["sources"][0]["format"] == "lima"
-    assert len(store.read_stage("r", "ingest").to_pylist()[0]["conversation"]) == 4
+    assert auto["sources"][0]["format"] == "dolly"  # 'context' reads as Dolly: no 'response'
+    assert auto["reasons"] == {"empty_output": 1}
     forced, store = ingest(tmp_path, path, fmt="alpaca", run_id="forced")
     assert forced["sources"][0]["format"] == "alpaca"
     (row,) = store.read_stage("forced", "ingest").to_pylist()
-    assert turns(row) == [("user", "q2"), ("assistant", "a2")]
-    assert json.loads(row["metadata"]) == {"history": [["q1", "a1"]]}
+    assert turns(row) == [("user", "q"), ("assistant", "a")]
+    assert json.loads(row["metadata"]) == {"context": "from a wiki page"}
+
+
+def test_alpaca_history_and_system_are_turns(tmp_path):
+    path = write_jsonl(tmp_path / "factory.jsonl", [
+        {"instruction": "q2", "input": "", "output": "a2", "history": [["q1", "a1"]],
+         "system": "Be kind."},
+        {"instruction": "q", "output": "a", "history": [["only one"]]},
+    ])
+    summary, store = ingest(tmp_path, path, fmt="alpaca")
+    (row,) = store.read_stage("r", "ingest").to_pylist()
+    assert turns(row) == [("system", "Be kind."), ("user", "q1"), ("assistant", "a1"),
+                          ("user", "q2"), ("assistant", "a2")]
+    assert json.loads(row["metadata"]) == {}
+    (bad,) = store.read_stage("r", "quarantine").to_pylist()
+    assert bad["field"] == "history[0]" and "pair" in bad["reason"]
 
 
 def test_parquet_csv_and_gzip_sources(tmp_path):
