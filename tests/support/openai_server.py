@@ -36,6 +36,7 @@ class Reply:
     raw_body: str | None = None  # sent verbatim with status 200 (e.g. broken JSON)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    error_message: str | None = None  # a non-200 answer's message (default "injected <status>")
 
 
 Responder = Callable[[dict[str, Any]], "Reply | str"]
@@ -61,6 +62,7 @@ class OpenAIStub:
         self.model = model
         self.port = port or free_port()
         self.requests: list[dict[str, Any]] = []
+        self.request_headers: list[dict[str, str]] = []  # one per request, same order
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._server: uvicorn.Server | None = None
@@ -77,12 +79,14 @@ class OpenAIStub:
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.request_headers.clear()
 
     # ---- HTTP -------------------------------------------------------------
     async def _completion(self, request: Request) -> Response:
         body = await request.json()
         with self._lock:
             self.requests.append(body)
+            self.request_headers.append(dict(request.headers))
         reply = self.responder(body)
         if isinstance(reply, str):
             reply = Reply(content=reply)
@@ -90,7 +94,8 @@ class OpenAIStub:
             await asyncio.sleep(reply.delay_s)
         if reply.status != 200:
             return JSONResponse(
-                {"error": {"message": f"injected {reply.status}", "type": "stub"}},
+                {"error": {"message": reply.error_message or f"injected {reply.status}",
+                           "type": "stub"}},
                 status_code=reply.status,
                 headers=reply.headers,
             )
