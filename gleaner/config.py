@@ -149,7 +149,7 @@ class EmbedConfig(Section):
 
 class SelectConfig(Section):
     selector: Literal["threshold", "topk", "random", "deita"] = "deita"
-    sort_by: str = "evol"
+    sort_by: str | None = None  # None: "rating" for threshold, "evol" for the others
     budget: int = 6000
     tau: float = 0.9
     threshold: float | None = None

@@ -1,0 +1,144 @@
+"""``gleaner score``, ``gleaner embed``, ``gleaner select``: DEITA's stages, AlpaGasus' filter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flows.cli_app import ConfigOption, JsonOption, StoreOption, app, build_config, emit, fail
+
+RunOption = typer.Option(..., "--run-id", help="The run whose ingested examples to use.")
+
+
+def _store(config: Any) -> Any:
+    from gleaner.store import Store
+
+    return Store(config.store.url, config.store.options)
+
+
+@app.command("score")
+def score(
+    run_id: str = RunOption,
+    store: str | None = StoreOption,
+    backend: str | None = typer.Option(None, "--backend", help="hf (default) or endpoint."),
+    complexity_model: str | None = typer.Option(
+        None, "--complexity-model",
+        help="HF id/path/.gguf (hf) or model name (endpoint); default: offline SmolLM2.",
+    ),
+    quality_model: str | None = typer.Option(None, "--quality-model"),
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="OpenAI-compatible endpoint returning top_logprobs."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    config_file: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Score complexity c, quality q and evol s = sum c*q of every example (DEITA)."""
+    if backend is not None and backend not in ("hf", "endpoint"):
+        fail(f"--backend must be hf or endpoint, not {backend!r}")
+    overrides: dict[str, Any] = {
+        "store.url": store, "score.backend": backend,
+        "score.complexity_model": complexity_model, "score.quality_model": quality_model,
+        "score.batch_size": batch_size,
+    }
+    if base_url:
+        overrides["score.endpoint.base_url"] = base_url
+        overrides["score.backend"] = backend or "endpoint"
+    config = build_config(config_file, **overrides)
+    from flows.deita_flow import run_score
+
+    try:
+        summary = run_score(_store(config), run_id, config)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        fail(str(error))
+    emit(summary, as_json,
+         f"run {run_id}: scored {summary['scored']:,}, failed {summary['failed']:,}; mean c "
+         f"{summary['mean_complexity']}, q {summary['mean_quality']}, s {summary['mean_evol']}")
+
+
+@app.command("embed")
+def embed(
+    run_id: str = RunOption,
+    store: str | None = StoreOption,
+    model: str | None = typer.Option(
+        None, "--model", help="HF encoder id/path (default: all-MiniLM-L6-v2, offline)."
+    ),
+    pooling: str | None = typer.Option(
+        None, "--pooling", help="mean (sentence encoders) or last (causal LM, DEITA's)."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    actors: int | None = typer.Option(None, "--actors", min=1, help="Ray actors in the pool."),
+    num_gpus: float | None = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor."),
+    config_file: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Embed every example's conversation on a Ray actor pool (cached by id and model)."""
+    if pooling is not None and pooling not in ("mean", "last"):
+        fail(f"--pooling must be mean or last, not {pooling!r}")
+    config = build_config(config_file, **{
+        "store.url": store, "embed.model": model, "embed.pooling": pooling,
+        "embed.batch_size": batch_size, "embed.actors": actors, "embed.num_gpus": num_gpus,
+    })
+    from flows.deita_flow import run_embed
+
+    try:
+        summary = run_embed(_store(config), run_id, config)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        fail(str(error))
+    emit(summary, as_json,
+         f"run {run_id}: {summary['examples']:,} examples, {summary['embedded']:,} embedded, "
+         f"{summary['from_cache']:,} from the cache, {summary['skipped_batches']} batches done "
+         f"earlier ({summary['model']})")
+
+
+@app.command("select")
+def select(
+    run_id: str = RunOption,
+    store: str | None = StoreOption,
+    selector: str | None = typer.Option(
+        None, "--selector", help="threshold | topk | random | deita (default)."
+    ),
+    sort_by: str | None = typer.Option(
+        None, "--sort-by", help="evol | rating | complexity | quality | any score column."
+    ),
+    budget: int | None = typer.Option(None, "--budget", min=0, help="How many to select."),
+    tau: float | None = typer.Option(None, "--tau", help="deita: max cosine similarity."),
+    threshold: float | None = typer.Option(
+        None, "--threshold",
+        help="threshold selector: keep score >= this; others: AlpaGasus rating filter first.",
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="random selector's seed."),
+    size_of: str | None = typer.Option(
+        None, "--size-of", help="random: as many as this run's selection kept."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Write the selected examples here."),
+    fmt: str | None = typer.Option(
+        None, "--format", help="alpaca | jsonl | parquet | sharegpt (default: from --out)."
+    ),
+    config_file: Path | None = ConfigOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Select the curated set; every example gets `selected` and a reason in the manifest."""
+    if selector is not None and selector not in ("threshold", "topk", "random", "deita"):
+        fail(f"--selector must be threshold, topk, random or deita, not {selector!r}")
+    if fmt is not None and fmt not in ("alpaca", "jsonl", "parquet", "sharegpt"):
+        fail(f"--format must be alpaca, jsonl, parquet or sharegpt, not {fmt!r}")
+    config = build_config(config_file, **{
+        "store.url": store, "select.selector": selector, "select.sort_by": sort_by,
+        "select.budget": budget, "select.tau": tau, "select.threshold": threshold,
+        "select.seed": seed,
+    })
+    from flows.deita_flow import run_select
+
+    try:
+        summary = run_select(_store(config), run_id, config, out=out, fmt=fmt, size_of=size_of)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        fail(str(error))
+    reasons = ", ".join(f"{k} {v:,}" for k, v in summary["reasons"].items())
+    text = (f"run {run_id}: selected {summary['selected']:,} of {summary['examples']:,} "
+            f"({summary['selector']} by {summary['sort_by']}); {reasons}")
+    if summary.get("export"):
+        text += f"\nwrote {summary['export']['rows']:,} examples to {summary['export']['path']}"
+    emit(summary, as_json, text)

@@ -1,0 +1,182 @@
+"""The selection report a person looks at: where every example went, and the score histograms.
+
+- counts per reason (kept, below_threshold, too_similar, over_budget, failed_upstream);
+- histograms of the AlpaGasus rating and DEITA's c, q and s, for the pool and
+  for the selected set, like AlpaGasus' Fig. 4 (PNG, matplotlib's Agg back end);
+- the similarity threshold's effect: how many examples were rejected as too
+  similar, and how many of the top-m by score that displaced;
+- a markdown summary (for a Prefect artifact) and a JSON document.
+
+Written under ``runs/<run_id>/report/`` in the store.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gleaner.store import Store
+from tasks.select import REASONS, Manifest
+
+# Histogram bins per score: AlpaGasus ratings in 0.5 steps over [0, 5]; DEITA's
+# c and q live in [1, 6], s = c*q in [1, 36] (more for multi-turn).
+BINS: dict[str, np.ndarray] = {
+    "rating": np.arange(0.0, 5.5 + 1e-9, 0.5) - 0.25,
+    "complexity": np.linspace(1, 6, 21),
+    "quality": np.linspace(1, 6, 21),
+    "evol": np.linspace(1, 36, 36),
+}
+TITLES = {
+    "rating": "AlpaGasus rating",
+    "complexity": "DEITA complexity c",
+    "quality": "DEITA quality q",
+    "evol": "evol score s = c·q",
+}
+
+
+@dataclass
+class Report:
+    counts: dict[str, int]
+    histograms: dict[str, dict[str, Any]]
+    similarity: dict[str, Any]
+    settings: dict[str, Any]
+    markdown: str = ""
+    figure: bytes | None = field(default=None, repr=False)
+
+    def document(self) -> dict[str, Any]:
+        return {"counts": self.counts, "histograms": self.histograms,
+                "similarity": self.similarity, "settings": self.settings}
+
+
+def histogram(values: np.ndarray, bins: np.ndarray) -> dict[str, Any]:
+    """Counts of the finite values per bin; values outside the range land in the edge bins."""
+    finite = values[np.isfinite(values)]
+    clipped = np.clip(finite, bins[0], bins[-1])
+    counts, edges = np.histogram(clipped, bins=bins)
+    return {"edges": [round(float(e), 4) for e in edges], "counts": counts.astype(int).tolist(),
+            "n": int(finite.size)}
+
+
+def similarity_effect(manifest: Manifest) -> dict[str, Any]:
+    """How the diversity threshold changed the selection (deita only; zeros otherwise)."""
+    counts = manifest.counts()
+    rejected = counts["too_similar"]
+    selected = int(np.sum(manifest.selected))
+    ranked = manifest.rank >= 0
+    # Without the threshold the walk would have kept the top-`selected` ranks.
+    top = ranked & (manifest.rank < selected)
+    displaced = int(np.sum(top & ~manifest.selected))
+    neighbours = {r.split(":", 1)[1] for r in manifest.reason if r.startswith("too_similar:")}
+    deepest = int(manifest.rank[manifest.selected].max()) + 1 if selected else 0
+    return {"too_similar": rejected, "displaced_from_top": displaced,
+            "selected_with_similar_rejected": len(neighbours), "walked_rows": deepest}
+
+
+def build_report(
+    manifest: Manifest, columns: Mapping[str, np.ndarray], select_settings: Any = None,
+    tau: float | None = None,
+) -> Report:
+    counts = manifest.counts()
+    settings = select_settings.model_dump() if hasattr(select_settings, "model_dump") else dict(
+        select_settings or {})
+    if settings.get("sort_by") is None and settings.get("selector"):
+        settings["sort_by"] = "rating" if settings["selector"] == "threshold" else "evol"
+    selected = np.asarray(manifest.selected, dtype=bool)
+    histograms: dict[str, dict[str, Any]] = {}
+    for name, bins in BINS.items():
+        values = columns.get(name)
+        if values is None:
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        histograms[name] = {"pool": histogram(values, bins),
+                            "selected": histogram(values[selected], bins)}
+    similarity = similarity_effect(manifest)
+    report = Report(counts, histograms, similarity, settings)
+    report.markdown = markdown(report, len(manifest), tau)
+    report.figure = figure_png(columns, selected) if histograms else None
+    return report
+
+
+def markdown(report: Report, total: int, tau: float | None) -> str:
+    lines = ["# Selection report", ""]
+    s = report.settings
+    if s:
+        lines.append(
+            f"Selector **{s.get('selector')}** by `{s.get('sort_by')}`, budget {s.get('budget')}, "
+            f"tau {s.get('tau')}, threshold {s.get('threshold')}, seed {s.get('seed')}"
+        )
+        lines.append("")
+    lines += ["| reason | examples |", "|---|---:|"]
+    lines += [f"| {reason} | {report.counts[reason]:,} |" for reason in REASONS]
+    lines += [f"| **total** | **{total:,}** |", ""]
+    sim = report.similarity
+    if sim["too_similar"]:
+        lines.append(
+            f"Similarity threshold{f' {tau}' if tau is not None else ''}: "
+            f"{sim['too_similar']:,} rejected as too similar to "
+            f"{sim['selected_with_similar_rejected']:,} selected examples; "
+            f"{sim['displaced_from_top']:,} of the top {report.counts['kept']:,} by score were "
+            f"displaced; the walk went {sim['walked_rows']:,} rows deep."
+        )
+        lines.append("")
+    if report.histograms:
+        lines += ["| score | pool n | pool mean | selected mean |", "|---|---:|---:|---:|"]
+        for name, h in report.histograms.items():
+            lines.append(f"| {TITLES[name]} | {h['pool']['n']:,} | {_mean(h['pool'])} | "
+                         f"{_mean(h['selected'])} |")
+    return "\n".join(lines)
+
+
+def _mean(h: dict[str, Any]) -> str:
+    if not h["n"]:
+        return "—"
+    edges = np.asarray(h["edges"])
+    mids = (edges[:-1] + edges[1:]) / 2
+    return f"{float(np.dot(mids, h['counts']) / h['n']):.2f}"
+
+
+def figure_png(columns: Mapping[str, np.ndarray], selected: np.ndarray) -> bytes:
+    """One panel per available score: pool vs selected histograms (AlpaGasus Fig. 4 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = [n for n in BINS if n in columns]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        values = np.asarray(columns[name], dtype=np.float64)
+        bins = BINS[name]
+        pool = np.clip(values[np.isfinite(values)], bins[0], bins[-1])
+        chosen = values[selected]
+        chosen = np.clip(chosen[np.isfinite(chosen)], bins[0], bins[-1])
+        ax.hist(pool, bins=bins, color="#9bb7d4", edgecolor="white", label=f"pool ({pool.size:,})")
+        ax.hist(chosen, bins=bins, color="#d1495b", alpha=0.85, edgecolor="white",
+                label=f"selected ({chosen.size:,})")
+        ax.set_title(TITLES[name])
+        ax.set_xlabel("score")
+        ax.set_ylabel("examples")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(store: Store, run_id: str, report: Report) -> dict[str, str]:
+    """report.json, report.md and scores.png under runs/<run_id>/report/."""
+    paths = {
+        "json": store.write_json(store.run_path(run_id, "report", "select-report.json"),
+                                 report.document()),
+        "markdown": store.write_bytes(store.run_path(run_id, "report", "select-report.md"),
+                                      report.markdown.encode("utf-8")),
+    }
+    if report.figure:
+        paths["figure"] = store.write_bytes(store.run_path(run_id, "report", "scores.png"),
+                                            report.figure)
+    return paths
