@@ -51,6 +51,7 @@ KINDS = ("json", "jsonl", "parquet", "csv", "tsv")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _AFTER_ELEMENT = re.compile(r"[ \t\n\r]*([,\]])?")
+_SCALAR_END = frozenset(" \t\n\r,]")
 
 
 class SourceError(Exception):
@@ -259,15 +260,15 @@ class _Buffer:
         self.eof = False
         self.lines_dropped = 0  # newlines in text already discarded
 
-    def fill(self, size: int = CHUNK_BYTES) -> bool:
-        """Append the next chunk; False at end of file."""
+    def fill(self, size: int | None = None) -> bool:
+        """Append the next chunk (at least ``size`` bytes); False at end of file."""
         if self.eof:
             return False
         if self.pos > CHUNK_BYTES:  # drop what is parsed, so memory stays ~ one chunk + a record
             self.lines_dropped += self.text.count("\n", 0, self.pos)
             self.text = self.text[self.pos :]
             self.pos = 0
-        chunk = self.handle.read(size)
+        chunk = self.handle.read(max(size or 0, CHUNK_BYTES))
         if not chunk:
             self.eof = True
             self.text += self.decoder.decode(b"", final=True)
@@ -341,12 +342,16 @@ def read_json_array(handle: IO[bytes], max_record_bytes: int) -> Iterator[Item]:
             return
         try:
             value, end = raw_decode(buf.text, buf.pos)
-            if end == len(buf.text) and not buf.eof:
+            if (
+                not buf.eof
+                and not isinstance(value, dict | list | str)
+                and (end == len(buf.text) or buf.text[end] not in _SCALAR_END)
+            ):  # a number cut by the chunk edge ("-0" of "-0.25") parses: read on, parse again
                 raise json.JSONDecodeError("value may continue", buf.text, end)
         except json.JSONDecodeError as error:
             pending = len(buf.text) - buf.pos
             if not buf.eof and pending <= max_record_bytes:
-                buf.fill(max(CHUNK_BYTES, pending))  # grow geometrically: big records parse O(n)
+                buf.fill(pending)  # grow geometrically: big records parse O(n)
                 continue  # the element may just run past the buffer: parse again with more text
             yield index, None, _array_error(buf, index, error, max_record_bytes), buf.excerpt()
             return
