@@ -2,8 +2,9 @@
 
 Every record read ends in exactly one place: kept (a row of ``runs/<id>/ingest``),
 quarantined (a row of ``runs/<id>/quarantine`` with file, row, field and a
-plain reason) or counted as a duplicate of an example already kept (same
-``id``). The summary always satisfies ``read = kept + quarantined + duplicates``.
+plain reason) or a duplicate of an example already kept (same ``id``; a row of
+``runs/<id>/duplicates`` says where it was). The summary always satisfies
+``read = kept + quarantined + duplicates``.
 
 Memory stays flat: records stream from the readers and leave in Parquet parts
 of ``ingest.batch_rows`` rows; only the set of seen ids grows with the input.
@@ -39,6 +40,16 @@ from tasks.readers import (
 
 INGEST_STAGE = "ingest"
 QUARANTINE_STAGE = "quarantine"
+DUPLICATES_STAGE = "duplicates"
+STAGES = (INGEST_STAGE, QUARANTINE_STAGE, DUPLICATES_STAGE)
+# Where each dropped duplicate was, and the id of the example kept in its place (for audits).
+DUPLICATE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+    ]
+)
 SUMMARY_NAME = "ingest.summary.json"
 RAW_EXCERPT_CHARS = 1000
 DETECT_WINDOW = 100  # records looked at to auto-detect a file's format
@@ -239,6 +250,9 @@ class Ingestor:
         self.quarantine = PartWriter(
             store, run_id, QUARANTINE_STAGE, QUARANTINE_SCHEMA, settings.batch_rows
         )
+        self.duplicates = PartWriter(
+            store, run_id, DUPLICATES_STAGE, DUPLICATE_SCHEMA, settings.batch_rows
+        )
         self.seen: set[str] = set()
         self.samples: list[dict[str, Any]] = []
 
@@ -299,6 +313,7 @@ class Ingestor:
             example_id = out["id"]
             if example_id in seen:
                 stats.duplicates += 1
+                self.duplicates.append({"source": source.url, "source_row": row, "id": example_id})
                 continue
             seen.add(example_id)
             append(out)
@@ -358,7 +373,7 @@ def run_ingest(
             f"run {run_id!r} already holds an ingest of other sources or settings; "
             "use another --run-id, or --force to replace it"
         )
-    for stage in (INGEST_STAGE, QUARANTINE_STAGE):  # leftovers of an interrupted attempt
+    for stage in STAGES:  # leftovers of an interrupted attempt
         store.clear_stage(run_id, stage)
     if store.exists(path):
         store.fs.rm(path)
@@ -375,6 +390,7 @@ def run_ingest(
             raise IngestError(f"cannot read {source.url}: {error}") from error
     ingestor.kept.flush()
     ingestor.quarantine.flush()
+    ingestor.duplicates.flush()
     seconds = time.perf_counter() - started
 
     summary = _summary(run_id, store, per_source, ingestor, settings_record, urls, seconds)
@@ -422,6 +438,7 @@ def _summary(
         "source_files": urls,
         "parts": ingestor.kept.parts,
         "quarantine_parts": ingestor.quarantine.parts,
+        "duplicates_output": store.uri(store.stage_path(run_id, DUPLICATES_STAGE)),
         "output": store.uri(store.stage_path(run_id, INGEST_STAGE)),
         "quarantine_output": store.uri(store.stage_path(run_id, QUARANTINE_STAGE)),
         "quarantine_samples": ingestor.samples,

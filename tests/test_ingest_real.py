@@ -59,6 +59,13 @@ def test_duplicates_are_kept_once_and_counted(tmp_path, shared_data, relative, s
     for i, r in enumerate(records):
         first.setdefault(example_id(r["instruction"], r["input"], r["output"]), i)
     assert {row["id"]: row["source_row"] for row in table.to_pylist()} == first
+    # every dropped duplicate is listed, with the id of the example kept in its place
+    dropped = store.read_stage("real", "duplicates").to_pylist()
+    assert len(dropped) == stated_duplicates
+    for d in dropped:
+        r = records[d["source_row"]]
+        assert example_id(r["instruction"], r["input"], r["output"]) == d["id"]
+        assert first[d["id"]] < d["source_row"]
 
 
 def test_dolly_category_lands_in_metadata(tmp_path, shared_data):

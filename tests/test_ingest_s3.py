@@ -16,7 +16,7 @@ from gleaner.runs import read_run
 from gleaner.store import Store
 from tasks.ingest import IngestError, run_ingest
 
-VOLATILE = {"seconds", "rows_per_s", "output", "quarantine_output"}
+VOLATILE = {"seconds", "rows_per_s", "output", "quarantine_output", "duplicates_output"}
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_store_on_s3_matches_store_on_local_disk(tmp_path, sources, s3):
     assert {k: v for k, v in local_summary.items() if k not in VOLATILE} == {
         k: v for k, v in remote_summary.items() if k not in VOLATILE}
     assert remote_summary["output"].startswith(f"s3://{s3['bucket']}/store/runs/same/ingest")
-    for stage in ("ingest", "quarantine"):
+    for stage in ("ingest", "quarantine", "duplicates"):
         local_parts = stage_bytes(local, "same", stage)
         assert local_parts and local_parts == stage_bytes(remote, "same", stage)
     assert local.read_stage("same", "ingest").equals(remote.read_stage("same", "ingest"))
