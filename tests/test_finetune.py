@@ -21,42 +21,11 @@ from tasks.sft_data import (
     tokenise,
     tokenise_all,
 )
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2's tokenizer read from the shipped GGUF once per session (takes seconds)."""
-    from gleaner.models import smollm2_gguf
-    from tasks.finetune import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("smol-tokenizer")
-    load_tokenizer(str(smollm2_gguf())).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def tokenizer(smol_tokenizer_dir: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(smol_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer Llama with SmolLM2's vocabulary, built from a config: trains in seconds."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+from tests.support.tiny_models import (  # noqa: F401  (fixtures, by their names)
+    fixture_smol_tokenizer_dir,
+    fixture_tiny_model_dir,
+    fixture_tokenizer,
+)
 
 
 def record(instruction: str, output: str, input: str = "", history=()) -> dict:

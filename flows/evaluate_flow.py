@@ -1,0 +1,325 @@
+"""Pairwise evaluation as a flow: answers from two models, judged in both orders, W/T/L reports.
+
+``run_evaluate`` (generate, then judge) and ``run_evaluate_answers`` (judge two
+existing answer files) are the plain callables; ``evaluate_flow`` is the
+deployable entry point (``flows/evaluate_flow.py:evaluate_flow``) that also
+publishes the report as Prefect artifacts.
+
+Store layout (``<cmp>`` = ``<label_a>-vs-<label_b>``):
+
+    runs/<id>/evaluate/answers/<label>/<test_set>.parquet     one model's answers
+    runs/<id>/evaluate/<cmp>/judgements/<test_set>.parquet    both orders' scores per pair
+    runs/<id>/evaluate/<cmp>/report.md, wtl.png, summary.json, unmatched.json
+
+Answers and judgements are checkpoints: a rerun reuses every test set the
+store already holds (``evaluate.force`` redoes them). Judgements keep each
+order's outcome, so the combination rule is applied when the report is made.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import posixpath
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from gleaner.config import EndpointConfig, GleanerConfig, PriceConfig
+from gleaner.runs import new_run_id, record_run
+from gleaner.store import Store
+from tasks.answers import join_answers, load_answers
+from tasks.eval_sets import EvalPrompt, load_eval_set
+from tasks.judge import Judge, Pair
+from tasks.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
+
+log = logging.getLogger("gleaner.evaluate")
+ANSWER_SCHEMA = pa.schema([
+    ("test_set", pa.string()), ("id", pa.string()), ("instruction", pa.string()),
+    ("input", pa.string()), ("question", pa.string()), ("answer", pa.string()),
+    ("model", pa.string()),
+])
+
+
+def label_of(reference: str) -> str:
+    """A short, path-safe name for a model reference (``curated``, ``HuggingFaceTB/x`` ...)."""
+    name = Path(reference.rstrip("/")).name if "/" in reference else reference
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-").lower() or "model"
+
+
+# ---- models ----------------------------------------------------------------------------------
+def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: str,
+                  cache_dir: Path) -> str:
+    """A fine-tuned model of this run by name, ``base``, a local folder, or an HF id."""
+    from flows.finetune_flow import model_path, resolve_base_model
+
+    if reference == "base":
+        return resolve_base_model(config.finetune.base_model)
+    in_store = model_path(store, run_id, reference) if re.fullmatch(r"[a-z0-9_-]+", reference) \
+        else None
+    if in_store and store.exists(posixpath.join(in_store, "config.json")):
+        if store.is_local:
+            return in_store
+        local = cache_dir / reference
+        store.fs.get(in_store.rstrip("/") + "/", str(local), recursive=True)
+        return str(local)
+    if Path(reference).exists():
+        return reference
+    if in_store and "/" not in reference:
+        raise FileNotFoundError(
+            f"model {reference!r}: not a trained model of run {run_id!r} "
+            f"({store.uri(in_store)} is missing) nor a local folder")
+    return reference  # an HF hub id
+
+
+def answers_path(store: Store, run_id: str, label: str, test_set: str) -> str:
+    return store.run_path(run_id, "evaluate", "answers", label, f"{test_set}.parquet")
+
+
+def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: str,
+                 model_dir: str, prompts_by_set: dict[str, list[EvalPrompt]],
+                 ) -> dict[str, pa.Table]:
+    """One model's answers per test set, generated only where the store has none yet."""
+    from tasks.generation import GenerationSettings, Generator
+
+    label = label_of(reference)
+    tables: dict[str, pa.Table] = {}
+    generator: Generator | None = None
+    for test_set, prompts in prompts_by_set.items():
+        path = answers_path(store, run_id, label, test_set)
+        if store.exists(path) and not config.evaluate.force:
+            table = store.dataset([path]).to_table()
+            if table.num_rows == len(prompts):
+                tables[test_set] = table
+                continue
+        if generator is None:
+            settings = GenerationSettings(
+                max_new_tokens=config.evaluate.max_new_tokens,
+                batch_size=config.evaluate.generation_batch_size,
+                do_sample=config.evaluate.do_sample, temperature=config.evaluate.temperature)
+            generator = Generator(model_dir, settings)
+            log.info("answering with %s (%s backend)", reference, generator.backend)
+        answers = generator.answer(prompts)
+        table = pa.Table.from_pylist(
+            [{**p.as_row(), "answer": a, "model": reference} for p, a in
+             zip(prompts, answers, strict=True)], schema=ANSWER_SCHEMA)
+        store.write_table(path, table)
+        tables[test_set] = table
+    return tables
+
+
+# ---- judging ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def judge_endpoint(config: GleanerConfig) -> Iterator[EndpointConfig]:
+    """The configured judge; with no base_url, the offline llama.cpp SmolLM2 server.
+
+    The offline judge only proves the pipeline runs: a 135M model is no GPT-4,
+    and most of its reviews will not even parse (they are then judge failures).
+    """
+    endpoint = config.evaluate.judge
+    if endpoint.base_url:
+        yield endpoint
+        return
+    from gleaner.llm.local_server import local_llm_server
+
+    log.warning("no judge endpoint configured: judging with the offline SmolLM2 server; "
+                "set evaluate.judge.base_url (e.g. https://api.openai.com/v1) for GPT-4")
+    with local_llm_server() as server:
+        yield endpoint.model_copy(update={"base_url": server.base_url, "model": server.model})
+
+
+def judgements_path(store: Store, run_id: str, comparison: str, test_set: str) -> str:
+    return store.run_path(run_id, "evaluate", comparison, "judgements", f"{test_set}.parquet")
+
+
+def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str,
+               pairs_by_set: dict[str, list[Pair]], rule: str) -> dict[str, pa.Table]:
+    """Judgements per test set; sets already judged in the store are read back."""
+    tables: dict[str, pa.Table] = {}
+    todo: dict[str, list[Pair]] = {}
+    for test_set, pairs in pairs_by_set.items():
+        path = judgements_path(store, run_id, comparison, test_set)
+        if store.exists(path) and not config.evaluate.force:
+            table = store.dataset([path]).to_table()
+            if table.num_rows == len(pairs):
+                tables[test_set] = table
+                continue
+        todo[test_set] = pairs
+    if todo:
+        with judge_endpoint(config) as endpoint:
+            judge = Judge(endpoint, parse_retries=config.evaluate.parse_retries)
+            for test_set, pairs in todo.items():
+                rows = [j.as_row() for j in judge.judge(pairs, rule)]
+                table = pa.Table.from_pylist(rows)
+                store.write_table(judgements_path(store, run_id, comparison, test_set), table)
+                tables[test_set] = table
+    return tables
+
+
+def price_of(config: GleanerConfig) -> PriceConfig:
+    return config.prices.get(config.evaluate.judge.model, PriceConfig())
+
+
+def tally_table(table: pa.Table, rule: str, price: PriceConfig) -> Tally:
+    """W/T/L of one test set under ``rule``, from the per-order outcomes stored."""
+    part = Tally()
+    for first, second in zip(table.column("outcome_a_first").to_pylist(),
+                             table.column("outcome_b_first").to_pylist(), strict=True):
+        part.add(verdict(first, second, rule))
+    part.prompt_tokens = int(sum(table.column("prompt_tokens").to_pylist()))
+    part.completion_tokens = int(sum(table.column("completion_tokens").to_pylist()))
+    part.cost_usd = (part.prompt_tokens * price.prompt + part.completion_tokens * price.completion
+                     ) / 1e6
+    return part
+
+
+def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, label_a: str,
+           label_b: str, rule: str, judgements: dict[str, pa.Table],
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tallies, the markdown table and the chart, written to the store; returns the summary."""
+    price = price_of(config)
+    per_set = {name: tally_table(table, rule, price) for name, table in judgements.items()}
+    table_md = markdown_table(per_set, label_a, label_b, rule)
+    base = store.run_path(run_id, "evaluate", comparison)
+    report_path = store.write_bytes(posixpath.join(base, "report.md"), table_md.encode())
+    chart_path = store.write_bytes(posixpath.join(base, "wtl.png"),
+                                   stacked_bar_png(per_set, label_a, label_b))
+    summary = {
+        "run_id": run_id, "comparison": comparison, "model_a": label_a, "model_b": label_b,
+        "rule": rule,
+        "judge_model": config.evaluate.judge.model,
+        "test_sets": {name: part.as_dict() for name, part in per_set.items()},
+        "overall": overall(per_set).as_dict(),
+        "report": store.uri(report_path), "chart": store.uri(chart_path),
+        "markdown": table_md, **(extra or {}),
+    }
+    store.write_json(posixpath.join(base, "summary.json"), summary)
+    record_run(store, run_id, config, evaluate={comparison: {
+        "rule": rule, "overall": summary["overall"], "report": summary["report"]}})
+    return summary
+
+
+# ---- the callables ---------------------------------------------------------------------------
+def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str | None = None,
+                 model_b: str | None = None, test_sets: list[str] | None = None,
+                 limit: int | None = None, rule: str | None = None) -> dict[str, Any]:
+    """Both models answer every prompt of the test sets; the judge compares them (A = curated)."""
+    import tempfile
+
+    reference_a = model_a or config.evaluate.model_a
+    reference_b = model_b or config.evaluate.model_b
+    rule = rule or config.evaluate.rule
+    limit = limit if limit is not None else config.evaluate.limit
+    prompts_by_set: dict[str, list[EvalPrompt]] = {}
+    for spec in test_sets or config.evaluate.test_sets:
+        prompts = load_eval_set(spec, config.evaluate.eval_sets_dir, limit)
+        prompts_by_set[prompts[0].test_set if prompts else spec] = prompts
+    label_a, label_b = label_of(reference_a), label_of(reference_b)
+    if label_a == label_b:
+        raise ValueError(f"models A and B have the same label {label_a!r}; compare two models")
+    with tempfile.TemporaryDirectory(prefix="gleaner-eval-") as cache:
+        answers = {}
+        for reference in (reference_a, reference_b):
+            model_dir = resolve_model(store, run_id, config, reference, Path(cache))
+            answers[reference] = generate_for(store, run_id, config, reference, model_dir,
+                                              prompts_by_set)
+    pairs_by_set = {
+        name: [Pair(name, p.id, p.question, a, b) for p, a, b in zip(
+            prompts, answers[reference_a][name].column("answer").to_pylist(),
+            answers[reference_b][name].column("answer").to_pylist(), strict=True)]
+        for name, prompts in prompts_by_set.items()
+    }
+    comparison = f"{label_a}-vs-{label_b}"
+    judgements = judge_sets(store, run_id, config, comparison, pairs_by_set, rule)
+    return report(store, run_id, config, comparison, label_a, label_b, rule, judgements,
+                  {"prompts": {n: len(p) for n, p in prompts_by_set.items()},
+                   "answers": {label_of(r): store.uri(store.run_path(
+                       run_id, "evaluate", "answers", label_of(r))) for r in answers}})
+
+
+def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answers_a: str,
+                         answers_b: str, rule: str | None = None,
+                         limit: int | None = None) -> dict[str, Any]:
+    """Judge two existing answer files (no generation); unmatched rows are counted and listed."""
+    rule = rule or config.evaluate.rule
+    options = config.store.options if answers_a.startswith("s3://") else None
+    rows_a = load_answers(answers_a, options)
+    rows_b = load_answers(answers_b, options)
+    joined = join_answers(rows_a, rows_b)
+    pairs = joined.pairs[:limit] if limit else joined.pairs
+    pairs_by_set: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        pairs_by_set.setdefault(pair.test_set, []).append(pair)
+    label_a, label_b = label_of(Path(answers_a).stem), label_of(Path(answers_b).stem)
+    if label_a == label_b:
+        label_a, label_b = f"{label_a}-a", f"{label_b}-b"
+    comparison = f"{label_a}-vs-{label_b}"
+    unmatched = joined.unmatched_report()
+    store.write_json(store.run_path(run_id, "evaluate", comparison, "unmatched.json"), unmatched)
+    if unmatched:
+        log.warning("%d answer rows have no partner in the other file (%d only in A, %d only "
+                    "in B); listed in unmatched.json", len(unmatched), len(joined.only_a),
+                    len(joined.only_b))
+    judgements = judge_sets(store, run_id, config, comparison, pairs_by_set, rule)
+    return report(store, run_id, config, comparison, label_a, label_b, rule, judgements, {
+        "join_key": joined.join_key, "matched": len(joined.pairs),
+        "only_in_a": len(joined.only_a), "only_in_b": len(joined.only_b),
+        "prompt_mismatch": joined.prompt_mismatch, "unmatched": unmatched[:50],
+        "answers_a": answers_a, "answers_b": answers_b})
+
+
+# ---- Prefect ---------------------------------------------------------------------------------
+def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
+    """The W/T/L table (with the chart inline) and a per-set table, in the Prefect UI."""
+    key = "evaluate-" + re.sub(r"[^a-z0-9-]+", "-",
+                               f"{summary['run_id']}-{summary['model_a']}-vs-{summary['model_b']}"
+                               .lower()).strip("-")
+    try:
+        png = store.read_bytes(store.run_path(summary["run_id"], "evaluate",
+                                              summary["comparison"], "wtl.png"))
+        image = f"\n![W/T/L](data:image/png;base64,{base64.b64encode(png).decode()})\n"
+    except OSError:
+        image = ""
+    markdown = summary["markdown"] + image + f"\nReport: `{summary['report']}`\n"
+    if summary.get("only_in_a") or summary.get("only_in_b"):
+        markdown += (f"\n**Unmatched answer rows:** {summary['only_in_a']} only in A, "
+                     f"{summary['only_in_b']} only in B (see unmatched.json)\n")
+    create_markdown_artifact(key=key[:100], markdown=markdown,
+                             description=f"pairwise evaluation ({summary['rule']} rule)")
+    create_table_artifact(key=(key[:94] + "-table"), table=[
+        {"test_set": name, **{k: part[k] for k in ("win", "tie", "lose", "failed",
+                                                   "winning_score", "cost_usd")}}
+        for name, part in {**summary["test_sets"], "overall": summary["overall"]}.items()])
+
+
+@task(name="evaluate-pair", retries=0)
+def evaluate_task(run_id: str, config: GleanerConfig, model_a: str | None, model_b: str | None,
+                  answers_a: str | None, answers_b: str | None, test_sets: list[str] | None,
+                  limit: int | None, rule: str | None) -> dict[str, Any]:
+    store = Store(config.store.url, config.store.options)
+    if answers_a or answers_b:
+        if not (answers_a and answers_b):
+            raise ValueError("judging answer files needs both --answers-a and --answers-b")
+        return run_evaluate_answers(store, run_id, config, answers_a, answers_b, rule, limit)
+    return run_evaluate(store, run_id, config, model_a, model_b, test_sets, limit, rule)
+
+
+@flow(name="evaluate")
+def evaluate_flow(run_id: str | None = None, config: GleanerConfig | None = None,
+                  model_a: str | None = None, model_b: str | None = None,
+                  answers_a: str | None = None, answers_b: str | None = None,
+                  test_sets: list[str] | None = None, limit: int | None = None,
+                  rule: str | None = None) -> dict[str, Any]:
+    """Compare model A (the curated one) with model B, or two answer files; publish the report."""
+    config = config or GleanerConfig()
+    run_id = run_id or config.run_id or new_run_id()
+    summary = evaluate_task(run_id, config, model_a, model_b, answers_a, answers_b, test_sets,
+                            limit, rule)
+    publish_artifacts(Store(config.store.url, config.store.options), summary)
+    return summary

@@ -1,0 +1,131 @@
+"""The evaluation flow end to end: `gleaner evaluate` on two answer files, and generation with
+two real (tiny) models, judged by a loopback OpenAI-compatible server, reported in the store."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.support.openai_server import OpenAIStub, Reply
+from tests.support.tiny_models import (  # noqa: F401  (fixtures, by their names)
+    build_tiny_model,
+    fixture_smol_tokenizer_dir,
+    fixture_tiny_model_dir,
+)
+
+ANSWER_RE = re.compile(r"\[The Start of Assistant ([12])'s Answer\]\n(.*?)\n\n\[The End", re.S)
+
+
+def marker_judge(body: dict) -> Reply:
+    """Scores each answer from its '[s=N]' marker, whatever position it is shown in."""
+    answers = dict(ANSWER_RE.findall(body["messages"][1]["content"]))
+    s1, s2 = (float(re.search(r"\[s=([\d.]+)\]", answers[k]).group(1)) for k in ("1", "2"))
+    if s1 < 0 or s2 < 0:
+        return Reply("I cannot decide.")
+    return Reply(f"{s1:g} {s2:g}\nExplained.", prompt_tokens=1000, completion_tokens=100)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tmp_path: Path):
+    from flows.cli import app
+
+    a = write_jsonl(tmp_path / "curated.jsonl", [
+        {"prompt": "Hi", "answer": "hello [s=8]", "test_set": "vicuna"},
+        {"prompt": "Hi", "answer": "hey [s=5]", "test_set": "koala"},   # repeated prompt
+        {"prompt": "2+2?", "answer": "4 [s=9]", "test_set": "vicuna"},
+        {"prompt": "Only A", "answer": "x [s=9]", "test_set": "vicuna"},
+        {"prompt": "Broken", "answer": "? [s=-1]", "test_set": "koala"},
+    ])
+    b = write_jsonl(tmp_path / "random.jsonl", [
+        {"prompt": "2+2?", "answer": "5 [s=2]"},
+        {"prompt": "Hi", "answer": "yo [s=6]"},
+        {"prompt": "Hi", "answer": "sup [s=5]"},
+        {"prompt": "Broken", "answer": "! [s=3]"},
+        {"prompt": "Only B", "answer": "y [s=1]"},
+    ])
+    store = tmp_path / "store"
+    runner = CliRunner()
+    with OpenAIStub(marker_judge) as stub:
+        args = ["evaluate", "--answers-a", a, "--answers-b", b, "--judge-base-url", stub.base_url,
+                "--judge-model", "gpt-4", "--store", str(store), "--run-id", "eval-run", "--json"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        requests = stub.count()
+        # Same judgements, other rule: read back from the store, not asked again.
+        again = runner.invoke(app, [*args, "--rule", "fastchat"])
+        assert again.exit_code == 0, again.output
+        assert stub.count() == requests
+    assert summary["test_sets"]["vicuna"] == {
+        "win": 2, "tie": 0, "lose": 0, "failed": 0, "winning_score": 2.0,
+        "prompt_tokens": 4000, "completion_tokens": 400, "cost_usd": 0.144}
+    assert {k: summary["test_sets"]["koala"][k] for k in ("win", "tie", "lose", "failed")} == {
+        "win": 0, "tie": 1, "lose": 0, "failed": 1}
+    assert summary["overall"]["winning_score"] == pytest.approx((2 - 0) / 3 + 1, abs=1e-4)
+    assert (summary["only_in_a"], summary["only_in_b"], summary["join_key"]) == (1, 1, "prompt")
+    assert summary["rule"] == "alpagasus"
+    fastchat = json.loads(again.stdout.strip().splitlines()[-1])
+    assert fastchat["rule"] == "fastchat" and fastchat["test_sets"]["vicuna"]["win"] == 2
+    base = store / "runs" / "eval-run" / "evaluate" / "curated-vs-random"
+    assert (base / "wtl.png").read_bytes().startswith(b"\x89PNG")
+    assert "| vicuna | 2 | 0 | 0 | 0 | 2.000 |" in (base / "report.md").read_text()
+    unmatched = json.loads((base / "unmatched.json").read_text())
+    assert {(u["file"], u["prompt"]) for u in unmatched} == {("a", "Only A"), ("b", "Only B")}
+
+
+def test_cli_refuses_half_an_answer_pair(tmp_path: Path) -> None:
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--answers-a", str(tmp_path / "a.jsonl")])
+    assert result.exit_code == 2 and "--answers-b" in result.output
+
+
+@pytest.mark.slow
+def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: Path,
+                                                   smol_tokenizer_dir: Path, shared_data: Path,
+                                                   tmp_path: Path) -> None:
+    from flows.evaluate_flow import answers_path, evaluate_flow
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+
+    other = build_tiny_model(smol_tokenizer_dir, tmp_path / "other-model", seed=1)
+    custom = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": "Name a fruit."}])
+
+    def by_length(body: dict) -> Reply:  # a judge that prefers the longer answer
+        answers = dict(ANSWER_RE.findall(body["messages"][1]["content"]))
+        l1, l2 = len(answers["1"]), len(answers["2"])
+        return Reply(f"{7 + (l1 > l2) - (l1 < l2)} {7 + (l2 > l1) - (l2 < l1)}\nLength.")
+
+    with OpenAIStub(by_length) as stub:
+        config = GleanerConfig().with_overrides({
+            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
+            "evaluate.eval_sets_dir": str(shared_data / "eval_sets"),
+            "evaluate.max_new_tokens": 12, "evaluate.generation_batch_size": 2})
+        summary = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
+                                model_b=str(other), test_sets=["vicuna", custom], limit=3)
+        asked = stub.count()
+        rerun = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
+                              model_b=str(other), test_sets=["vicuna", custom], limit=3)
+        assert stub.count() == asked  # answers and judgements came from the store
+    store = Store(str(tmp_path / "store"))
+    assert summary["prompts"] == {"vicuna": 3, "mine": 1} and asked == 2 * 4
+    for test_set, count in (("vicuna", 3), ("mine", 1)):
+        a = store.dataset([answers_path(store, "gen-run", summary["model_a"], test_set)]).to_table()
+        b = store.dataset([answers_path(store, "gen-run", summary["model_b"], test_set)]).to_table()
+        assert a.num_rows == b.num_rows == count
+        # The oracle: with a consistent length judge, the longer answer wins in both orders.
+        expected = {"win": 0, "tie": 0, "lose": 0}
+        for x, y in zip(a.column("answer").to_pylist(), b.column("answer").to_pylist(),
+                        strict=True):
+            expected["win" if len(x) > len(y) else "lose" if len(x) < len(y) else "tie"] += 1
+        got = summary["test_sets"][test_set]
+        assert {k: got[k] for k in expected} == expected and got["failed"] == 0
+    assert rerun["overall"] == summary["overall"]
