@@ -65,6 +65,7 @@ class Mapped:
     system: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     texts: list[tuple[str, str]] = field(default_factory=list)
+    output_field: str = "output"  # where the response lives, for "no response" messages
 
 
 def json_type(value: Any) -> str:
@@ -118,6 +119,7 @@ def _single_turn(record: dict[str, Any], instruction: str, input: str, output: s
         out,
         metadata=_rest(record, (instruction, input, output)),
         texts=[(instruction, ins), (input, inp), (output, out)],
+        output_field=output,
     )
 
 
@@ -177,14 +179,17 @@ def _lima_conversations(record: dict[str, Any]) -> Mapped:
         (f"conversations[{i}]", role, text)
         for i, (role, text) in enumerate(zip(roles, texts, strict=True))
     ]
-    return _from_turns(turns, _rest(record, ("conversations",)))
+    return _from_turns(turns, _rest(record, ("conversations",)), "conversations")
 
 
-def _from_turns(turns: list[tuple[str, str, str]], metadata: dict[str, Any]) -> Mapped:
+def _from_turns(
+    turns: list[tuple[str, str, str]], metadata: dict[str, Any], key: str
+) -> Mapped:
     """(label, role, content) turns -> final exchange + history; leading system turns -> system."""
-    system_parts: list[str] = []
+    system_parts: list[tuple[str, str]] = []
     while turns and turns[0][1] == "system":
-        system_parts.append(turns.pop(0)[2])
+        label, _, content = turns.pop(0)
+        system_parts.append((label, content))
     for label, role, _ in turns:
         if role == "system":
             raise Rejected(
@@ -215,10 +220,10 @@ def _from_turns(turns: list[tuple[str, str, str]], metadata: dict[str, Any]) -> 
         input="",
         output=final_assistant,
         history=[Turn(role, content) for _, role, content in earlier],
-        system="\n\n".join(system_parts),
+        system="\n\n".join(content for _, content in system_parts),
         metadata=metadata,
-        texts=[(label, content) for label, _, content in turns]
-        + [("system", p) for p in system_parts],
+        texts=system_parts + [(label, content) for label, _, content in turns],
+        output_field=key,
     )
 
 
@@ -254,12 +259,12 @@ def _turn_list(
 
 def map_sharegpt(record: dict[str, Any]) -> Mapped:
     turns = _turn_list(record, "conversations", "from", "value", SHAREGPT_ROLES)
-    return _from_turns(turns, _rest(record, ("conversations",)))
+    return _from_turns(turns, _rest(record, ("conversations",)), "conversations")
 
 
 def map_messages(record: dict[str, Any]) -> Mapped:
     turns = _turn_list(record, "messages", "role", "content", MESSAGE_ROLES)
-    return _from_turns(turns, _rest(record, ("messages",)))
+    return _from_turns(turns, _rest(record, ("messages",)), "messages")
 
 
 MAPPERS: dict[str, Callable[[dict[str, Any]], Mapped]] = {

@@ -27,10 +27,9 @@ from gleaner.config import GleanerConfig, IngestConfig
 from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
 from gleaner.store import Store, validate_run_id
-from tasks.formats import MAPPERS, Mapped, Rejected, detect_format, json_type
+from tasks.formats import MAPPERS, Rejected, detect_format, json_type
 from tasks.readers import (
     Item,
-    Problem,
     SourceError,
     SourceFile,
     expand_sources,
@@ -98,14 +97,6 @@ def _check_text(label: str, text: str, max_bytes: int) -> None:
         )
 
 
-def _output_label(fmt: str, mapped: Mapped) -> str:
-    if fmt == "dolly":
-        return "response"
-    if fmt in ("alpaca", "lima") and mapped.texts and mapped.texts[0][0] == "instruction":
-        return "output"
-    return {"sharegpt": "conversations", "messages": "messages"}.get(fmt, "conversations")
-
-
 def to_row(fmt: str, value: Any, source: str, row: int, settings: IngestConfig) -> dict[str, Any]:
     """One parsed record -> one EXAMPLE_SCHEMA row, or :class:`Rejected` saying why not."""
     if not isinstance(value, dict):
@@ -114,7 +105,7 @@ def to_row(fmt: str, value: Any, source: str, row: int, settings: IngestConfig) 
     for label, text in mapped.texts:
         _check_text(label, text, settings.max_field_bytes)
     if settings.require_output and not mapped.output.strip():
-        label = _output_label(fmt, mapped)
+        label = mapped.output_field
         raise Rejected(
             "empty_output",
             label,
@@ -242,7 +233,7 @@ def detect_source_format(source: SourceFile, settings: IngestConfig) -> tuple[st
 
 
 class Ingestor:
-    """Streams sources into the two writers; owns the seen-id set and the counts."""
+    """Streams sources into the kept/quarantine/duplicates writers; owns the seen-id set."""
 
     def __init__(self, store: Store, run_id: str, settings: IngestConfig):
         self.settings = settings
@@ -288,7 +279,7 @@ class Ingestor:
         for row, value, problem, raw in items:
             stats.read += 1
             if problem is not None:
-                self._problem(stats, row, problem, raw)
+                self._quarantine(stats, row, problem.code, problem.field, problem.reason, raw)
                 continue
             if fmt is None:
                 fmt = stats.format = detect_format(value)
@@ -327,9 +318,6 @@ class Ingestor:
             stats.duplicates,
         )
         return stats
-
-    def _problem(self, stats: SourceStats, row: int, problem: Problem, raw: str | None) -> None:
-        self._quarantine(stats, row, problem.code, problem.field, problem.reason, raw)
 
 
 # ---- the stage ----------------------------------------------------------------
