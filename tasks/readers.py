@@ -126,7 +126,8 @@ def expand_sources(
             raise SourceError(f"cannot open {source}: {error}") from error
         try:
             if _GLOB_CHARS.search(path):
-                paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+                matches = fs.glob(path, detail=True)
+                paths = sorted(p for p, info in matches.items() if info.get("type") != "directory")
                 if not paths:
                     raise SourceError(f"cannot open {source}: no file matches this pattern")
             elif fs.isdir(path):
