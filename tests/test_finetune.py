@@ -228,3 +228,69 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
     assert generator.prompts(prompts)[0].endswith("### Response:\n")
     answers = generator.answer(prompts)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def write_pool_and_selection(store, run_id: str, shared_data: Path, pool: int, chosen: int):
+    """An ingest stage of real Alpaca rows and a selection manifest choosing the first few."""
+    import pyarrow as pa
+
+    rows = json.loads((shared_data / "alpaca" / "alpaca_random_9k.json").read_text())[:pool]
+    table = pa.Table.from_pylist(
+        [Example("alpaca", i, r["instruction"], r["input"], r["output"]).to_row()
+         for i, r in enumerate(rows)])
+    store.write_part(run_id, "ingest", 0, table)
+    ids = table.column("id").to_pylist()
+    store.write_part(run_id, "select", 0, pa.table({
+        "id": ids, "selected": [i < chosen for i in range(len(ids))]}))
+    return table
+
+
+def test_curated_set_and_baselines_come_from_the_run(shared_data: Path, tmp_path: Path) -> None:
+    from flows.finetune_flow import baseline_examples, resolve_dataset
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    pool = write_pool_and_selection(store, "r1", shared_data, pool=40, chosen=10)
+    config = GleanerConfig()
+    curated = resolve_dataset(store, "r1", config, None)
+    assert sorted(curated.column("id").to_pylist()) == sorted(pool.column("id").to_pylist()[:10])
+    assert baseline_examples(store, "r1", config, "pool", 10).num_rows == 40
+    random_a = baseline_examples(store, "r1", config, "random", 10).column("id").to_pylist()
+    random_b = baseline_examples(store, "r1", config, "random", 10).column("id").to_pylist()
+    assert len(random_a) == len(set(random_a)) == 10 and random_a == random_b  # seeded
+    other = config.with_overrides({"finetune.baseline_seed": 1})
+    assert baseline_examples(store, "r1", other, "random", 10).column("id").to_pylist() != random_a
+    with pytest.raises(ValueError, match="fewer than the curated set"):
+        baseline_examples(store, "r1", config, "random", 41)
+
+
+@pytest.mark.slow
+def test_cli_finetune_lima_preset_with_random_baseline(
+        ray_local, tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from gleaner.store import Store
+    from tasks.sft_data import FORMAT_FILE
+
+    store = Store(str(tmp_path / "store"))
+    write_pool_and_selection(store, "cli-run", shared_data, pool=30, chosen=6)
+    result = CliRunner().invoke(app, [
+        "finetune", "--run-id", "cli-run", "--store", str(tmp_path / "store"), "--preset", "lima",
+        "--base-model", str(tiny_model_dir), "--baseline", "random", "--max-steps", "1",
+        "--batch-size", "2", "--per-device-batch-size", "2", "--max-length", "96", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    curated, baseline = summary["models"]["curated"], summary["models"]["baseline"]
+    assert curated["data"]["examples"] == baseline["data"]["examples"] == 6
+    assert curated["preset"] == "lima" and curated["recipe"]["weight_decay"] == 0.1
+    assert curated["recipe"]["residual_dropout_top"] == 0.2  # a small model: LIMA's 0.2
+    metrics = store.read_json(store.run_path("cli-run", "finetune", "curated", "metrics.json"))
+    assert metrics["residual_dropout_rates"] == [0.0, 0.2]
+    saved = Path(store.run_path("cli-run", "finetune", "curated", "model"))
+    assert json.loads((saved / FORMAT_FILE).read_text())["template"] == "eot"
+    config = json.loads((saved / "config.json").read_text())
+    from transformers import AutoTokenizer
+
+    assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(saved))  # EOT token added
