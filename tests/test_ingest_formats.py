@@ -195,3 +195,22 @@ def test_batches_become_parts_of_batch_rows(tmp_path):
     assert [pq.read_metadata(p).num_rows for p in parts] == [10, 10, 5]
     rows = store.read_stage("r", "ingest").to_pylist()
     assert [r["source_row"] for r in rows] == list(range(1, 26))
+
+
+def test_tsv_with_invalid_utf8_and_a_short_row(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_bytes(
+        b"instruction\tinput\toutput\tlang\n"
+        b"t1\t\tfine\ten\n"
+        b"t2\t\tbad \xff byte\ten\n"
+        b"t3\t\tok\tfr\xe9\n"
+        b"t4\n"
+    )
+    summary, store = ingest(tmp_path, path)
+    assert summary["sources"][0]["kind"] == "tsv"
+    (row,) = store.read_stage("r", "ingest").to_pylist()
+    assert row["instruction"] == "t1" and json.loads(row["metadata"]) == {"lang": "en"}
+    quarantine = {q["source_row"]: q for q in store.read_stage("r", "quarantine").to_pylist()}
+    assert quarantine[3]["field"] == "output" and "invalid UTF-8" in quarantine[3]["reason"]
+    assert quarantine[4]["field"] == "lang" and "invalid UTF-8" in quarantine[4]["reason"]
+    assert quarantine[5]["field"] == "output" and "no response" in quarantine[5]["reason"]
