@@ -199,10 +199,11 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     cache = {} if (rate.force or not rate.cache) else load_cache(
         store, store.path("cache", "ratings", key), wanted
     )
-    limiter = None
+    limiter, limiter_handle = None, None
     if rate.endpoint.rpm or rate.endpoint.tpm:
         limiter = limiter_name(rate.endpoint.base_url or "", model)
-        ensure_rate_limiter(limiter, rate.endpoint.rpm, rate.endpoint.tpm)
+        # the flow holds the handle: a non-detached actor lives as long as its owner's handles
+        limiter_handle = ensure_rate_limiter(limiter, rate.endpoint.rpm, rate.endpoint.tpm)
     job = RateJob(
         run_id=run_id, store_url=config.store.url, store_options=dict(config.store.options),
         endpoint=rate.endpoint, prompt=prompt, mode=mode,  # type: ignore[arg-type]
@@ -256,6 +257,7 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
             write_batch(job, index, failed, reused)
         advance()
 
+    del limiter_handle  # every batch is done: the bucket may go
     summary = summarize(store, run_id, config, prompt, mode, len(rows), probe_usage)
     summary.update(
         batches=len(bounds), batches_resumed=len(finished), cache_key=key,
