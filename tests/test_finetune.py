@@ -294,3 +294,27 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     from transformers import AutoTokenizer
 
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(saved))  # EOT token added
+
+
+@pytest.mark.slow
+def test_checkpoints_and_model_go_to_s3(ray_local, s3, tiny_model_dir: Path, shared_data: Path):
+    """The store on S3 (moto's real HTTP server): Ray Train persists checkpoints through the
+    store's fsspec filesystem, the final model is uploaded beside them."""
+    from flows.finetune_flow import run_finetune
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+
+    store = Store(s3["url"], {"endpoint_url": s3["endpoint_url"]})
+    write_pool_and_selection(store, "s3-run", shared_data, pool=8, chosen=4)
+    config = GleanerConfig().with_overrides({
+        "store.url": s3["url"], "store.options": {"endpoint_url": s3["endpoint_url"]},
+        "finetune.base_model": str(tiny_model_dir),
+        "finetune.overrides": {"max_steps": 1, "effective_batch_size": 2,
+                               "per_device_batch_size": 2, "max_length": 64}})
+    summary = run_finetune(store, "s3-run", config, None, name="curated")
+    assert summary["steps"] == 1 and summary["model"].startswith("s3://")
+    model = store.run_path("s3-run", "finetune", "curated", "model")
+    assert store.exists(f"{model}/model.safetensors") and store.exists(f"{model}/gleaner_sft.json")
+    states = [p for p in store.fs.find(store.run_path("s3-run", "finetune", "curated", "ray"))
+              if p.endswith("trainer_state.json")]
+    assert states, "no Ray Train checkpoint in the S3 store"
