@@ -118,11 +118,12 @@ def artifact_key(run_id: str) -> str:
 
 @task(name="publish-dataset-version")
 def publish_version(config: GleanerConfig, run_id: str, stats: dict[str, Any]) -> dict[str, Any]:
-    from flows.finetune_flow import curated_examples
+    from flows.deita_flow import CURATED_STAGE
+    from gleaner.schema import EXAMPLE_SCHEMA
     from tasks.versions import publish_dataset_version
 
     store = Store(config.store.url, config.store.options)
-    selected = curated_examples(store, run_id, config)
+    selected = store.read_stage(run_id, CURATED_STAGE, schema=EXAMPLE_SCHEMA)
     return publish_dataset_version(store, config.curate.dataset_name, run_id, selected, stats)
 
 

@@ -246,6 +246,12 @@ class Ingestor:
         )
         self.seen: set[str] = set()
         self.samples: list[dict[str, Any]] = []
+        # ingest.limit: records still to read over all sources (None: no limit)
+        self.remaining: int | None = settings.limit
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining is not None and self.remaining <= 0
 
     def _quarantine(
         self,
@@ -277,6 +283,10 @@ class Ingestor:
         settings, seen, append = self.settings, self.seen, self.kept.append
         items: Iterator[Item] = read_source(source, settings.max_record_bytes, settings.batch_rows)
         for row, value, problem, raw in items:
+            if self.exhausted:
+                break
+            if self.remaining is not None:
+                self.remaining -= 1
             stats.read += 1
             if problem is not None:
                 self._quarantine(stats, row, problem.code, problem.field, problem.reason, raw)
@@ -370,6 +380,8 @@ def run_ingest(
     ingestor = Ingestor(store, run_id, settings)
     per_source: list[SourceStats] = []
     for source, kind, fmt in plan:
+        if ingestor.exhausted:
+            break
         try:
             per_source.append(ingestor.ingest(source, kind, fmt))
         except SourceError as error:

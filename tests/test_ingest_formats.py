@@ -214,3 +214,20 @@ def test_tsv_with_invalid_utf8_and_a_short_row(tmp_path):
     assert quarantine[3]["field"] == "output" and "invalid UTF-8" in quarantine[3]["reason"]
     assert quarantine[4]["field"] == "lang" and "invalid UTF-8" in quarantine[4]["reason"]
     assert quarantine[5]["field"] == "output" and "no response" in quarantine[5]["reason"]
+
+
+def test_limit_reads_only_the_first_records_over_all_sources(tmp_path: Path) -> None:
+    """ingest.limit (demo runs): the first N records in source order, counted honestly."""
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(
+        json.dumps({"instruction": f"a{i}", "input": "", "output": "x"}) + "\n" for i in range(3)
+    ))
+    second.write_text("".join(
+        json.dumps({"instruction": f"b{i}", "input": "", "output": "x"}) + "\n" for i in range(5)
+    ))
+    config = GleanerConfig().with_overrides({"ingest.limit": 5})
+    store = Store(str(tmp_path / "store"))
+    summary = run_ingest([str(first), str(second)], store, "lim", config)
+    assert (summary["read"], summary["kept"]) == (5, 5)
+    kept = store.read_stage("lim", "ingest", columns=["instruction"]).column("instruction")
+    assert kept.to_pylist() == ["a0", "a1", "a2", "b0", "b1"]
