@@ -245,11 +245,14 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
             future = batch_task.submit(index=index, job=job, rows=todo, cached=reused)
         futures[future] = (index, [r["id"] for r in todo], reused)
 
+    rating_s = 0.0
     for future in as_completed(list(futures)):
         index, todo_ids, reused = futures[future]
         future.wait()
         state = future.state
-        if not state.is_completed():
+        if state.is_completed():
+            rating_s += float(future.result().get("rating_s", 0.0))
+        else:
             error = future.result(raise_on_failure=False)
             message = f"batch failed after {rate.task_retries} retries: {error}"[:500]
             logger.error("batch %05d: %s", index, message)
@@ -262,6 +265,8 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     summary.update(
         batches=len(bounds), batches_resumed=len(finished), cache_key=key,
         elapsed_s=round(time.perf_counter() - started, 3), mode_note=fallback_note,
+        # seconds spent inside rate_batch over all submitted batches (the rest is orchestration)
+        batch_rating_s=round(rating_s, 3), batches_submitted=len(futures),
     )
     store.write_json(store.run_path(run_id, SUMMARY_FILE), summary)
     record_run(store, run_id, config, rate=summary)

@@ -23,6 +23,7 @@ import json
 import logging
 import posixpath
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,8 +392,10 @@ async def rate_batch_task(
     """Rate one batch and write its part; raises (Prefect retries) only if nothing got through."""
     limiter = RayRateLimiter(job.limiter) if job.limiter else None
     notice = FallbackNotice()
+    started = time.perf_counter()
     async with LLMClient(job.endpoint, limiter=limiter) as client:
         fresh = await rate_batch(rows, client, job.prompt, job.mode, job.options, notice)
+    rating_s = time.perf_counter() - started
     if notice.fell_back:
         get_run_logger().warning(
             "batch %05d: the endpoint returned no logprobs; score-only fell back to explain", index
@@ -402,4 +405,6 @@ async def rate_batch_task(
         raise BatchUnavailable(
             f"batch {index:05d}: all {fresh.num_rows} examples failed; first: {first}"
         )
-    return write_batch(job, index, fresh, cached)
+    summary = write_batch(job, index, fresh, cached)
+    summary["rating_s"] = rating_s  # time inside rate_batch: the rest is orchestration
+    return summary
