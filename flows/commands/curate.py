@@ -80,11 +80,14 @@ def curate(
             "curate.evaluate": evaluate,
         },
     )
+    from gleaner.runs import new_run_id
+
+    run_id = config.run_id or new_run_id()
     try:
         with execution_environment(config) as api_url:
             if not as_json:
-                typer.echo(f"Prefect API: {api_url}", err=True)
-            summary = curate_flow(sources=list(sources), config=config)
+                typer.echo(f"Prefect API: {api_url}  run id: {run_id}", err=True)
+            summary = curate_flow(sources=list(sources), config=config, run_id=run_id)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
         return
