@@ -41,7 +41,7 @@ from prefect_ray.context import remote_options
 
 from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
-from gleaner.runtime import execution_environment
+from gleaner.runtime import execution_environment, prefect_api, resolve_prefect_api
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from tasks import embed as embed_tasks
@@ -444,7 +444,8 @@ def publish_report(run_id: str, store: Store, report: Any, paths: dict[str, str]
 
 def run_select(store: Store, run_id: str, config: GleanerConfig, out: str | None = None,
                fmt: str | None = None, size_of: str | None = None) -> dict[str, Any]:
-    with execution_environment(config):
+    # Selection runs in this process (numpy); it needs the Prefect API, not Ray.
+    with prefect_api(resolve_prefect_api(config)):
         summary = select_flow(run_id=run_id, config=config, out=out, fmt=fmt, size_of=size_of)
     record_run(store, run_id, config, select=summary)
     return summary

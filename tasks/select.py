@@ -72,7 +72,7 @@ class Manifest:
             self.selector = [""] * n
         for name in ("score", "selected", "rank"):
             if len(getattr(self, name)) != n:
-                raise ValueError(f"manifest column {name} has {len(getattr(self, name))} rows, ids {n}")
+                raise ValueError(f"manifest column {name} does not have {n} rows")
         if len(self.reason) != n or len(self.selector) != n:
             raise ValueError("manifest reason/selector length differs from ids")
 
@@ -81,7 +81,7 @@ class Manifest:
 
     @property
     def selected_ids(self) -> list[str]:
-        """Selected ids in selection order (rank), ties impossible: ranks are unique per selector."""
+        """Selected ids in selection order (ranks are unique within a selector)."""
         idx = np.flatnonzero(self.selected)
         idx = idx[np.argsort(self.rank[idx], kind="stable")]
         return [self.ids[i] for i in idx]
@@ -230,18 +230,34 @@ def _nearer_in_block(
         best_val[r] = sims[best]
 
 
+def usable_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows with a direction (finite, not all zero), checked in one cheap float32 pass."""
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-d array, got shape {vectors.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.einsum("ij,ij->i", vectors, vectors)
+    ok = np.isfinite(sq) & (sq > 0)
+    for r in np.flatnonzero(~ok):  # overflow or underflow in float32: decide exactly
+        ok[r] = bool(unit_rows(vectors[r : r + 1])[1][0])
+    return ok
+
+
 def deita_walk(
-    unit: np.ndarray,
+    vectors: np.ndarray,
+    order: np.ndarray,
     budget: int,
     tau: float,
     block_size: int = 2048,
     min_block: int = 64,
 ) -> WalkResult:
-    """DEITA's sequential walk over rows already in score order, computed blockwise.
+    """DEITA's sequential walk over ``vectors[order]``, computed blockwise.
+
+    Positions in the result (codes, neighbours, selection order) index ``order``.
 
     The definition (SPEC §2): walk the rows in order; row r joins S iff
     ``max_{s in S} <u_r, u_s> <= tau`` (similarity = float64 dot product of the
-    float32 unit vectors); stop when |S| = budget. A rejected row's neighbour is
+    float32 unit vectors of :func:`unit_rows`); stop when |S| = budget. A rejected row's neighbour is
     the selected row of highest similarity (first selected on exact ties).
 
     Why the blocked version is identical: a block of rows is compared with all of
@@ -254,9 +270,8 @@ def deita_walk(
     would have added to S are precisely those accepted survivors. The budget cuts
     the block at its budget-th acceptance; everything after it is over budget.
     """
-    n, dim = unit.shape
-    if unit.dtype != np.float32:
-        raise TypeError("deita_walk expects the float32 unit vectors from unit_rows()")
+    order = np.asarray(order, dtype=np.int64)
+    n, dim = len(order), vectors.shape[1]
     code = np.full(n, CODE_OVER_BUDGET, dtype=np.int8)
     neighbour = np.full(n, -1, dtype=np.int64)
     budget = max(0, int(budget))
@@ -274,7 +289,10 @@ def deita_walk(
         rate = (accepted_total + 1) / (seen + 1)
         want = math.ceil((cap - k) / max(rate, 1e-3) * 1.2) + 8
         size = int(min(block_size, max(min_block, want), n - pos))
-        X = unit[pos : pos + size]
+        # Only the rows the walk reaches are normalised (unit_rows: the definition's vectors).
+        X, usable = unit_rows(vectors[order[pos : pos + size]])
+        if not usable.all():
+            raise ValueError("deita_walk needs rows with a direction; filter with usable_rows()")
         rejected = np.zeros(size, dtype=bool)
         best_val = np.full(size, -np.inf)  # similarity to the current neighbour of rejected rows
         if k:
@@ -306,7 +324,7 @@ def deita_walk(
         if surv.size:
             Xs = X[surv]
             W = Xs @ Xs.T
-            conflict = W > tau + eps
+            conflict = np.greater(W, tau + eps)
             amb_i, amb_j = np.nonzero(np.abs(W - tau) <= eps)
             if amb_i.size:
                 exact = np.einsum(
@@ -368,27 +386,27 @@ def select_deita(
     """
     ids = list(ids)
     values = _as_scores(scores)
-    unit, ok = unit_rows(vectors)
+    vectors = np.asarray(vectors)
+    if len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(vectors)} embeddings")
+    ok = usable_rows(vectors)
     if vector_ok is not None:
         ok &= np.asarray(vector_ok, dtype=bool)
     eligible = np.flatnonzero(ok & np.isfinite(values))
     order = score_order(ids, values, eligible)
-    walk = deita_walk(unit[order], budget, tau, block_size=block_size)
+    walk = deita_walk(vectors, order, budget, tau, block_size=block_size)
     n = len(ids)
     selected = np.zeros(n, dtype=bool)
+    selected[order[walk.code == CODE_KEPT]] = True
     rank = np.full(n, -1, dtype=np.int64)
-    reason = [FAILED_UPSTREAM] * n
     rank[order] = np.arange(order.size)
-    for pos, row in enumerate(order):
-        c = walk.code[pos]
-        if c == CODE_KEPT:
-            selected[row] = True
-            reason[row] = KEPT
-        elif c == CODE_TOO_SIMILAR:
-            reason[row] = f"{TOO_SIMILAR}:{ids[order[walk.neighbour[pos]]]}"
-        else:
-            reason[row] = OVER_BUDGET
-    return Manifest(ids, values, selected, reason, rank, ["deita"] * n)
+    reason = np.full(n, FAILED_UPSTREAM, dtype=object)
+    reason[order[walk.code == CODE_KEPT]] = KEPT
+    reason[order[walk.code == CODE_OVER_BUDGET]] = OVER_BUDGET
+    similar = np.flatnonzero(walk.code == CODE_TOO_SIMILAR)
+    for pos in similar:
+        reason[order[pos]] = f"{TOO_SIMILAR}:{ids[order[walk.neighbour[pos]]]}"
+    return Manifest(ids, values, selected, reason.tolist(), rank, ["deita"] * n)
 
 
 def select_threshold(
@@ -465,7 +483,6 @@ def chain(first: Manifest, second: Manifest) -> Manifest:
     if set(second.ids) != kept or len(second.ids) != len(kept):
         raise ValueError("the second selector must run on exactly the rows the first one kept")
     where = {i: j for j, i in enumerate(second.ids)}
-    n = len(first)
     score = first.score.copy()
     selected = first.selected.copy()
     reason = list(first.reason)
