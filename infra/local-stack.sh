@@ -98,6 +98,10 @@ stop_one() {  # stop_one NAME: TERM the owner (it cleans up its children), then 
 
 stop() {
   stop_one ray
+  # `ray stop` would also forget the head in /tmp/ray/ray_current_cluster; without that, a
+  # later ray.init() with no address on this machine tries to join the dead head.
+  local current="${RAY_TMPDIR:-/tmp/ray}/ray_current_cluster"
+  if [ -f "$current" ] && grep -q ":${RAY_PORT}\$" "$current"; then rm -f "$current"; fi
   stop_one prefect
 }
 

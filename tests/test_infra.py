@@ -291,6 +291,9 @@ def test_local_stack_starts_and_stops(tmp_path):
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True,
                                  timeout=120)
     assert stopped.returncode == 0, stopped.stderr
+    # Ray's pointer to "the latest cluster" must not keep naming the stopped head
+    current = Path("/tmp/ray/ray_current_cluster")
+    assert not (current.exists() and current.read_text().strip().endswith(f":{env['RAY_PORT']}"))
     assert not api_is_healthy(f"http://127.0.0.1:{env['PREFECT_PORT']}/api")
     status = subprocess.run([script, "status"], env=env, capture_output=True, text=True)
     assert status.returncode == 1 and "ray stopped" in status.stderr

@@ -3,6 +3,7 @@
     python infra/prefect/work_pools.py local        # every pool a process pool on this machine
     python infra/prefect/work_pools.py kubernetes   # gleaner-cpu / gleaner-gpu run as k8s Jobs
     python infra/prefect/work_pools.py kubernetes --image registry/gleaner:0.1.0 --update
+    python infra/prefect/work_pools.py local --secret OPENAI_API_KEY=gleaner-openai-key
 
 Pools:
 - ``gleaner-cpu``: curate and evaluate. CPU only; the heavy fan-out goes to Ray.
@@ -13,6 +14,11 @@ Uses PREFECT_API_URL like every Prefect command. The Kubernetes templates start
 from the kubernetes worker's default template that ships inside Prefect, so no
 registry is fetched; API keys reach the pods from the Kubernetes Secret
 ``gleaner-llm`` (envFrom), never from the template.
+
+``--secret ENV=BLOCK`` puts a *reference* to a Prefect Secret block into the
+pools' job environment: the worker resolves it when it starts a flow run, so
+the key reaches the flow's environment (where gleaner reads ``api_key_env``)
+without being stored in prefect.yaml, a deployment or a flow run.
 """
 
 from __future__ import annotations
@@ -76,18 +82,48 @@ def kubernetes_template(image: str, gpus: int = 0) -> dict[str, Any]:
     return template
 
 
-def pool_plan(mode: str, image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE
-              ) -> list[tuple[str, str, dict[str, Any]]]:
+def secret_reference(block: str) -> str:
+    """Prefect's template for a Secret block's value, e.g. {{ prefect.blocks.secret.my-key }}."""
+    return "{{ prefect.blocks.secret." + block + " }}"
+
+
+def with_secret_env(template: dict[str, Any], secrets: dict[str, str]) -> dict[str, Any]:
+    """Default job env entries that reference Secret blocks (resolved by the worker per run)."""
+    if not secrets:
+        return template
+    env = template["variables"]["properties"]["env"]
+    env["default"] = {
+        **(env.get("default") or {}),
+        **{name: secret_reference(block) for name, block in secrets.items()},
+    }
+    return template
+
+
+def pool_plan(mode: str, image: str = DEFAULT_IMAGE, gpu_image: str = DEFAULT_GPU_IMAGE,
+              secrets: dict[str, str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, type, base job template) for every pool prefect.yaml names."""
+    secrets = secrets or {}
     if mode == "local":
-        process = bundled_worker_template("process")
-        return [(CPU_POOL, "process", process), (GPU_POOL, "process", copy.deepcopy(process))]
-    if mode == "kubernetes":
-        return [
+        plan = [(CPU_POOL, "process", bundled_worker_template("process")),
+                (GPU_POOL, "process", bundled_worker_template("process"))]
+    elif mode == "kubernetes":
+        plan = [
             (CPU_POOL, "kubernetes", kubernetes_template(image)),
             (GPU_POOL, "kubernetes", kubernetes_template(gpu_image, gpus=1)),
         ]
-    raise ValueError(f"mode must be 'local' or 'kubernetes', not {mode!r}")
+    else:
+        raise ValueError(f"mode must be 'local' or 'kubernetes', not {mode!r}")
+    return [(name, kind, with_secret_env(template, secrets)) for name, kind, template in plan]
+
+
+def parse_secrets(pairs: list[str]) -> dict[str, str]:
+    secrets = {}
+    for pair in pairs:
+        name, sep, block = pair.partition("=")
+        if not sep or not name or not block:
+            raise SystemExit(f"--secret takes ENV_NAME=SECRET_BLOCK_NAME, not {pair!r}")
+        secrets[name] = block
+    return secrets
 
 
 def ensure_pools(plan: list[tuple[str, str, dict[str, Any]]], update: bool = False) -> list[str]:
@@ -126,8 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=DEFAULT_IMAGE, help="image for gleaner-cpu jobs")
     parser.add_argument("--gpu-image", default=DEFAULT_GPU_IMAGE, help="image for gleaner-gpu jobs")
     parser.add_argument("--update", action="store_true", help="rewrite existing pools' templates")
+    parser.add_argument("--secret", action="append", default=[], metavar="ENV=BLOCK",
+                        help="job env var from a Prefect Secret block (repeatable)")
     args = parser.parse_args(argv)
-    for line in ensure_pools(pool_plan(args.mode, args.image, args.gpu_image), update=args.update):
+    plan = pool_plan(args.mode, args.image, args.gpu_image, parse_secrets(args.secret))
+    for line in ensure_pools(plan, update=args.update):
         print(line)
     return 0
 

@@ -1,0 +1,196 @@
+"""prefect.yaml deployed to a real Prefect server and run by a real process worker.
+
+`prefect deploy --all` from the repository's own prefect.yaml, work pools from
+infra/prefect/work_pools.py, `prefect worker start` as a subprocess, the curate
+deployment run on a small real sample with every LLM call going to a loopback
+server; then, through the Prefect API as the UI shows it: the flow run and its
+stage subflows completed, task runs with meaningful names, the artifacts, the
+published dataset version, and the trigger that started the finetune
+deployment from the `gleaner.selection.completed` event.
+
+The worker has no API key in its environment: the work pool references a
+Prefect Secret block, the worker resolves it per flow run, the loopback LLM
+server checks that the key arrived, and nothing Prefect or the store keeps
+about the run holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sys
+import time
+
+import pytest
+
+from tests.support.openai_server import OpenAIStub
+from tests.support.pipeline import (
+    ROOT,
+    Worker,
+    artifacts_of,
+    leaks,
+    pipeline_responder,
+    prefect_cli,
+    prefect_env,
+    prefect_record_texts,
+    run_tree,
+    store_texts,
+    task_runs_of,
+    wait_for_flow_run,
+    write_config,
+    write_sample,
+)
+
+sys.path.insert(0, str(ROOT / "infra" / "prefect"))
+import work_pools  # noqa: E402  (a script under infra/, not a package)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+SAMPLE_ROWS = 24
+SECRET_BLOCK = "gleaner-openai-key"
+SECRET = "sk-gleaner-deploy-canary-" + secrets.token_hex(8)
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_api, tmp_path_factory):
+    """Pools, deployments (with their schedule and triggers) and a worker on gleaner-cpu."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    work = tmp_path_factory.mktemp("deployments")
+    env = prefect_env(prefect_api, PREFECT_WORKER_QUERY_SECONDS="2",
+                      PREFECT_WORKER_PREFETCH_SECONDS="5")
+    env.pop("OPENAI_API_KEY", None)  # the key comes from the Secret block only
+    Secret(value=SECRET).save(SECRET_BLOCK, overwrite=True)
+    work_pools.main(["local", "--secret", f"OPENAI_API_KEY={SECRET_BLOCK}"])
+    result = prefect_cli("--no-prompt", "deploy", "--all", env=env, timeout_s=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    worker = Worker(work_pools.CPU_POOL, env, work / "worker.log").start()
+    try:
+        yield {"env": env, "work": work, "worker": worker, "deploy_output": result.stdout}
+    finally:
+        worker.stop()
+        with get_client(sync_client=True) as client:
+            for name in ("curate/curate", "finetune/finetune", "evaluate/evaluate"):
+                with contextlib.suppress(ObjectNotFound):  # absent when deploy failed part-way
+                    client.delete_deployment(client.read_deployment_by_name(name).id)
+            for automation in client.read_automations():
+                if automation.name.startswith(("finetune", "evaluate")):
+                    client.delete_automation(automation.id)
+            for name in (work_pools.CPU_POOL, work_pools.GPU_POOL):
+                client.delete_work_pool(name)
+            client.delete_block_document(client.read_block_document_by_name(
+                SECRET_BLOCK, block_type_slug="secret").id)
+
+
+def test_deploy_all_creates_deployments_schedule_and_triggers(deployed):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        curate = client.read_deployment_by_name("curate/curate")
+        finetune = client.read_deployment_by_name("finetune/finetune")
+        evaluate = client.read_deployment_by_name("evaluate/evaluate")
+        assert curate.work_pool_name == work_pools.CPU_POOL
+        assert finetune.work_pool_name == work_pools.GPU_POOL
+        assert evaluate.work_pool_name == work_pools.CPU_POOL
+        (schedule,) = curate.schedules
+        assert schedule.schedule.cron == "0 3 * * 1" and schedule.schedule.timezone == "UTC"
+        assert curate.global_concurrency_limit.limit == 1  # one refresh at a time
+        assert curate.concurrency_options.collision_strategy.value == "ENQUEUE"
+        assert curate.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+            "directory": str(ROOT)}}]
+        automations = {a.name: a for a in client.read_automations()}
+        finetune_triggers = [a for a in automations.values()
+                             if a.actions[0].deployment_id == finetune.id]
+        assert finetune_triggers and finetune_triggers[0].trigger.expect == {
+            "gleaner.selection.completed"}
+        assert any(a.actions[0].deployment_id == evaluate.id for a in automations.values())
+
+
+def test_worker_runs_the_curate_deployment_end_to_end(deployed, prefect_api, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    from gleaner.store import Store
+    from tasks.versions import list_versions
+
+    store = tmp_path / "store"
+    sample = write_sample(tmp_path / "alpaca_sample.json", SAMPLE_ROWS)
+    run_id = f"deploy-{int(time.time())}"
+    with OpenAIStub(pipeline_responder) as llm:
+        config = write_config(tmp_path / "gleaner.yaml", str(store), llm.base_url)
+        flow_run = run_deployment(
+            "curate/curate",
+            parameters={"sources": [str(sample)], "store": str(store), "config": str(config),
+                        "run_id": run_id},
+            timeout=0,
+        )
+        with get_client(sync_client=True) as client:
+            finished = wait_for_flow_run(client, flow_run.id, timeout_s=600,
+                                         worker=deployed["worker"])
+            assert finished.state.type.value == "COMPLETED", deployed["worker"].log()[-6000:]
+            rating_requests = llm.count(lambda body: "messages" in body)
+            # the key reached the flow run from the Secret block, and was used
+            authorizations = {h.get("authorization") for h in llm.request_headers}
+            assert authorizations == {f"Bearer {SECRET}"}
+
+            tree = run_tree(client, flow_run.id)
+            stages = {run.name for run in tree}
+            assert f"curate-{run_id}" in stages and f"rate-{run_id}" in stages
+            assert all(run.state.type.value == "COMPLETED" for run in tree)
+
+            task_runs = task_runs_of(client, tree)
+            assert task_runs and all(t.state.type.value == "COMPLETED" for t in task_runs)
+            names = {t.name.rsplit("-", 1)[0] for t in task_runs}
+            assert "publish-dataset-version" in names, names
+
+            artifacts = {a.key: a for a in artifacts_of(client, tree) if a.key}
+            counts = artifacts[f"curate-{run_id}"]
+            assert counts.type == "markdown"
+            assert f"| read | {SAMPLE_ROWS} |" in counts.data
+            assert "| selected |" in counts.data
+
+            # The selection event started the finetune deployment with this run's parameters.
+            finetune = client.read_deployment_by_name("finetune/finetune")
+            triggered = _wait_for_triggered_run(client, finetune.id, run_id)
+            assert triggered.parameters["config"]["store"]["url"] == str(store)
+            client.delete_flow_run(triggered.id)  # no GPU worker here: don't leave it queued
+
+            # nothing Prefect keeps, the worker's log or the store holds the key
+            kept = prefect_record_texts(client, prefect_api, tree)
+            kept["deployment"] = client.read_deployment_by_name("curate/curate").model_dump_json()
+            kept["worker log"] = deployed["worker"].log()
+            kept.update(store_texts(store))
+            assert len(kept) > 20
+            assert leaks(SECRET, kept) == []
+
+    assert rating_requests >= SAMPLE_ROWS  # every kept example was rated through the worker
+    (version,) = list_versions(Store(str(store)), "curated")
+    assert version["run_id"] == run_id
+    assert version["diff"]["added"] == version["counts"]["examples"] > 0
+
+
+def _wait_for_triggered_run(client, deployment_id, run_id, timeout_s: float = 60):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+            id=DeploymentFilterId(any_=[deployment_id])))
+        for run in runs:
+            if run.parameters.get("run_id") == run_id:
+                return run
+        time.sleep(1)
+    raise AssertionError("the gleaner.selection.completed trigger started no finetune run")
+
+
+def test_work_pool_stores_a_reference_not_the_key(deployed):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool(work_pools.CPU_POOL)
+    env = pool.base_job_template["variables"]["properties"]["env"]["default"]
+    assert env == {"OPENAI_API_KEY": "{{ prefect.blocks.secret.gleaner-openai-key }}"}
+    assert SECRET not in pool.model_dump_json()
+    assert SECRET not in deployed["deploy_output"]
+
