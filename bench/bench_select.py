@@ -165,8 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"DEITA selection benchmark: {args.n:,} x {DIM} float32, budget {args.budget:,}, "
           f"tau {args.tau}, {os.cpu_count()} CPUs")
-    light = run("light", 30_000, 0.55, args.n, args.budget, args.tau, args.deita_seconds)
-    heavy = run("duplicate-heavy", 3_000, 0.30, args.n, args.budget, args.tau, args.deita_seconds)
+    light = run("light", 30_000, 0.34, args.n, args.budget, args.tau, args.deita_seconds)
+    heavy = run("duplicate-heavy", 3_000, 0.312, args.n, args.budget, args.tau, args.deita_seconds)
     print(f"targets: light <= 2 s: {'met' if light['fast'] <= 2 else 'MISSED'}; "
           f">= 50x the sequential loop: light {light['sequential'] / light['fast']:.1f}x / "
           f"{light['deita'] / light['fast']:.1f}x (DEITA's), heavy "

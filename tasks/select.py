@@ -257,8 +257,8 @@ def deita_walk(
 
     The definition (SPEC §2): walk the rows in order; row r joins S iff
     ``max_{s in S} <u_r, u_s> <= tau`` (similarity = float64 dot product of the
-    float32 unit vectors of :func:`unit_rows`); stop when |S| = budget. A rejected row's neighbour is
-    the selected row of highest similarity (first selected on exact ties).
+    float32 unit vectors of :func:`unit_rows`); stop when |S| = budget. A rejected
+    row's neighbour is the selected row of highest similarity (first selected on ties).
 
     Why the blocked version is identical: a block of rows is compared with all of
     S in one float32 matrix product. Rows above tau by more than the float32
