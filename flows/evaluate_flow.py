@@ -212,8 +212,15 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
     """Both models answer every prompt of the test sets; the judge compares them (A = curated)."""
     import tempfile
 
+    from flows.finetune_flow import model_path
+
     reference_a = model_a or config.evaluate.model_a
     reference_b = model_b or config.evaluate.model_b
+    if (reference_b == "baseline" and config.finetune.baseline == "none" and not store.exists(
+            posixpath.join(model_path(store, run_id, "baseline"), "config.json"))):
+        log.warning("no baseline was trained (finetune.baseline = none): comparing %s with the "
+                    "base model instead", reference_a)
+        reference_b = "base"
     rule = rule or config.evaluate.rule
     limit = limit if limit is not None else config.evaluate.limit
     prompts_by_set: dict[str, list[EvalPrompt]] = {}

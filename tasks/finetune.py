@@ -338,9 +338,23 @@ def train(*, sequences: pa.Table, tokenizer: Any, fmt: SftFormat, base_model: st
         raise RuntimeError("fine-tuning finished without a checkpoint")
     local_dir = Path(local_dir)
     shutil.rmtree(local_dir, ignore_errors=True)
-    result.checkpoint.to_directory(str(local_dir))
+    fetch_final(result.checkpoint, local_dir)
     state = json.loads((local_dir / STATE_FILE).read_text())
     return TrainOutcome(local_dir, state, wall, result.path, dict(result.metrics or {}))
+
+
+def fetch_final(checkpoint: Any, local_dir: Path) -> None:
+    """Bring the model and trainer state of a checkpoint here, not its optimizer state
+    (Adam's moments are twice the model's size and only matter for resuming)."""
+    import pyarrow.fs as pafs
+
+    (local_dir / MODEL_DIR).mkdir(parents=True, exist_ok=True)
+    source = checkpoint.path.rstrip("/")
+    pafs.copy_files(f"{source}/{MODEL_DIR}", str(local_dir / MODEL_DIR),
+                    source_filesystem=checkpoint.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    with checkpoint.filesystem.open_input_stream(f"{source}/{STATE_FILE}") as handle:
+        (local_dir / STATE_FILE).write_bytes(handle.read())
 
 
 def count_parameters(source: str) -> int | None:
