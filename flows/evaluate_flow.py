@@ -116,7 +116,7 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: st
 
 # ---- judging ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def judge_endpoint(config: GleanerConfig) -> Iterator[EndpointConfig]:
+def judge_endpoint(config: GleanerConfig) -> Iterator[tuple[EndpointConfig, int]]:
     """The configured judge; with no base_url, the offline llama.cpp SmolLM2 server.
 
     The offline judge only proves the pipeline runs: a 135M model is no GPT-4,
@@ -124,14 +124,15 @@ def judge_endpoint(config: GleanerConfig) -> Iterator[EndpointConfig]:
     """
     endpoint = config.evaluate.judge
     if endpoint.base_url:
-        yield endpoint
+        yield endpoint, config.evaluate.judge_max_tokens
         return
     from gleaner.llm.local_server import local_llm_server
 
     log.warning("no judge endpoint configured: judging with the offline SmolLM2 server; "
                 "set evaluate.judge.base_url (e.g. https://api.openai.com/v1) for GPT-4")
     with local_llm_server() as server:
-        yield endpoint.model_copy(update={"base_url": server.base_url, "model": server.model})
+        yield (endpoint.model_copy(update={"base_url": server.base_url, "model": server.model}),
+               config.evaluate.offline_judge_max_tokens)
 
 
 def judgements_path(store: Store, run_id: str, comparison: str, test_set: str) -> str:
@@ -152,18 +153,22 @@ def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str
                 continue
         todo[test_set] = pairs
     if todo:
-        with judge_endpoint(config) as endpoint:
-            judge = Judge(endpoint, parse_retries=config.evaluate.parse_retries)
+        with judge_endpoint(config) as (endpoint, max_tokens):
+            judge = Judge(endpoint, parse_retries=config.evaluate.parse_retries,
+                          max_tokens=max_tokens)
             for test_set, pairs in todo.items():
-                rows = [j.as_row() for j in judge.judge(pairs, rule)]
+                rows = [{**j.as_row(), "judge_model": endpoint.model}
+                        for j in judge.judge(pairs, rule)]
                 table = pa.Table.from_pylist(rows)
                 store.write_table(judgements_path(store, run_id, comparison, test_set), table)
                 tables[test_set] = table
     return tables
 
 
-def price_of(config: GleanerConfig) -> PriceConfig:
-    return config.prices.get(config.evaluate.judge.model, PriceConfig())
+def judge_models(judgements: dict[str, pa.Table]) -> list[str]:
+    """The judge model(s) that produced the stored judgements (the offline one, if it was used)."""
+    return sorted({m for t in judgements.values() if "judge_model" in t.column_names
+                   for m in t.column("judge_model").to_pylist() if m})
 
 
 def tally_table(table: pa.Table, rule: str, price: PriceConfig) -> Tally:
@@ -183,7 +188,8 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
            label_b: str, rule: str, judgements: dict[str, pa.Table],
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Tallies, the markdown table and the chart, written to the store; returns the summary."""
-    price = price_of(config)
+    models = judge_models(judgements) or [config.evaluate.judge.model]
+    price = config.prices.get(models[0], PriceConfig()) if len(models) == 1 else PriceConfig()
     per_set = {name: tally_table(table, rule, price) for name, table in judgements.items()}
     table_md = markdown_table(per_set, label_a, label_b, rule)
     base = store.run_path(run_id, "evaluate", comparison)
@@ -193,7 +199,7 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
     summary = {
         "run_id": run_id, "comparison": comparison, "model_a": label_a, "model_b": label_b,
         "rule": rule,
-        "judge_model": config.evaluate.judge.model,
+        "judge_model": ", ".join(models), "price_known": models[0] in config.prices,
         "test_sets": {name: part.as_dict() for name, part in per_set.items()},
         "overall": overall(per_set).as_dict(),
         "report": store.uri(report_path), "chart": store.uri(chart_path),

@@ -116,6 +116,7 @@ class RateConfig(Section):
     task_cpus: float = Field(1.0, gt=0)
     threshold: float = 4.5
     force: bool = False  # ignore the rating cache and this run's finished batches
+    retry_failed: bool = False  # on a rerun, rate again the examples a finished batch failed
     cache: bool = True  # reuse ratings across runs (same id, model, prompt, dimension, mode)
     # offline default: requantize the shipped Q4_1 GGUF to Q4_0 once (faster prompt processing)
     offline_q4_0: bool = True
@@ -183,6 +184,10 @@ class EvaluateConfig(Section):
     model_a: str = "curated"  # a fine-tuned name of this run, a local folder or an HF id
     model_b: str = "baseline"
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
+    judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
+    # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
+    # for 1024 tokens, and its first line is all that is read.
+    offline_judge_max_tokens: int = 48
     generation_batch_size: int = 8
     do_sample: bool = False  # greedy by default
     temperature: float = 0.7  # only when sampling
