@@ -148,6 +148,16 @@ def resolve_mode(config: GleanerConfig, prompt: RatingPrompt) -> tuple[str, dict
 
 
 # ---- the flow -------------------------------------------------------------------------
+def failed_batches_to_retry(store: Store, run_id: str) -> dict[int, pa.Table]:
+    """Finished batches holding failed rows, each with the ok rows to keep."""
+    retry: dict[int, pa.Table] = {}
+    for index, path in store.part_paths(store.stage_path(run_id, STAGE)).items():
+        part = store.dataset([path], schema=RATING_SCHEMA).to_table()
+        if pc.any(pc.equal(part["status"], "failed")).as_py():
+            retry[index] = part.filter(pc.equal(part["status"], "ok"))
+    return retry
+
+
 def _check_plan(store: Store, run_id: str, plan: dict[str, Any]) -> None:
     """A rerun must cut the same batches, or 'skip finished batches' would skip the wrong rows."""
     path = store.run_path(run_id, PLAN_FILE)
@@ -183,6 +193,8 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     if rate.force:
         store.clear_stage(run_id, STAGE)
     finished = store.finished_parts(run_id, STAGE)
+    kept_rows = failed_batches_to_retry(store, run_id) if rate.retry_failed else {}
+    finished -= set(kept_rows)
     pending = [i for i in range(len(bounds)) if i not in finished]
     mode, probe_usage, fallback_note = (
         resolve_mode(config, prompt) if pending else (rate.mode or "explain", {}, None)
@@ -236,6 +248,12 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     for index in pending:
         batch = rows[bounds[index][0]:bounds[index][1]]
         reused = cached_table([cache[r["id"]] for r in batch if r["id"] in cache])
+        if index in kept_rows:  # a retry of failed examples keeps the batch's ok ratings
+            keep = kept_rows[index]
+            kept_ids = set(keep["id"].to_pylist())
+            batch = [r for r in batch if r["id"] not in kept_ids]
+            not_kept = ~pc.field("id").isin(pa.array(sorted(kept_ids), pa.string()))
+            reused = pa.concat_tables([keep, reused.filter(not_kept)])
         todo = [r for r in batch if r["id"] not in cache]
         if not todo:
             write_batch(job, index, reused.slice(0, 0), reused)

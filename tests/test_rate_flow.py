@@ -170,6 +170,16 @@ def test_prefect_retries_a_raising_batch_and_marks_a_dead_batch_failed(
     markdown = next(a for a in artifacts if a.key == "rate-summary-retries").data
     assert "| 15 |" in markdown
 
+    # the endpoint is back: a rerun with retry_failed rates exactly the 5 failed examples
+    dead.clear()
+    with OpenAIStub(rater) as stub:
+        sent_before = sum(rater.requests.values())
+        again = run_rate(config_for(store, stub, **overrides, **{"rate.retry_failed": True}),
+                         "retries")
+        assert sum(rater.requests.values()) - sent_before == 5
+    assert again["rated"] == 15 and again["failed"] == 0
+    assert all(r["status"] == "ok" for r in ratings(store, "retries").values())
+
 
 def test_cache_a_second_run_sends_only_the_new_examples(prefect_api, ray_local, tmp_path) -> None:
     store = Store(str(tmp_path / "store"))

@@ -55,6 +55,9 @@ def rate(
     tpm: int | None = typer.Option(None, "--tpm", min=1, help="Cluster-wide tokens/min."),
     threshold: float | None = typer.Option(None, "--threshold", help="Keep score >= this."),
     force: bool = typer.Option(False, "--force", help="Re-rate: ignore cache and checkpoints."),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Rate again the examples that failed in this run."
+    ),
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -76,6 +79,7 @@ def rate(
             "rate.batch_size": batch_size,
             "rate.threshold": threshold,
             "rate.force": True if force else None,
+            "rate.retry_failed": True if retry_failed else None,
         },
     )
     from flows.rate_flow import run_rate
