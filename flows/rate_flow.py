@@ -183,6 +183,11 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     rate = config.rate
+    if not rate.endpoint.base_url:
+        raise ValueError(
+            "rate.endpoint.base_url is not set: call run_rate (it starts the offline llama.cpp "
+            "server) or configure an OpenAI-compatible endpoint"
+        )
     store = Store(config.store.url, config.store.options)
     examples = store.read_stage(run_id, INGEST_STAGE, columns=EXAMPLE_COLUMNS)
     prompt = build_prompt(rate.dimension, rate.template_file)
