@@ -8,7 +8,7 @@ publishes the report as Prefect artifacts.
 Store layout (``<cmp>`` = ``<label_a>-vs-<label_b>``):
 
     runs/<id>/evaluate/answers/<label>/<test_set>.parquet     one model's answers
-    runs/<id>/evaluate/<cmp>/judgements/<test_set>.parquet    both orders' scores per pair
+    runs/<id>/evaluate/<cmp>/judgements/<test_set>/part-*.parquet  both orders' scores
     runs/<id>/evaluate/<cmp>/report.md, wtl.png, summary.json, unmatched.json
 
 Answers and judgements are checkpoints: a rerun reuses every test set the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import logging
+import math
 import posixpath
 import re
 from collections.abc import Iterator
@@ -33,10 +34,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from gleaner.config import EndpointConfig, GleanerConfig, PriceConfig
 from gleaner.runs import new_run_id, record_run
-from gleaner.store import Store
+from gleaner.store import Store, part_name
 from tasks.answers import join_answers, load_answers
 from tasks.eval_sets import EvalPrompt, load_eval_set
-from tasks.judge import Judge, Pair
+from tasks.judge import JUDGEMENT_SCHEMA, Judge, Pair
 from tasks.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
 
 log = logging.getLogger("gleaner.evaluate")
@@ -135,33 +136,47 @@ def judge_endpoint(config: GleanerConfig) -> Iterator[tuple[EndpointConfig, int]
                config.evaluate.offline_judge_max_tokens)
 
 
-def judgements_path(store: Store, run_id: str, comparison: str, test_set: str) -> str:
-    return store.run_path(run_id, "evaluate", comparison, "judgements", f"{test_set}.parquet")
+def judgements_dir(store: Store, run_id: str, comparison: str, test_set: str) -> str:
+    return store.run_path(run_id, "evaluate", comparison, "judgements", test_set)
 
 
 def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str,
                pairs_by_set: dict[str, list[Pair]], rule: str) -> dict[str, pa.Table]:
-    """Judgements per test set; sets already judged in the store are read back."""
-    tables: dict[str, pa.Table] = {}
-    todo: dict[str, list[Pair]] = {}
+    """Judgements per test set, written in parts of ``evaluate.judge_batch_pairs`` pairs.
+
+    A part is the unit of checkpointing: a crash loses at most the part in
+    flight, and a rerun judges only the parts the store does not hold (a part
+    whose pairs differ, e.g. after a change of --limit, is judged again).
+    """
+    size = max(1, config.evaluate.judge_batch_pairs)
+    plan: list[tuple[str, int, list[Pair]]] = []
     for test_set, pairs in pairs_by_set.items():
-        path = judgements_path(store, run_id, comparison, test_set)
-        if store.exists(path) and not config.evaluate.force:
-            table = store.dataset([path]).to_table()
-            if table.num_rows == len(pairs):
-                tables[test_set] = table
+        directory = judgements_dir(store, run_id, comparison, test_set)
+        if config.evaluate.force and store.fs.exists(directory):
+            store.fs.rm(directory, recursive=True)
+        done = store.part_paths(directory)
+        for index in range(0, math.ceil(len(pairs) / size)):
+            chunk = pairs[index * size:(index + 1) * size]
+            if index in done and store.dataset([done[index]]).to_table(
+                    columns=["key"]).column("key").to_pylist() == [p.key for p in chunk]:
                 continue
-        todo[test_set] = pairs
-    if todo:
+            plan.append((test_set, index, chunk))
+    if plan:
         with judge_endpoint(config) as (endpoint, max_tokens):
             judge = Judge(endpoint, parse_retries=config.evaluate.parse_retries,
                           max_tokens=max_tokens)
-            for test_set, pairs in todo.items():
+            for test_set, index, chunk in plan:
                 rows = [{**j.as_row(), "judge_model": endpoint.model}
-                        for j in judge.judge(pairs, rule)]
-                table = pa.Table.from_pylist(rows)
-                store.write_table(judgements_path(store, run_id, comparison, test_set), table)
-                tables[test_set] = table
+                        for j in judge.judge(chunk, rule)]
+                directory = judgements_dir(store, run_id, comparison, test_set)
+                store.write_table(posixpath.join(directory, part_name(index)),
+                                  pa.Table.from_pylist(rows, schema=JUDGEMENT_SCHEMA))
+    tables: dict[str, pa.Table] = {}
+    for test_set, pairs in pairs_by_set.items():
+        parts = store.part_paths(judgements_dir(store, run_id, comparison, test_set))
+        wanted = [parts[i] for i in range(math.ceil(len(pairs) / size))]
+        tables[test_set] = store.dataset(wanted, schema=JUDGEMENT_SCHEMA).to_table() if wanted \
+            else JUDGEMENT_SCHEMA.empty_table()
     return tables
 
 

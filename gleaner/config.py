@@ -185,6 +185,7 @@ class EvaluateConfig(Section):
     model_b: str = "baseline"
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
     judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
+    judge_batch_pairs: int = 64  # pairs per judgement checkpoint part
     # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
     # for 1024 tokens, and its first line is all that is read.
     offline_judge_max_tokens: int = 48

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from gleaner.config import EndpointConfig
 from gleaner.llm.client import LLMClient, LLMError
 from tasks.verdicts import RULES, Outcome, Verdict, order_outcome, verdict
@@ -75,6 +77,17 @@ def parse_scores(review: str) -> tuple[float, float] | None:
     if not all(0.0 <= s <= 10.0 for s in scores):
         return None
     return scores
+
+
+_S, _F, _I = pa.string(), pa.float64(), pa.int64()
+JUDGEMENT_SCHEMA = pa.schema([
+    ("test_set", _S), ("key", _S), ("question", _S), ("answer_a", _S), ("answer_b", _S),
+    ("a_first_score_1", _F), ("a_first_score_2", _F), ("b_first_score_1", _F),
+    ("b_first_score_2", _F), ("outcome_a_first", _S), ("outcome_b_first", _S),
+    ("verdict", _S), ("rule", _S), ("review_a_first", _S), ("review_b_first", _S),
+    ("attempts", _I), ("error", _S), ("prompt_tokens", _I), ("completion_tokens", _I),
+    ("judge_model", _S),
+])
 
 
 @dataclass

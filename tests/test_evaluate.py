@@ -129,3 +129,40 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         got = summary["test_sets"][test_set]
         assert {k: got[k] for k in expected} == expected and got["failed"] == 0
     assert rerun["overall"] == summary["overall"]
+
+
+def test_judging_resumes_from_finished_parts(tmp_path: Path, monkeypatch) -> None:
+    """A crash after the first part (simulated: the second judge call raises) loses only the
+    part in flight; the rerun asks the judge about the remaining pairs only."""
+    from flows.evaluate_flow import run_evaluate_answers
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+    from tasks.judge import Judge
+
+    rows_a = [{"prompt": f"Q{i}", "answer": f"a [s={8 if i % 2 else 4}]"} for i in range(5)]
+    rows_b = [{"prompt": f"Q{i}", "answer": "b [s=6]"} for i in range(5)]
+    a = write_jsonl(tmp_path / "a.jsonl", rows_a)
+    b = write_jsonl(tmp_path / "b.jsonl", rows_b)
+    store = Store(str(tmp_path / "store"))
+    with OpenAIStub(marker_judge) as stub:
+        config = GleanerConfig().with_overrides({
+            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
+            "evaluate.judge_batch_pairs": 2})
+        real_judge = Judge.judge
+        calls = {"n": 0}
+
+        def crash_on_second_part(self, pairs, rule="alpagasus"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("killed")
+            return real_judge(self, pairs, rule)
+
+        monkeypatch.setattr(Judge, "judge", crash_on_second_part)
+        with pytest.raises(KeyboardInterrupt):
+            run_evaluate_answers(store, "resume-run", config, a, b)
+        assert stub.count() == 2 * 2  # one part of two pairs, both orders
+        monkeypatch.setattr(Judge, "judge", real_judge)
+        summary = run_evaluate_answers(store, "resume-run", config, a, b)
+        assert stub.count() == 2 * 5  # the rerun judged the 3 remaining pairs only
+    part = summary["test_sets"]["answers"]
+    assert (part["win"], part["tie"], part["lose"], part["failed"]) == (2, 0, 3, 0)
