@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -133,14 +134,28 @@ def _as_scores(scores: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def score_order(ids: Sequence[str], scores: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """Indices of ``candidates`` sorted by score descending, ties broken by id ascending."""
+    """Indices of ``candidates`` sorted by score descending, ties broken by id ascending.
+
+    Only tied runs are sorted by id (comparing Python strings is the slow part).
+    """
     candidates = np.asarray(candidates, dtype=np.int64)
     if candidates.size == 0:
         return candidates
-    id_array = np.array([ids[i] for i in candidates], dtype=object)
-    id_rank = np.empty(candidates.size, dtype=np.int64)
-    id_rank[np.argsort(id_array, kind="stable")] = np.arange(candidates.size)
-    return candidates[np.lexsort((id_rank, -scores[candidates]))]
+    keys = -scores[candidates]
+    order = candidates[np.argsort(keys, kind="stable")]
+    sorted_keys = -scores[order]
+    starts = np.flatnonzero(np.diff(sorted_keys) == 0)
+    if starts.size == 0:
+        return order
+    # Runs of equal scores: [a, b) where b is the first index with another score.
+    boundaries = np.flatnonzero(np.diff(sorted_keys) != 0) + 1
+    edges = np.concatenate([[0], boundaries, [order.size]])
+    lengths = np.diff(edges)
+    for a, b in zip(edges[:-1][lengths > 1], edges[1:][lengths > 1], strict=True):
+        run = order[a:b]
+        run_ids = np.array([ids[i] for i in run], dtype=object)
+        order[a:b] = run[np.argsort(run_ids, kind="stable")]
+    return order
 
 
 def unit_rows(vectors: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -178,12 +193,150 @@ class WalkResult:
     selected_order: np.ndarray  # row indices in selection order
 
 
+BF16_MARGIN = 0.02
+# |bf16 product - exact| <= 2**-8 * sum|x_i y_i| (inputs rounded) + 2**-9 (output rounded)
+# + fp32 accumulation ~ 0.0062 for unit vectors; candidates within 0.02 of what could
+# matter are recomputed, which covers twice that error plus the float32 margin.
+_BF16_CHOICE: str | None = None
+
+
+def bf16_screening() -> str:
+    """'bf16' where a bfloat16 matrix product is both faster and within its error bound here.
+
+    Decided once per process on a probe (CPUs without native bf16 can be 50x slower)."""
+    global _BF16_CHOICE
+    if _BF16_CHOICE is None:
+        _BF16_CHOICE = _probe_bf16()
+    return _BF16_CHOICE
+
+
+def _probe_bf16() -> str:
+    import time
+
+    try:
+        import torch
+    except ImportError:
+        return "f32"
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((512, 384)).astype(np.float32)
+    B = rng.standard_normal((2048, 384)).astype(np.float32)
+    B[:512] = A + 0.05 * rng.standard_normal((512, 384)).astype(np.float32)
+    A /= np.linalg.norm(A, axis=1, keepdims=True)
+    B /= np.linalg.norm(B, axis=1, keepdims=True)
+    exact = A.astype(np.float64) @ B.T.astype(np.float64)
+    ta, tb = torch.from_numpy(A).to(torch.bfloat16), torch.from_numpy(B).to(torch.bfloat16)
+    try:
+        low = (ta @ tb.T).float().numpy()
+    except RuntimeError:
+        return "f32"
+    if np.abs(low - exact).max() > 0.0065:
+        return "f32"
+
+    def best_of(fn: Any) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    fast = best_of(lambda: ta @ tb.T)
+    slow = best_of(lambda: A @ B.T)
+    return "bf16" if fast * 1.25 < slow else "f32"
+
+
+def _against_selected_f32(
+    X: np.ndarray, S: np.ndarray, S64: np.ndarray, tau: float, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of X rejected against S, their most similar column, and that similarity."""
+    size = len(X)
+    cols = np.full(size, -1, dtype=np.int64)
+    best_val = np.full(size, -np.inf)
+    G = X @ S.T
+    best = G.argmax(axis=1)
+    rowmax = G[np.arange(size), best]
+    rejected = rowmax > tau + eps
+    for r in np.flatnonzero(np.abs(rowmax - tau) <= eps):  # borderline rows, exactly
+        sims = S64 @ X[r].astype(np.float64)
+        if sims.max() > tau:
+            rejected[r] = True
+            cols[r] = int(np.argmax(sims))
+            best_val[r] = sims.max()
+    todo = np.flatnonzero(rejected & (cols < 0))
+    if todo.size:
+        Gr = G[todo]
+        near = (Gr >= (rowmax[todo] - 2 * eps)[:, None]).sum(axis=1)
+        cols[todo] = best[todo]
+        best_val[todo] = rowmax[todo]
+        for r in todo[near > 1]:  # near-tied maxima: decide in float64
+            cand = np.flatnonzero(G[r] >= rowmax[r] - 2 * eps)
+            cols[r] = _refined_argmax(X[r].astype(np.float64), cand, S64)
+    return rejected, cols, best_val
+
+
+def _against_selected_bf16(
+    X: np.ndarray, S_bf16: Any, S: np.ndarray, S64: np.ndarray, tau: float, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As _against_selected_f32, screening in bfloat16 and recomputing the band in float32."""
+    import torch
+
+    size = len(X)
+    cols = np.full(size, -1, dtype=np.int64)
+    best_val = np.full(size, -np.inf)
+    rejected = np.zeros(size, dtype=bool)
+    Gb = torch.from_numpy(X).to(torch.bfloat16) @ S_bf16.T
+    rowmax_b = Gb.amax(dim=1).float().numpy()
+    need = np.flatnonzero(rowmax_b >= tau - BF16_MARGIN)
+    if not need.size:
+        return rejected, cols, best_val
+    floor = np.minimum(rowmax_b[need], tau) - BF16_MARGIN
+    sub = Gb.index_select(0, torch.from_numpy(need)).float()
+    r_loc, c = torch.nonzero(sub >= torch.from_numpy(floor)[:, None], as_tuple=True)
+    r_loc, c = r_loc.numpy(), c.numpy()
+    rows = need[r_loc]
+    vals = np.einsum("ij,ij->i", X[rows], S[c])
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    counts = np.diff(np.r_[starts, rows.size])
+    group_rows = rows[starts]
+    gmax = np.maximum.reduceat(vals, starts)
+    rep = np.repeat(gmax, counts)
+    first = np.flatnonzero(vals == rep)
+    group_of = np.repeat(np.arange(starts.size), counts)
+    _, first_idx = np.unique(group_of[first], return_index=True)
+    argcol = c[first[first_idx]]
+    near = np.add.reduceat((vals >= rep - 2 * eps).astype(np.int64), starts)
+    hard = (np.abs(gmax - tau) <= eps) | ((gmax > tau + eps) & (near > 1))
+    sure = (gmax > tau + eps) & ~hard
+    rejected[group_rows[sure]] = True
+    cols[group_rows[sure]] = argcol[sure]
+    best_val[group_rows[sure]] = gmax[sure]
+    for g in np.flatnonzero(hard):  # borderline or near-tied: decide in float64
+        cand = c[starts[g] : starts[g] + counts[g]]
+        sims = S64[cand] @ X[group_rows[g]].astype(np.float64)
+        if sims.max() > tau:
+            r = group_rows[g]
+            rejected[r] = True
+            cols[r] = int(cand[int(np.argmax(sims))])
+            best_val[r] = sims.max()
+    return rejected, cols, best_val
+
+
 def _refined_argmax(x64: np.ndarray, cand: np.ndarray, S64: np.ndarray) -> int:
     """Exact (float64) argmax among near-tied candidate columns; first in selection order wins."""
     if cand.size == 1:
         return int(cand[0])
     sims = S64[cand] @ x64
     return int(cand[int(np.argmax(sims))])
+
+
+def _lower_gram(Xs: np.ndarray, tile: int = 256) -> np.ndarray:
+    """Xs @ Xs.T below the diagonal only (the walk never looks above it): half the flops."""
+    m = len(Xs)
+    W = np.zeros((m, m), dtype=np.float32)
+    for i0 in range(0, m, tile):
+        i1 = min(m, i0 + tile)
+        W[i0:i1, :i1] = Xs[i0:i1] @ Xs[:i1].T
+    return W
 
 
 def _nearer_in_block(
@@ -250,6 +403,7 @@ def deita_walk(
     tau: float,
     block_size: int = 2048,
     min_block: int = 64,
+    screen: str = "auto",
 ) -> WalkResult:
     """DEITA's sequential walk over ``vectors[order]``, computed blockwise.
 
@@ -269,6 +423,12 @@ def deita_walk(
     is exactly what the sequential loop would decide, because the earlier rows it
     would have added to S are precisely those accepted survivors. The budget cuts
     the block at its budget-th acceptance; everything after it is over budget.
+
+    ``screen="bf16"`` (chosen by "auto" where bfloat16 products are fast and
+    accurate, see :func:`bf16_screening`) does the big product against S in
+    bfloat16 and recomputes in float32 every pair within BF16_MARGIN of tau or of
+    its row's maximum: pairs outside that band cannot change a decision or a
+    neighbour, so the result is the same, twice as fast.
     """
     order = np.asarray(order, dtype=np.int64)
     n, dim = len(order), vectors.shape[1]
@@ -279,6 +439,11 @@ def deita_walk(
     S = np.empty((cap, dim), dtype=np.float32)
     S64 = np.empty((cap, dim), dtype=np.float64)
     S_rows = np.empty(cap, dtype=np.int64)
+    screen = bf16_screening() if screen == "auto" else screen
+    if screen == "bf16":
+        import torch
+
+        S_bf16 = torch.empty((cap, dim), dtype=torch.bfloat16)
     k = 0
     pos = 0
     eps = FLOAT32_MARGIN
@@ -296,34 +461,18 @@ def deita_walk(
         rejected = np.zeros(size, dtype=bool)
         best_val = np.full(size, -np.inf)  # similarity to the current neighbour of rejected rows
         if k:
-            G = X @ S[:k].T
-            rowmax = G.max(axis=1)
-            rejected = rowmax > tau + eps
-            band = np.flatnonzero(np.abs(rowmax - tau) <= eps)
-            for r in band:  # decide borderline rows exactly
-                sims = S64[:k] @ X[r].astype(np.float64)
-                if sims.max() > tau:
-                    rejected[r] = True
-                    neighbour[pos + r] = S_rows[int(np.argmax(sims))]
-                    best_val[r] = sims.max()
-            rej = np.flatnonzero(rejected)
-            todo = rej[neighbour[pos + rej] < 0]
-            if todo.size:
-                Gr = G[todo]
-                best = Gr.argmax(axis=1)
-                near = (Gr >= (Gr[np.arange(todo.size), best] - 2 * eps)[:, None]).sum(axis=1)
-                for j, r in enumerate(todo):
-                    col = int(best[j])
-                    if near[j] > 1:
-                        cand = np.flatnonzero(G[r] >= G[r, col] - 2 * eps)
-                        col = _refined_argmax(X[r].astype(np.float64), cand, S64[:k])
-                    neighbour[pos + r] = S_rows[col]
-                    best_val[r] = G[r, col]
+            if screen == "bf16":
+                rejected, cols, best_val = _against_selected_bf16(
+                    X, S_bf16[:k], S[:k], S64[:k], tau, eps)
+            else:
+                rejected, cols, best_val = _against_selected_f32(X, S[:k], S64[:k], tau, eps)
+            hit = np.flatnonzero(rejected)
+            neighbour[pos + hit] = S_rows[cols[hit]]
         surv = np.flatnonzero(~rejected)
         accepted = np.zeros(size, dtype=bool)
         if surv.size:
             Xs = X[surv]
-            W = Xs @ Xs.T
+            W = _lower_gram(Xs)
             conflict = np.greater(W, tau + eps)
             amb_i, amb_j = np.nonzero(np.abs(W - tau) <= eps)
             if amb_i.size:
@@ -362,6 +511,8 @@ def deita_walk(
         m = acc_rows.size
         S[k : k + m] = X[acc_rows]
         S64[k : k + m] = X[acc_rows].astype(np.float64)
+        if screen == "bf16":
+            S_bf16[k : k + m] = torch.from_numpy(X[acc_rows]).to(torch.bfloat16)
         S_rows[k : k + m] = pos + acc_rows
         k += m
         seen += cut
@@ -379,6 +530,7 @@ def select_deita(
     tau: float = 0.9,
     vector_ok: np.ndarray | None = None,
     block_size: int = 2048,
+    screen: str = "auto",
 ) -> Manifest:
     """DEITA's score-first, diversity-aware selection (SPEC §2), exact.
 
@@ -394,7 +546,7 @@ def select_deita(
         ok &= np.asarray(vector_ok, dtype=bool)
     eligible = np.flatnonzero(ok & np.isfinite(values))
     order = score_order(ids, values, eligible)
-    walk = deita_walk(vectors, order, budget, tau, block_size=block_size)
+    walk = deita_walk(vectors, order, budget, tau, block_size=block_size, screen=screen)
     n = len(ids)
     selected = np.zeros(n, dtype=bool)
     selected[order[walk.code == CODE_KEPT]] = True

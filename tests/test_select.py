@@ -78,11 +78,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("screen", ["f32", "bf16"])
 @pytest.mark.parametrize(("n", "centres", "spread", "tau", "budget", "ties", "block"), CASES)
-def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block):
+def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block, screen):
     ids, scores, x = clustered(n, 48, centres, spread, seed=n + centres, duplicates=n // 10,
                                tie_levels=ties)
-    manifest = select_deita(ids, scores, x, budget=budget, tau=tau, block_size=block)
+    manifest = select_deita(ids, scores, x, budget=budget, tau=tau, block_size=block,
+                            screen=screen)
     want_ids, want_reasons = reference_deita(ids, scores, x, budget, tau)
     assert manifest.selected_ids == want_ids
     assert manifest.reason == want_reasons
