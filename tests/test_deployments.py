@@ -143,6 +143,8 @@ def test_worker_runs_the_curate_deployment_end_to_end(deployed, prefect_api, tmp
             assert task_runs and all(t.state.type.value == "COMPLETED" for t in task_runs)
             names = {t.name.rsplit("-", 1)[0] for t in task_runs}
             assert "publish-dataset-version" in names, names
+            # the rating batches ran on Ray workers and reported to the same API
+            assert "rate-batch" in names, names
 
             artifacts = {a.key: a for a in artifacts_of(client, tree) if a.key}
             counts = artifacts[f"curate-{run_id}"]
