@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import logging
 import math
 import posixpath
@@ -44,7 +45,7 @@ log = logging.getLogger("gleaner.evaluate")
 ANSWER_SCHEMA = pa.schema([
     ("test_set", pa.string()), ("id", pa.string()), ("instruction", pa.string()),
     ("input", pa.string()), ("question", pa.string()), ("answer", pa.string()),
-    ("model", pa.string()),
+    ("model", pa.string()), ("model_version", pa.string()),
 ])
 
 
@@ -56,27 +57,49 @@ def label_of(reference: str) -> str:
 
 # ---- models ----------------------------------------------------------------------------------
 def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: str,
-                  cache_dir: Path) -> str:
-    """A fine-tuned model of this run by name, ``base``, a local folder, or an HF id."""
+                  cache_dir: Path) -> tuple[str, str]:
+    """(folder or hub id, version) of a model of this run by name, ``base``, a folder, an HF id."""
     from flows.finetune_flow import model_path, resolve_base_model
 
     if reference == "base":
-        return resolve_base_model(config.finetune.base_model)
+        folder = resolve_base_model(config.finetune.base_model)
+        return folder, model_version(folder)
     in_store = model_path(store, run_id, reference) if re.fullmatch(r"[a-z0-9_-]+", reference) \
         else None
     if in_store and store.exists(posixpath.join(in_store, "config.json")):
+        # Every training rewrites metrics.json (loss curve, timings): it names this training.
+        metrics = store.run_path(run_id, "finetune", reference, "metrics.json")
+        version = hashlib.sha256(store.read_bytes(metrics)).hexdigest()[:16] \
+            if store.exists(metrics) else model_version(in_store)
         if store.is_local:
-            return in_store
+            return in_store, version
         local = cache_dir / reference
         store.fs.get(in_store.rstrip("/") + "/", str(local), recursive=True)
-        return str(local)
+        return str(local), version
     if Path(reference).exists():
-        return reference
+        return reference, model_version(reference)
     if in_store and "/" not in reference:
         raise FileNotFoundError(
             f"model {reference!r}: not a trained model of run {run_id!r} "
             f"({store.uri(in_store)} is missing) nor a local folder")
-    return reference  # an HF hub id
+    return reference, reference  # an HF hub id
+
+
+def model_version(model_dir: str) -> str:
+    """What identifies the weights: a folder's file names, sizes and times; else the hub id.
+
+    Stored answers are reused only for the same version, so a retrained model
+    (``finetune.force``) is asked again instead of being judged on stale answers.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return model_dir
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 def answers_path(store: Store, run_id: str, label: str, test_set: str) -> str:
@@ -84,19 +107,21 @@ def answers_path(store: Store, run_id: str, label: str, test_set: str) -> str:
 
 
 def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: str,
-                 model_dir: str, prompts_by_set: dict[str, list[EvalPrompt]],
+                 model: tuple[str, str], prompts_by_set: dict[str, list[EvalPrompt]],
                  ) -> dict[str, pa.Table]:
     """One model's answers per test set, generated only where the store has none yet."""
     from tasks.generation import GenerationSettings, Generator
 
     label = label_of(reference)
+    model_dir, version = model
     tables: dict[str, pa.Table] = {}
     generator: Generator | None = None
     for test_set, prompts in prompts_by_set.items():
         path = answers_path(store, run_id, label, test_set)
         if store.exists(path) and not config.evaluate.force:
             table = store.dataset([path]).to_table()
-            if table.num_rows == len(prompts):
+            if (table.column("id").to_pylist() == [p.id for p in prompts]
+                    and set(table.column("model_version").to_pylist()) == {version}):
                 tables[test_set] = table
                 continue
         if generator is None:
@@ -108,7 +133,8 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: st
             log.info("answering with %s (%s backend)", reference, generator.backend)
         answers = generator.answer(prompts)
         table = pa.Table.from_pylist(
-            [{**p.as_row(), "answer": a, "model": reference} for p, a in
+            [{**p.as_row(), "answer": a, "model": reference, "model_version": version}
+             for p, a in
              zip(prompts, answers, strict=True)], schema=ANSWER_SCHEMA)
         store.write_table(path, table)
         tables[test_set] = table
@@ -140,6 +166,13 @@ def judgements_dir(store: Store, run_id: str, comparison: str, test_set: str) ->
     return store.run_path(run_id, "evaluate", comparison, "judgements", test_set)
 
 
+def part_matches(store: Store, path: str, chunk: list[Pair]) -> bool:
+    """A stored part is reusable only for the very same questions and answers."""
+    stored = store.dataset([path]).to_table(columns=["key", "answer_a", "answer_b"]).to_pylist()
+    return stored == [{"key": p.key, "answer_a": p.answer_a, "answer_b": p.answer_b}
+                      for p in chunk]
+
+
 def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str,
                pairs_by_set: dict[str, list[Pair]], rule: str) -> dict[str, pa.Table]:
     """Judgements per test set, written in parts of ``evaluate.judge_batch_pairs`` pairs.
@@ -157,8 +190,7 @@ def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str
         done = store.part_paths(directory)
         for index in range(0, math.ceil(len(pairs) / size)):
             chunk = pairs[index * size:(index + 1) * size]
-            if index in done and store.dataset([done[index]]).to_table(
-                    columns=["key"]).column("key").to_pylist() == [p.key for p in chunk]:
+            if index in done and part_matches(store, done[index], chunk):
                 continue
             plan.append((test_set, index, chunk))
     if plan:
@@ -254,8 +286,8 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
     with tempfile.TemporaryDirectory(prefix="gleaner-eval-") as cache:
         answers = {}
         for reference in (reference_a, reference_b):
-            model_dir = resolve_model(store, run_id, config, reference, Path(cache))
-            answers[reference] = generate_for(store, run_id, config, reference, model_dir,
+            model = resolve_model(store, run_id, config, reference, Path(cache))
+            answers[reference] = generate_for(store, run_id, config, reference, model,
                                               prompts_by_set)
     pairs_by_set = {
         name: [Pair(name, p.id, p.question, a, b) for p, a, b in zip(
