@@ -196,3 +196,65 @@ def test_work_pool_stores_a_reference_not_the_key(deployed):
     assert SECRET not in pool.model_dump_json()
     assert SECRET not in deployed["deploy_output"]
 
+
+def _run_curate(client, deployed, sources, store, config, run_id):
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(
+        "curate/curate",
+        parameters={"sources": sources, "store": str(store), "config": str(config),
+                    "run_id": run_id},
+        timeout=0,
+    )
+    finished = wait_for_flow_run(client, flow_run.id, timeout_s=600, worker=deployed["worker"])
+    assert finished.state.type.value == "COMPLETED", deployed["worker"].log()[-6000:]
+    return finished
+
+
+def test_scheduled_refresh_rates_only_changed_rows_and_reports_the_diff(deployed, tmp_path):
+    """Run, change 5 % of the source (edit, add, delete), run again through the deployment."""
+    import json
+
+    from prefect.client.orchestration import get_client
+
+    from gleaner.runs import read_run
+    from gleaner.store import Store
+    from tasks.versions import list_versions, read_version
+
+    rows = 60
+    store = tmp_path / "store"
+    source = write_sample(tmp_path / "pool.json", rows)
+    records = json.loads(source.read_text())
+    with OpenAIStub(pipeline_responder) as llm, get_client(sync_client=True) as client:
+        config = write_config(tmp_path / "gleaner.yaml", str(store), llm.base_url, budget=20)
+        _run_curate(client, deployed, [str(source)], store, config, "refresh-1")
+        first_rating_requests = llm.count(lambda body: "messages" in body)
+        assert first_rating_requests == rows
+
+        # 5 % of 60 rows: one edited, one deleted, one added (from further down the real file)
+        records[10]["output"] += " (revised)"
+        del records[20]
+        extra = json.loads(write_sample(tmp_path / "extra.json", 1, start=rows).read_text())
+        records += extra
+        source.write_text(json.dumps(records, ensure_ascii=False))
+        llm.reset()
+        _run_curate(client, deployed, [str(source)], store, config, "refresh-2")
+        rating_requests = llm.count(lambda body: "messages" in body)
+
+    # only the edited and the added example were rated again
+    assert rating_requests == 2
+    st = Store(str(store))
+    first, second = list_versions(st, "curated")
+    assert (first["run_id"], second["run_id"]) == ("refresh-1", "refresh-2")
+    diff = second["diff"]
+    assert diff["requests_sent"] == rating_requests
+    assert diff["previous_version"] == 1 and diff["previous_run_id"] == "refresh-1"
+    # the reported dataset diff is the real difference between the two published versions
+    before = set(read_version(st, "curated", 1).column("id").to_pylist())
+    after = set(read_version(st, "curated", 2).column("id").to_pylist())
+    assert (diff["added"], diff["removed"], diff["unchanged"]) == (
+        len(after - before), len(before - after), len(after & before))
+    # and the source pool's diff: edited + added are new ids, edited-old + deleted are gone
+    pool_diff = read_run(st, "refresh-2")["curate"]["pool_diff"]
+    assert (pool_diff["added"], pool_diff["removed"], pool_diff["unchanged"]) == (2, 2, rows - 2)
+
