@@ -123,3 +123,38 @@ def test_bar_in_a_real_terminal():
     assert "mode=bar" in text
     assert "50/50" in text and "rate:" in text
     assert "\r" in text  # the bar redraws in place
+
+
+
+def test_prefect_progress_artifact_follows_the_stage(prefect_api):
+    """The listener keeps one progress artifact of the flow run up to date (what the UI shows)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from gleaner.progress import prefect_progress_listener
+
+    clock = FakeClock()
+    seen: list[int] = []
+
+    @flow(name="progress-probe")
+    def probe() -> None:
+        listener = prefect_progress_listener("probe-progress", "rating batches")
+
+        def both(done: int, total: int | None) -> None:
+            listener(done, total)
+            seen.append(done)
+
+        with progress(4, "rate", unit="batch", stream=io.StringIO(), interval_s=1, clock=clock,
+                      on_update=both) as bar:
+            for _ in range(4):
+                clock.now += 1
+                bar.update(1)
+
+    probe()
+    assert seen == [1, 2, 3, 4]
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["probe-progress"])))
+    assert artifact.type == "progress" and float(artifact.data) == 100.0
+    assert artifact.description == "rating batches"
