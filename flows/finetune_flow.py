@@ -252,7 +252,10 @@ def finetune_task(run_id: str, config: GleanerConfig, name: str,
 @flow(name="finetune")
 def finetune_flow(run_id: str | None = None, config: GleanerConfig | None = None,
                   dataset: str | None = None, baseline: str | None = None) -> dict[str, Any]:
-    """Train ``curated`` (and the configured baseline) for a run; returns both summaries."""
+    """Train ``curated`` (and the configured baseline) for a run.
+
+    Returns ``{"curated": summary, "baseline": summary}`` (no baseline with ``none``).
+    """
     config = config or GleanerConfig()
     run_id = run_id or config.run_id or new_run_id()
     baseline = baseline or config.finetune.baseline
@@ -261,4 +264,4 @@ def finetune_flow(run_id: str | None = None, config: GleanerConfig | None = None
         summaries["baseline"] = finetune_task(run_id, config, "baseline", dataset, baseline)
     create_markdown_artifact(key=artifact_key(run_id), markdown=report_markdown(
         list(summaries.values())), description=f"fine-tuning of run {run_id}")
-    return {"run_id": run_id, "models": summaries}
+    return summaries

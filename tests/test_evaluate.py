@@ -115,6 +115,14 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         rerun = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
                               model_b=str(other), test_sets=["vicuna", custom], limit=3)
         assert stub.count() == asked  # answers and judgements came from the store
+        # B "retrained" in place: its stored answers are stale and must be regenerated.
+        build_tiny_model(smol_tokenizer_dir, other, seed=2)
+        store_b = Store(str(tmp_path / "store"))
+        before = store_b.read_bytes(answers_path(store_b, "gen-run", rerun["model_b"], "mine"))
+        evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
+                      model_b=str(other), test_sets=["vicuna", custom], limit=3)
+        after = store_b.read_bytes(answers_path(store_b, "gen-run", rerun["model_b"], "mine"))
+        assert after != before  # a new model version was recorded with new answers
     store = Store(str(tmp_path / "store"))
     assert summary["prompts"] == {"vicuna": 3, "mine": 1} and asked == 2 * 4
     for test_set, count in (("vicuna", 3), ("mine", 1)):

@@ -282,7 +282,7 @@ def test_cli_finetune_lima_preset_with_random_baseline(
         "--batch-size", "2", "--per-device-batch-size", "2", "--max-length", "96", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    curated, baseline = summary["models"]["curated"], summary["models"]["baseline"]
+    curated, baseline = summary["curated"], summary["baseline"]
     assert curated["data"]["examples"] == baseline["data"]["examples"] == 6
     assert curated["preset"] == "lima" and curated["recipe"]["weight_decay"] == 0.1
     assert curated["recipe"]["residual_dropout_top"] == 0.2  # a small model: LIMA's 0.2

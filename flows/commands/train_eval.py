@@ -11,8 +11,8 @@ from flows.cli_app import ConfigOption, JsonOption, StoreOption, app, build_conf
 
 
 def finetune_text(result: dict[str, Any]) -> str:
-    lines = [f"run {result['run_id']}: fine-tuned"]
-    for name, s in result["models"].items():
+    lines = [f"run {next(iter(result.values()))['run_id']}: fine-tuned"]
+    for name, s in result.items():
         state = "already trained (skipped)" if s.get("skipped") else (
             f"{s['steps']} steps, final loss {s['final_loss']:.4f}, "
             f"{s['tokens_per_s']} tokens/s, {s['wall_seconds']} s")
