@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import httpx
 
 from gleaner.config import GleanerConfig
 
+log = logging.getLogger("gleaner.runtime")
 STATE_DIR = Path(os.environ.get("GLEANER_HOME", Path.home() / ".gleaner"))
 SERVER_STATE = "prefect-server.json"
 
@@ -166,7 +168,24 @@ def init_ray(config: GleanerConfig) -> None:
         kwargs["num_cpus"] = config.ray.num_cpus
     # address="local": always a fresh local Ray, never some other process's cluster that
     # Ray would otherwise auto-join through /tmp/ray/ray_current_cluster.
-    ray.init(address="local", include_dashboard=False, **kwargs)
+    # Ray's own helpers inside the cluster (Ray Train's placement-group cleaner, the state
+    # API) find "the" cluster by auto-detection, which fails as soon as a second Ray runs on
+    # the machine. So the GCS port is chosen here and every worker is told the address.
+    port = free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    kwargs["runtime_env"]["env_vars"]["RAY_ADDRESS"] = address  # type: ignore[index]
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by Ray when it starts the head
+    try:
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous
+    actual = ray.get_runtime_context().gcs_address
+    if actual != address:
+        log.warning("local Ray's GCS is at %s, not %s: Ray's helpers may miss it", actual, address)
 
 
 @contextlib.contextmanager
