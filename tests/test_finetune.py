@@ -294,6 +294,14 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     from transformers import AutoTokenizer
 
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(saved))  # EOT token added
+    from tasks.eval_sets import EvalPrompt
+    from tasks.generation import GenerationSettings, Generator
+
+    generator = Generator(str(saved), GenerationSettings(max_new_tokens=4))
+    prompt = EvalPrompt("t", "1", "Name a colour.")
+    assert generator.prompts([prompt]) == ["Name a colour.<|end_of_turn|>"]
+    assert generator.tokenizer.convert_tokens_to_ids("<|end_of_turn|>") in generator.stop_ids
+    assert len(generator.answer([prompt])) == 1
 
 
 @pytest.mark.slow
