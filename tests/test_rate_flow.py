@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flows.commands.rate import format_summary
 from flows.rate_flow import SUMMARY_FILE, run_rate
 from gleaner.config import GleanerConfig
 from gleaner.runs import read_run
@@ -88,6 +89,9 @@ def test_faults_every_example_ends_ok_or_failed_and_counts_add_up(
     assert summary["histogram"]["4.5"] == sum(s == 4.5 for s in scores)
     assert store.read_json(store.run_path("faults", SUMMARY_FILE))["kept"] == summary["kept"]
     assert read_run(store, "faults")["rate"]["requests"] == summary["requests"]
+    human = format_summary(summary)
+    assert f"kept {summary['kept']} (score >= 4.5), below {summary['below']}" in human
+    assert f"failed {summary['failed']}" in human and "price unknown" in human
 
 
 def _query_prefect(flow_run_name: str):
