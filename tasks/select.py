@@ -254,9 +254,9 @@ def _against_selected_f32(
     best_val = np.full(size, -np.inf)
     G = X @ S.T
     best = G.argmax(axis=1)
-    rowmax = G[np.arange(size), best]
+    rowmax = G[np.arange(size), best].astype(np.float64)  # compare in float64: no gaps
     rejected = rowmax > tau + eps
-    for r in np.flatnonzero(np.abs(rowmax - tau) <= eps):  # borderline rows, exactly
+    for r in np.flatnonzero(~rejected & (rowmax >= tau - eps)):  # borderline rows, exactly
         sims = S64 @ X[r].astype(np.float64)
         if sims.max() > tau:
             rejected[r] = True
@@ -298,15 +298,17 @@ def _against_selected_bf16(
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     counts = np.diff(np.r_[starts, rows.size])
     group_rows = rows[starts]
-    gmax = np.maximum.reduceat(vals, starts)
-    rep = np.repeat(gmax, counts)
+    gmax32 = np.maximum.reduceat(vals, starts)
+    gmax = gmax32.astype(np.float64)  # compare in float64: no gaps between the cases
+    rep = np.repeat(gmax32, counts)
     first = np.flatnonzero(vals == rep)
     group_of = np.repeat(np.arange(starts.size), counts)
     _, first_idx = np.unique(group_of[first], return_index=True)
     argcol = c[first[first_idx]]
     near = np.add.reduceat((vals >= rep - 2 * eps).astype(np.int64), starts)
-    hard = (np.abs(gmax - tau) <= eps) | ((gmax > tau + eps) & (near > 1))
-    sure = (gmax > tau + eps) & ~hard
+    over = gmax > tau + eps
+    hard = (~over & (gmax >= tau - eps)) | (over & (near > 1))
+    sure = over & ~hard
     rejected[group_rows[sure]] = True
     cols[group_rows[sure]] = argcol[sure]
     best_val[group_rows[sure]] = gmax[sure]
@@ -473,8 +475,10 @@ def deita_walk(
         if surv.size:
             Xs = X[surv]
             W = _lower_gram(Xs)
-            conflict = np.greater(W, tau + eps)
-            amb_i, amb_j = np.nonzero(np.abs(W - tau) <= eps)
+            # float32 thresholds, and the ambiguous band includes both of them: no gaps.
+            hi, lo = np.float32(tau + eps), np.float32(tau - eps)
+            conflict = np.greater(W, hi)
+            amb_i, amb_j = np.nonzero(np.greater_equal(W, lo) & np.less_equal(W, hi))
             if amb_i.size:
                 exact = np.einsum(
                     "ij,ij->i", Xs[amb_i].astype(np.float64), Xs[amb_j].astype(np.float64)

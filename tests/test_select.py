@@ -157,3 +157,23 @@ def test_chain_threshold_then_deita():
     assert final.selected_ids == second.selected_ids
     assert all(rating[ids.index(i)] >= 4.5 for i in final.selected_ids)
     assert {s for s in final.selector} == {"threshold", "threshold+deita"}
+
+
+@pytest.mark.parametrize("screen", ["f32", "bf16"])
+@pytest.mark.parametrize("block", [1, 64])  # against S (separate blocks) and within a block
+def test_similarity_on_the_float32_edge_of_the_margin(screen, block):
+    """Similarities one float32 ulp around tau +- margin must still be decided exactly."""
+    tau = 0.9
+    edges = [np.float32(tau + 1e-4), np.float32(tau - 1e-4), np.float32(tau),
+             np.nextafter(np.float32(tau), np.float32(1))]
+    for c in edges:
+        s = np.zeros(8, dtype=np.float32)
+        s[0] = 1.0
+        x = np.zeros(8, dtype=np.float32)
+        x[0], x[1] = c, np.float32(np.sqrt(1 - float(c) ** 2))
+        unit, _ = unit_rows(np.stack([s, x]))
+        exact = float(unit[0].astype(np.float64) @ unit[1].astype(np.float64))
+        m = select_deita(["a", "b"], [2.0, 1.0], np.stack([s, x]), budget=5, tau=tau,
+                         block_size=block, screen=screen)
+        want = "too_similar:a" if exact > tau else "kept"
+        assert m.reason[1] == want, (c, exact)
