@@ -109,7 +109,9 @@ def test_deploy_all_creates_deployments_schedule_and_triggers(deployed):
 
 def test_worker_runs_the_curate_deployment_end_to_end(deployed, prefect_api, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolUpdate
     from prefect.deployments import run_deployment
+    from prefect.states import Completed
 
     from gleaner.store import Store
     from tasks.versions import list_versions
@@ -156,7 +158,19 @@ def test_worker_runs_the_curate_deployment_end_to_end(deployed, prefect_api, tmp
             finetune = client.read_deployment_by_name("finetune/finetune")
             triggered = _wait_for_triggered_run(client, finetune.id, run_id)
             assert triggered.parameters["config"]["store"]["url"] == str(store)
-            client.delete_flow_run(triggered.id)  # no GPU worker here: don't leave it queued
+            # No GPU worker here: play the GPU pool's part by marking that run Completed,
+            # which must start the evaluate deployment with the same run id and config.
+            # (gleaner-cpu is paused meanwhile so its worker doesn't start a real evaluation)
+            client.update_work_pool(work_pools.CPU_POOL, WorkPoolUpdate(is_paused=True))
+            try:
+                client.set_flow_run_state(triggered.id, Completed(), force=True)
+                evaluate = client.read_deployment_by_name("evaluate/evaluate")
+                evaluation = _wait_for_triggered_run(client, evaluate.id, run_id)
+                assert evaluation.parameters["config"] == triggered.parameters["config"]
+                for queued in (triggered, evaluation):  # don't leave them for a later worker
+                    client.delete_flow_run(queued.id)
+            finally:
+                client.update_work_pool(work_pools.CPU_POOL, WorkPoolUpdate(is_paused=False))
 
             # nothing Prefect keeps, the worker's log or the store holds the key
             kept = prefect_record_texts(client, prefect_api, tree)
@@ -183,7 +197,7 @@ def _wait_for_triggered_run(client, deployment_id, run_id, timeout_s: float = 60
             if run.parameters.get("run_id") == run_id:
                 return run
         time.sleep(1)
-    raise AssertionError("the gleaner.selection.completed trigger started no finetune run")
+    raise AssertionError(f"no triggered run of deployment {deployment_id} for run {run_id}")
 
 
 def test_work_pool_stores_a_reference_not_the_key(deployed):
