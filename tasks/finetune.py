@@ -253,9 +253,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             boundary = (index + 1) % accumulation == 0 or index + 1 == len(batches)
             sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") \
                 else model.no_sync()
-            with sync, autocast():
-                loss = model(**batch).loss / accumulation
-                loss.backward()
+            with sync:
+                with autocast():
+                    loss = model(**batch).loss / accumulation
+                loss.backward()  # outside autocast, as PyTorch's AMP recipe says
             window_loss += loss.item()
             window_micro += 1
             window_tokens += int(batch["attention_mask"].sum().item())
@@ -267,14 +268,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["micro_in_epoch"] = index + 1
-            tokens = window_tokens * world  # every worker sees a same-sized shard
+            loss_value, tokens = window_loss * accumulation / window_micro, window_tokens
+            if world > 1:  # the curve and the throughput of all workers, not rank 0's
+                totals = torch.tensor([loss_value, tokens], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(totals)
+                loss_value, tokens = totals[0].item() / world, int(totals[1].item())
             state["tokens"] += tokens
             now = time.perf_counter()
             state["train_seconds"] += now - started
             started = now
             state["history"].append({
                 "step": state["step"], "epoch": state["epoch"] + (index + 1) / len(batches),
-                "loss": window_loss * accumulation / window_micro,
+                "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0], "tokens": tokens,
             })
             window_loss, window_micro, window_tokens = 0.0, 0, 0
