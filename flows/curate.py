@@ -22,6 +22,7 @@ from prefect.events import emit_event
 
 from gleaner.config import GleanerConfig, load_config
 from gleaner.runs import new_run_id, read_run, record_run
+from gleaner.runtime import init_ray
 from gleaner.store import Store
 
 SELECTION_COMPLETED = "gleaner.selection.completed"
@@ -164,6 +165,10 @@ def curate_flow(
     )
     run_id = run_id or cfg.run_id or new_run_id()
     cfg = cfg.with_overrides({"run_id": run_id})
+    # One Ray for every stage. The CLI starts it (execution_environment); a deployment run
+    # by a Prefect worker has no CLI around it, and RayTaskRunner's own ray.init() would join
+    # whatever cluster /tmp/ray last named, then shut Ray down after each stage.
+    init_ray(cfg)
     st = Store(cfg.store.url, cfg.store.options)
     before = previous_run(st, cfg.curate.dataset_name, run_id)
     record_run(st, run_id, cfg, flow="curate", sources=list(sources))
