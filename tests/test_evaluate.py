@@ -72,6 +72,9 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tm
     assert summary["overall"]["winning_score"] == pytest.approx((2 - 0) / 3 + 1, abs=1e-4)
     assert (summary["only_in_a"], summary["only_in_b"], summary["join_key"]) == (1, 1, "prompt")
     assert summary["rule"] == "alpagasus"
+    human = runner.invoke(app, [a for a in args if a != "--json"])
+    assert "| **overall** | 2 | 1 | 0 | 1 | 1.667 |" in human.stdout
+    assert "unmatched rows: 1 only in A, 1 only in B" in human.stdout
     fastchat = json.loads(again.stdout.strip().splitlines()[-1])
     assert fastchat["rule"] == "fastchat" and fastchat["test_sets"]["vicuna"]["win"] == 2
     base = store / "runs" / "eval-run" / "evaluate" / "curated-vs-random"

@@ -283,6 +283,10 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     curated, baseline = summary["curated"], summary["baseline"]
+    from flows.commands.train_eval import finetune_text
+
+    human = finetune_text(summary)
+    assert "curated: 6 examples" in human and "baseline: 6 examples" in human
     assert curated["data"]["examples"] == baseline["data"]["examples"] == 6
     assert curated["preset"] == "lima" and curated["recipe"]["weight_decay"] == 0.1
     assert curated["recipe"]["residual_dropout_top"] == 0.2  # a small model: LIMA's 0.2
