@@ -25,7 +25,7 @@ import logging
 import math
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,14 +259,43 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
 
 
 # ---- the callables ---------------------------------------------------------------------------
-def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str | None = None,
-                 model_b: str | None = None, test_sets: list[str] | None = None,
-                 limit: int | None = None, rule: str | None = None) -> dict[str, Any]:
-    """Both models answer every prompt of the test sets; the judge compares them (A = curated)."""
+AnswerFn = Callable[[str, dict[str, list[EvalPrompt]]], dict[str, list[str]]]
+JudgeFn = Callable[[str, str, list[Pair]], pa.Table]
+
+
+def answer_model(store: Store, run_id: str, config: GleanerConfig, reference: str,
+                 prompts_by_set: dict[str, list[EvalPrompt]]) -> dict[str, list[str]]:
+    """One model's answers to every test set (from the store where it already has them)."""
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="gleaner-eval-") as cache:
+        model = resolve_model(store, run_id, config, reference, Path(cache))
+        tables = generate_for(store, run_id, config, reference, model, prompts_by_set)
+    return {name: table.column("answer").to_pylist() for name, table in tables.items()}
+
+
+def judge_test_set(store: Store, run_id: str, config: GleanerConfig, comparison: str,
+                   test_set: str, pairs: list[Pair], rule: str) -> pa.Table:
+    return judge_sets(store, run_id, config, comparison, {test_set: pairs}, rule)[test_set]
+
+
+def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str | None = None,
+                 model_b: str | None = None, test_sets: list[str] | None = None,
+                 limit: int | None = None, rule: str | None = None,
+                 answer_fn: AnswerFn | None = None, judge_fn: JudgeFn | None = None,
+                 ) -> dict[str, Any]:
+    """Both models answer every prompt of the test sets; the judge compares them (A = curated).
+
+    ``answer_fn`` / ``judge_fn`` replace the plain per-model and per-test-set steps
+    (the flow passes them as Prefect tasks, so each shows and retries on its own).
+    """
     from flows.finetune_flow import model_path
 
+    rule = rule or config.evaluate.rule
+    answer_fn = answer_fn or (lambda ref, prompts: answer_model(store, run_id, config, ref,
+                                                                prompts))
+    judge_fn = judge_fn or (lambda cmp, name, pairs: judge_test_set(store, run_id, config, cmp,
+                                                                    name, pairs, rule))
     reference_a = model_a or config.evaluate.model_a
     reference_b = model_b or config.evaluate.model_b
     if (reference_b == "baseline" and config.finetune.baseline == "none" and not store.exists(
@@ -274,7 +303,6 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
         log.warning("no baseline was trained (finetune.baseline = none): comparing %s with the "
                     "base model instead", reference_a)
         reference_b = "base"
-    rule = rule or config.evaluate.rule
     limit = limit if limit is not None else config.evaluate.limit
     prompts_by_set: dict[str, list[EvalPrompt]] = {}
     for spec in test_sets or config.evaluate.test_sets:
@@ -283,31 +311,28 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
     label_a, label_b = label_of(reference_a), label_of(reference_b)
     if label_a == label_b:
         raise ValueError(f"models A and B have the same label {label_a!r}; compare two models")
-    with tempfile.TemporaryDirectory(prefix="gleaner-eval-") as cache:
-        answers = {}
-        for reference in (reference_a, reference_b):
-            model = resolve_model(store, run_id, config, reference, Path(cache))
-            answers[reference] = generate_for(store, run_id, config, reference, model,
-                                              prompts_by_set)
-    pairs_by_set = {
-        name: [Pair(name, p.id, p.question, a, b) for p, a, b in zip(
-            prompts, answers[reference_a][name].column("answer").to_pylist(),
-            answers[reference_b][name].column("answer").to_pylist(), strict=True)]
+    answers_a = answer_fn(reference_a, prompts_by_set)
+    answers_b = answer_fn(reference_b, prompts_by_set)
+    comparison = f"{label_a}-vs-{label_b}"
+    judgements = {
+        name: judge_fn(comparison, name, [
+            Pair(name, p.id, p.question, a, b) for p, a, b in
+            zip(prompts, answers_a[name], answers_b[name], strict=True)])
         for name, prompts in prompts_by_set.items()
     }
-    comparison = f"{label_a}-vs-{label_b}"
-    judgements = judge_sets(store, run_id, config, comparison, pairs_by_set, rule)
     return report(store, run_id, config, comparison, label_a, label_b, rule, judgements,
                   {"prompts": {n: len(p) for n, p in prompts_by_set.items()},
-                   "answers": {label_of(r): store.uri(store.run_path(
-                       run_id, "evaluate", "answers", label_of(r))) for r in answers}})
+                   "answers": {label: store.uri(store.run_path(
+                       run_id, "evaluate", "answers", label)) for label in (label_a, label_b)}})
 
 
 def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answers_a: str,
-                         answers_b: str, rule: str | None = None,
-                         limit: int | None = None) -> dict[str, Any]:
+                         answers_b: str, rule: str | None = None, limit: int | None = None,
+                         judge_fn: JudgeFn | None = None) -> dict[str, Any]:
     """Judge two existing answer files (no generation); unmatched rows are counted and listed."""
     rule = rule or config.evaluate.rule
+    judge_fn = judge_fn or (lambda cmp, name, pairs: judge_test_set(store, run_id, config, cmp,
+                                                                    name, pairs, rule))
     options = config.store.options if answers_a.startswith("s3://") else None
     rows_a = load_answers(answers_a, options)
     rows_b = load_answers(answers_b, options)
@@ -326,7 +351,7 @@ def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answe
         log.warning("%d answer rows have no partner in the other file (%d only in A, %d only "
                     "in B); listed in unmatched.json", len(unmatched), len(joined.only_a),
                     len(joined.only_b))
-    judgements = judge_sets(store, run_id, config, comparison, pairs_by_set, rule)
+    judgements = {name: judge_fn(comparison, name, pairs) for name, pairs in pairs_by_set.items()}
     return report(store, run_id, config, comparison, label_a, label_b, rule, judgements, {
         "join_key": joined.join_key, "matched": len(joined.pairs),
         "only_in_a": len(joined.only_a), "only_in_b": len(joined.only_b),
@@ -358,16 +383,20 @@ def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
         for name, part in {**summary["test_sets"], "overall": summary["overall"]}.items()])
 
 
-@task(name="evaluate-pair", retries=0)
-def evaluate_task(run_id: str, config: GleanerConfig, model_a: str | None, model_b: str | None,
-                  answers_a: str | None, answers_b: str | None, test_sets: list[str] | None,
-                  limit: int | None, rule: str | None) -> dict[str, Any]:
-    store = Store(config.store.url, config.store.options)
-    if answers_a or answers_b:
-        if not (answers_a and answers_b):
-            raise ValueError("judging answer files needs both --answers-a and --answers-b")
-        return run_evaluate_answers(store, run_id, config, answers_a, answers_b, rule, limit)
-    return run_evaluate(store, run_id, config, model_a, model_b, test_sets, limit, rule)
+@task(name="answer-test-sets", retries=0)
+def answer_task(run_id: str, config: GleanerConfig, reference: str,
+                prompts_by_set: dict[str, list[EvalPrompt]]) -> dict[str, list[str]]:
+    """One model answers every test set (checkpointed per set; a retry resumes)."""
+    return answer_model(Store(config.store.url, config.store.options), run_id, config,
+                        reference, prompts_by_set)
+
+
+@task(name="judge-test-set", retries=1, retry_delay_seconds=10)
+def judge_task(run_id: str, config: GleanerConfig, comparison: str, test_set: str,
+               pairs: list[Pair], rule: str) -> pa.Table:
+    """Both orders for one test set (checkpointed in parts; a retry judges the missing parts)."""
+    return judge_test_set(Store(config.store.url, config.store.options), run_id, config,
+                          comparison, test_set, pairs, rule)
 
 
 @flow(name="evaluate")
@@ -379,7 +408,24 @@ def evaluate_flow(run_id: str | None = None, config: GleanerConfig | None = None
     """Compare model A (the curated one) with model B, or two answer files; publish the report."""
     config = config or GleanerConfig()
     run_id = run_id or config.run_id or new_run_id()
-    summary = evaluate_task(run_id, config, model_a, model_b, answers_a, answers_b, test_sets,
-                            limit, rule)
-    publish_artifacts(Store(config.store.url, config.store.options), summary)
+    rule = rule or config.evaluate.rule
+    store = Store(config.store.url, config.store.options)
+
+    def answer_fn(reference: str, prompts: dict[str, list[EvalPrompt]]) -> dict[str, list[str]]:
+        named = answer_task.with_options(task_run_name=f"answer-{label_of(reference)}")
+        return named(run_id, config, reference, prompts)
+
+    def judge_fn(comparison: str, test_set: str, pairs: list[Pair]) -> pa.Table:
+        named = judge_task.with_options(task_run_name=f"judge-{test_set}")
+        return named(run_id, config, comparison, test_set, pairs, rule)
+
+    if answers_a or answers_b:
+        if not (answers_a and answers_b):
+            raise ValueError("judging answer files needs both --answers-a and --answers-b")
+        summary = run_evaluate_answers(store, run_id, config, answers_a, answers_b, rule, limit,
+                                       judge_fn=judge_fn)
+    else:
+        summary = run_evaluate(store, run_id, config, model_a, model_b, test_sets, limit, rule,
+                               answer_fn=answer_fn, judge_fn=judge_fn)
+    publish_artifacts(store, summary)
     return summary

@@ -140,6 +140,13 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         got = summary["test_sets"][test_set]
         assert {k: got[k] for k in expected} == expected and got["failed"] == 0
     assert rerun["overall"] == summary["overall"]
+    # Each model's answering and each test set's judging is its own task run in Prefect.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = {run.name for run in client.read_task_runs()}
+    assert {"judge-vicuna", "judge-mine", f"answer-{summary['model_a']}",
+            f"answer-{summary['model_b']}"} <= names
 
 
 def test_judging_resumes_from_finished_parts(tmp_path: Path, monkeypatch) -> None:
