@@ -4,6 +4,9 @@ The same 10,000 real texts (the 9,229 Alpaca examples plus the first 771 of the
 Alpaca-GPT4 sample, as the conversation text the embed stage uses), the same
 model (all-MiniLM-L6-v2, mean pooling) and the same CPUs. Model loading is
 timed separately and left out of both rates. Target: pool >= 0.9x in-process.
+On two shared cores the model's own 256-token limit makes each side take ~15
+minutes for 10,000 texts; ``--max-length 64`` keeps the comparison (same texts,
+same model, same truncation on both sides) to a few minutes.
 
     .venv/bin/python bench/bench_embed.py [--n 10000] [--actors 1] [--cpus 2]
 """
