@@ -39,6 +39,7 @@ from prefect_ray.context import remote_options
 from gleaner.config import GleanerConfig
 from gleaner.llm.client import LLMClient, LLMError
 from gleaner.llm.ratelimit import ensure_rate_limiter, limiter_name
+from gleaner.progress import progress
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
 from gleaner.store import Store
@@ -240,11 +241,14 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
         description=f"rating batches of run {run_id}",
     )
     done = len(finished)
+    # the same progress for a person at the terminal: a bar in a TTY, plain lines in logs
+    bar = progress(len(bounds), f"rate {run_id}", unit="batch", initial=len(finished))
 
     def advance() -> None:
         nonlocal done
         done += 1
         update_progress_artifact(artifact_id=progress_id, progress=100.0 * done / len(bounds))
+        bar.update(1)
 
     batch_task = rate_batch_task.with_options(
         retries=rate.task_retries, retry_delay_seconds=rate.task_retry_delay_s
@@ -282,6 +286,7 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
             failed = failed_rows(todo_ids, prompt, model, mode, message)
             write_batch(job, index, failed, reused)
         advance()
+    bar.close()
 
     del limiter_handle  # every batch is done: the bucket may go
     summary = summarize(store, run_id, config, prompt, mode, len(rows), probe_usage)

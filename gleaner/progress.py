@@ -68,6 +68,7 @@ class Progress:
         interval_s: float = 10.0,
         on_update: Listener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        initial: int = 0,
     ):
         self.total = total
         self.desc = desc
@@ -77,7 +78,9 @@ class Progress:
         self.interval_s = interval_s
         self.listeners: list[Listener] = [on_update] if on_update else []
         self.clock = clock
-        self.done = 0
+        # work finished before this process (a resumed run): counted, but not in the rate
+        self.initial = initial
+        self.done = initial
         self.started = clock()
         self._last_report = self.started
         self._reported: int | None = None  # `done` at the last report
@@ -88,7 +91,7 @@ class Progress:
 
             self._bar = tqdm(
                 total=total, desc=desc or None, unit=unit, file=self.stream,
-                dynamic_ncols=True, smoothing=0.1,
+                dynamic_ncols=True, smoothing=0.1, initial=initial,
             )
 
     # ---- figures -----------------------------------------------------------
@@ -100,7 +103,7 @@ class Progress:
     def rate(self) -> float:
         """Units per second so far (0 before any time has passed)."""
         elapsed = self.elapsed_s
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
 
     @property
     def eta_s(self) -> float | None:

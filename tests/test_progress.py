@@ -68,6 +68,19 @@ def test_unknown_total_and_listener_calls():
         bar.update(1)
 
 
+def test_resumed_work_counts_but_does_not_inflate_the_rate():
+    stream = io.StringIO()
+    clock = FakeClock()
+    bar = progress(100, "rate", unit="batch", stream=stream, interval_s=1, clock=clock,
+                   initial=60)
+    clock.now += 10
+    bar.update(10)  # 10 batches in 10 s; 30 left
+    bar.close()
+    assert stream.getvalue().splitlines()[0] == (
+        "rate: 70/100 batch (70.0%), 1.0 batch/s, elapsed 10s, ETA 30s"
+    )
+
+
 def test_env_forces_mode(monkeypatch):
     monkeypatch.setenv("GLEANER_PROGRESS", "off")
     stream = io.StringIO()
