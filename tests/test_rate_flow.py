@@ -59,8 +59,10 @@ def ratings(store: Store, run_id: str) -> dict[str, dict]:
 
 
 def test_faults_every_example_ends_ok_or_failed_and_counts_add_up(
-    prefect_api, ray_local, tmp_path
+    prefect_api, ray_local, tmp_path, monkeypatch
 ) -> None:
+    secret = "sk-rate-test-SECRET-0123456789abcdef"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
     store = Store(str(tmp_path / "store"))
     keys = [f"e{i}" for i in range(120)]
     key_of = ingest(store, "faults", keys)
@@ -89,6 +91,8 @@ def test_faults_every_example_ends_ok_or_failed_and_counts_add_up(
     assert summary["histogram"]["4.5"] == sum(s == 4.5 for s in scores)
     assert store.read_json(store.run_path("faults", SUMMARY_FILE))["kept"] == summary["kept"]
     assert read_run(store, "faults")["rate"]["requests"] == summary["requests"]
+    for path in (tmp_path / "store").rglob("*"):  # the key reaches no checkpoint or record
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
     human = format_summary(summary)
     assert f"kept {summary['kept']} (score >= 4.5), below {summary['below']}" in human
     assert f"failed {summary['failed']}" in human and "price unknown" in human
