@@ -127,3 +127,15 @@ def test_length_batches_are_stable_and_sorted():
     batches = length_batches(ids, texts, 3)
     assert [b[0] for b in batches] == [["i6", "i5", "i4"], ["i3", "i2", "i1"], ["i0"]]
     assert length_batches(list(reversed(ids)), list(reversed(texts)), 3) == batches
+
+
+@pytest.mark.slow  # loads SmolLM2 from its GGUF (~20 s)
+def test_causal_lm_last_hidden_state_embeddings():
+    """DEITA's choice: the last token's final hidden state; left padding must not change it."""
+    lm = Encoder(None, pooling="last", batch_size=3)
+    assert lm.name.endswith("#last-hidden") and lm.dim == lm.model.config.hidden_size
+    together = lm.encode(TEXTS[:3])
+    alone = np.stack([lm.encode([t])[0] for t in TEXTS[:3]])
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
