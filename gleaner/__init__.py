@@ -1,3 +1,3 @@
-"""gleaner: curate instruction-tuning data (AlpaGasus rating, DEITA selection) on Prefect and Ray."""
+"""gleaner: curate instruction-tuning data (AlpaGasus, DEITA) on Prefect and Ray."""
 
 __version__ = "0.1.0"
