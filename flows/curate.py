@@ -12,7 +12,6 @@ it stops there and the deployment triggers in prefect.yaml start the
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 
+from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig, load_config
 from gleaner.runs import new_run_id, read_run, record_run
 from gleaner.runtime import init_ray
@@ -114,7 +114,7 @@ def counts_markdown(run_id: str, summary: dict[str, Any]) -> str:
 
 
 def artifact_key(run_id: str) -> str:
-    return "curate-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
+    return shared_artifact_key("curate", run_id)
 
 
 @task(name="publish-dataset-version")

@@ -39,6 +39,7 @@ from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
+from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment, prefect_api, resolve_prefect_api
@@ -56,8 +57,7 @@ CURATED_STAGE = "curated"
 
 
 def artifact_key(kind: str, run_id: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{run_id}".lower()).strip("-")[:100]
+    return shared_artifact_key(kind, run_id)
 
 
 def batch_bounds(n_rows: int, batch_size: int) -> list[tuple[int, int]]:

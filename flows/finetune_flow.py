@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig
 from gleaner.models import smollm2_gguf
 from gleaner.runs import new_run_id, record_run
@@ -233,7 +234,7 @@ def report_markdown(summaries: list[dict[str, Any]]) -> str:
 
 
 def artifact_key(run_id: str) -> str:
-    return "finetune-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
+    return shared_artifact_key("finetune", run_id)
 
 
 # ---- Prefect ---------------------------------------------------------------------------------

@@ -9,12 +9,12 @@ The curate flow calls :func:`ingest_flow` as a subflow.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig
 from gleaner.runs import new_run_id
 from gleaner.store import Store
@@ -30,8 +30,7 @@ def ingest_sources(
 
 
 def artifact_key(run_id: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "ingest-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
+    return shared_artifact_key("ingest", run_id)
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import re
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
+from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig
 from gleaner.llm.client import LLMClient, LLMError
 from gleaner.llm.ratelimit import ensure_rate_limiter, limiter_name
@@ -91,8 +91,7 @@ def estimate_cost(config: GleanerConfig, model: str, prompt: int, completion: in
 
 
 def artifact_key(run_id: str, suffix: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"rate-{suffix}-{run_id}".lower()).strip("-")[:100]
+    return shared_artifact_key("rate", suffix, run_id)
 
 
 # ---- the cache ------------------------------------------------------------------------
