@@ -189,6 +189,11 @@ class EvaluateConfig(Section):
     # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
     # for 1024 tokens, and its first line is all that is read.
     offline_judge_max_tokens: int = 48
+    # Send llama.cpp's GBNF `grammar` with every judge request, forcing the first line to be
+    # "<1-10> <1-10>" (what the judge parses; SmolLM2 answers in prose otherwise).
+    # None: only to the offline server gleaner starts; True: also to your own llama.cpp
+    # server; False: never. OpenAI rejects the field, so it is off for configured endpoints.
+    judge_grammar: bool | None = None
     generation_batch_size: int = 8
     do_sample: bool = False  # greedy by default
     temperature: float = 0.7  # only when sampling

@@ -49,6 +49,14 @@ JUDGE_USER_TEMPLATE = (
 JUDGE_TEMPERATURE = 0.0
 JUDGE_MAX_TOKENS = 1024
 
+# llama.cpp's GBNF for AlpaGasus' answer format: a first line of two scores 1-10 separated by a
+# space, then a newline and free text. A small model (the offline SmolLM2) answers the prompt
+# with prose; constrained, its first line is always one that parse_scores reads.
+SCORE_LINE_GRAMMAR = r'''root ::= score " " score "\n" text
+score ::= "10" | [1-9]
+text ::= [^\x00]*
+'''
+
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _LABEL = re.compile(r"\b(?:assistant|answer)\s*[12]\s*[:=\-]?", re.IGNORECASE)
 _OUT_OF_TEN = re.compile(_NUMBER + r"\s*/\s*10\b")
@@ -167,7 +175,7 @@ class Judge:
 
     def __init__(self, endpoint: EndpointConfig, parse_retries: int = 2,
                  max_tokens: int = JUDGE_MAX_TOKENS, temperature: float = JUDGE_TEMPERATURE,
-                 limiter: Any | None = None):
+                 limiter: Any | None = None, grammar: str | None = None):
         if not endpoint.base_url:
             raise ValueError("the judge needs an endpoint base_url")
         self.endpoint = endpoint
@@ -175,17 +183,20 @@ class Judge:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.limiter = limiter
+        # llama.cpp's `grammar` request field (a GBNF string); None sends no such field.
+        self.grammar = grammar
 
     def __repr__(self) -> str:  # never the key
         return f"Judge(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r})"
 
     async def _review(self, client: LLMClient, messages: list[dict[str, str]]) -> Review:
         raw, prompt_tokens, completion_tokens, attempts = "", 0, 0, 0
+        extra = {"extra_body": {"grammar": self.grammar}} if self.grammar else {}
         for _ in range(self.parse_retries + 1):
             attempts += 1
             try:
                 completion = await client.chat(messages, max_tokens=self.max_tokens,
-                                                temperature=self.temperature)
+                                                temperature=self.temperature, **extra)
             except LLMError as error:  # transport retries already spent; message is key-free
                 return Review(None, raw, attempts, str(error), prompt_tokens, completion_tokens)
             prompt_tokens += completion.prompt_tokens

@@ -236,7 +236,11 @@ class LLMClient:
         top_logprobs: int | None = None,
         **extra: Any,
     ) -> Completion:
-        """A chat completion; with ``logprobs`` the per-position top_logprobs come back too."""
+        """A chat completion; with ``logprobs`` the per-position top_logprobs come back too.
+
+        ``extra`` goes to the SDK as is: ``extra_body={...}`` adds fields the OpenAI API
+        does not define (llama.cpp's ``grammar``), for servers that read them.
+        """
         kwargs: dict[str, Any] = {
             "model": self.model,
             "messages": [dict(m) for m in messages],
