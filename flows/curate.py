@@ -60,13 +60,12 @@ def offline_endpoints(config: GleanerConfig) -> Iterator[GleanerConfig]:
                 "rate.mode": config.rate.mode or "score-only",
                 "rate.endpoint.concurrency": min(config.rate.endpoint.concurrency, 2),
             }
+        live = config.with_overrides(overrides)
         if needs_judge:
-            overrides |= {
-                "evaluate.judge.base_url": server.base_url,
-                "evaluate.judge.model": server.model,
-                "evaluate.judge.concurrency": min(config.evaluate.judge.concurrency, 2),
-            }
-        yield config.with_overrides(overrides)
+            from flows.evaluate_flow import with_offline_judge
+
+            live = with_offline_judge(live, server.base_url, server.model)
+        yield live
 
 
 def previous_run(store: Store, dataset_name: str, run_id: str) -> str | None:

@@ -33,12 +33,12 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from gleaner.config import EndpointConfig, GleanerConfig, PriceConfig
+from gleaner.config import GleanerConfig, PriceConfig
 from gleaner.runs import new_run_id, record_run
 from gleaner.store import Store, part_name
 from tasks.answers import join_answers, load_answers
 from tasks.eval_sets import EvalPrompt, load_eval_set
-from tasks.judge import JUDGEMENT_SCHEMA, Judge, Pair
+from tasks.judge import JUDGEMENT_SCHEMA, SCORE_LINE_GRAMMAR, Judge, Pair
 from tasks.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
 
 log = logging.getLogger("gleaner.evaluate")
@@ -142,24 +142,48 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: st
 
 
 # ---- judging ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def judge_endpoint(config: GleanerConfig) -> Iterator[tuple[EndpointConfig, int]]:
-    """The configured judge; with no base_url, the offline llama.cpp SmolLM2 server.
+def with_offline_judge(config: GleanerConfig, base_url: str, model: str) -> GleanerConfig:
+    """``config`` judged by the llama.cpp SmolLM2 server gleaner started at ``base_url``.
 
-    The offline judge only proves the pipeline runs: a 135M model is no GPT-4,
-    and most of its reviews will not even parse (they are then judge failures).
+    The one rule for gleaner's own judge, wherever the server was started (the
+    curate flow, for rater and judge at once, or :func:`judge_endpoint`): the
+    offline token cap (a 135M model on CPU needs minutes for 1024 tokens, and
+    only its first line is read), the score-line grammar unless
+    ``evaluate.judge_grammar`` is False, and at most two requests in flight.
     """
-    endpoint = config.evaluate.judge
-    if endpoint.base_url:
-        yield endpoint, config.evaluate.judge_max_tokens
+    return config.with_overrides({
+        "evaluate.judge.base_url": base_url,
+        "evaluate.judge.model": model,
+        "evaluate.judge.concurrency": min(config.evaluate.judge.concurrency, 2),
+        "evaluate.judge_max_tokens": config.evaluate.offline_judge_max_tokens,
+        "evaluate.judge_grammar": config.evaluate.judge_grammar is not False,
+    })
+
+
+@contextlib.contextmanager
+def judge_endpoint(config: GleanerConfig) -> Iterator[GleanerConfig]:
+    """``config`` with a judge to call: as configured, or the offline llama.cpp SmolLM2 server.
+
+    The offline judge only proves the pipeline runs: a 135M model is no GPT-4.
+    Its reviews parse (the grammar fixes the first line), its scores mean little.
+    """
+    if config.evaluate.judge.base_url:
+        yield config
         return
     from gleaner.llm.local_server import local_llm_server
 
     log.warning("no judge endpoint configured: judging with the offline SmolLM2 server; "
                 "set evaluate.judge.base_url (e.g. https://api.openai.com/v1) for GPT-4")
-    with local_llm_server() as server:
-        yield (endpoint.model_copy(update={"base_url": server.base_url, "model": server.model}),
-               config.evaluate.offline_judge_max_tokens)
+    with local_llm_server(q4_0=config.rate.offline_q4_0) as server:
+        yield with_offline_judge(config, server.base_url, server.model)
+
+
+def make_judge(config: GleanerConfig) -> Judge:
+    """The judge ``config.evaluate`` describes (its endpoint must have a base_url)."""
+    settings = config.evaluate
+    return Judge(settings.judge, parse_retries=settings.parse_retries,
+                 max_tokens=settings.judge_max_tokens,
+                 grammar=SCORE_LINE_GRAMMAR if settings.judge_grammar else None)
 
 
 def judgements_dir(store: Store, run_id: str, comparison: str, test_set: str) -> str:
@@ -194,11 +218,10 @@ def judge_sets(store: Store, run_id: str, config: GleanerConfig, comparison: str
                 continue
             plan.append((test_set, index, chunk))
     if plan:
-        with judge_endpoint(config) as (endpoint, max_tokens):
-            judge = Judge(endpoint, parse_retries=config.evaluate.parse_retries,
-                          max_tokens=max_tokens)
+        with judge_endpoint(config) as judging:
+            judge = make_judge(judging)
             for test_set, index, chunk in plan:
-                rows = [{**j.as_row(), "judge_model": endpoint.model}
+                rows = [{**j.as_row(), "judge_model": judge.endpoint.model}
                         for j in judge.judge(chunk, rule)]
                 directory = judgements_dir(store, run_id, comparison, test_set)
                 store.write_table(posixpath.join(directory, part_name(index)),
