@@ -68,6 +68,22 @@ def offline_endpoints(config: GleanerConfig) -> Iterator[GleanerConfig]:
         yield live
 
 
+def check_evaluation_inputs(config: GleanerConfig) -> None:
+    """Before ingesting: every test set the evaluation will read resolves to a readable file.
+
+    Evaluation comes last, after rating and fine-tuning; a test-set path that
+    does not resolve (a relative ``eval_sets_dir`` read from another directory)
+    would otherwise fail the run only then. Checked when this flow runs the
+    evaluation itself (``curate.downstream: subflow``): with ``event`` the
+    evaluate deployment reads them on its own worker, from its own directory.
+    """
+    if not (config.curate.evaluate and config.curate.downstream == "subflow"):
+        return
+    from tasks.eval_sets import check_readable
+
+    check_readable(config.evaluate.test_sets, config.evaluate.eval_sets_dir)
+
+
 def previous_run(store: Store, dataset_name: str, run_id: str) -> str | None:
     """The run that published the latest version of this dataset (for the refresh diff)."""
     from tasks.versions import latest_version
@@ -164,6 +180,7 @@ def curate_flow(
     )
     run_id = run_id or cfg.run_id or new_run_id()
     cfg = cfg.with_overrides({"run_id": run_id})
+    check_evaluation_inputs(cfg)
     # One Ray for every stage. The CLI starts it (execution_environment); a deployment run
     # by a Prefect worker has no CLI around it, and RayTaskRunner's own ray.init() would join
     # whatever cluster /tmp/ray last named, then shut Ray down after each stage.

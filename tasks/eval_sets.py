@@ -145,3 +145,37 @@ def load_eval_set(spec: str, eval_sets_dir: str | None = None, limit: int | None
         raise EvalSetError(
             f"test set {spec!r}: {url} is not UTF-8 text ({error.reason})") from error
     return prompts
+
+
+def check_readable(specs: list[str], eval_sets_dir: str | None = None) -> None:
+    """Fail now, naming the config key, if a test set does not resolve to a readable file.
+
+    The curate flow calls this before ingesting, so a wrong ``eval_sets_dir``
+    (e.g. a relative path read from another directory) stops the run at once
+    instead of after rating and fine-tuning.
+    """
+    for spec in specs:
+        try:
+            _, url, _ = resolve(spec, eval_sets_dir)
+        except EvalSetError as error:
+            raise EvalSetError(f"evaluate.test_sets: {error}") from None
+        known = ALIASES.get(spec.lower(), spec.lower()) in KNOWN_SETS
+        if "=" in spec or not known:
+            where = f"evaluate.test_sets entry {spec!r}"
+        elif eval_sets_dir:
+            where = f"evaluate.eval_sets_dir = {eval_sets_dir!r} (test set {spec!r})"
+        else:
+            where = f"${EVAL_SETS_ENV} = {os.environ.get(EVAL_SETS_ENV)!r} (test set {spec!r})"
+        try:
+            with fsspec.open(url, "rb") as handle:
+                handle.read(1)
+        except (OSError, ValueError) as error:
+            local = "://" not in url
+            relative = local and not os.path.isabs(url)
+            hint = (f"; relative paths are resolved against the current directory "
+                    f"({os.getcwd()})") if relative else ""
+            reason = type(error).__name__ if not local else (
+                getattr(error, "strerror", None) or type(error).__name__)
+            raise EvalSetError(
+                f"{where}: {url} is not a readable file ({reason}){hint}. Evaluation needs "
+                f"it; fix the path or run with --no-eval") from None

@@ -67,7 +67,7 @@ def curate(
     as_json: bool = JsonOption,
 ) -> None:
     """Ingest, rate, score, embed, select, publish a dataset version, then fine-tune and judge."""
-    from flows.curate import curate_flow
+    from flows.curate import check_evaluation_inputs, curate_flow
     from gleaner.runtime import execution_environment
 
     config = build_config(
@@ -84,6 +84,7 @@ def curate(
 
     run_id = config.run_id or new_run_id()
     try:
+        check_evaluation_inputs(config)  # before starting Prefect and Ray, too
         with execution_environment(config) as api_url:
             if not as_json:
                 typer.echo(f"Prefect API: {api_url}  run id: {run_id}", err=True)
