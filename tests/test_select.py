@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tasks.deita_walk import deita_walk, unit_rows
 from tasks.select import (
     FAILED_UPSTREAM,
     KEPT,
@@ -15,7 +16,6 @@ from tasks.select import (
     select_random,
     select_threshold,
     select_topk,
-    unit_rows,
 )
 
 
@@ -78,13 +78,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("screen", ["f32", "bf16"])
+@pytest.mark.parametrize(("screen", "index"),
+                         [("f32", "off"), ("bf16", "off"), ("f32", "always"), ("bf16", "always")])
 @pytest.mark.parametrize(("n", "centres", "spread", "tau", "budget", "ties", "block"), CASES)
-def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block, screen):
+def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block, screen,
+                                            index):
     ids, scores, x = clustered(n, 48, centres, spread, seed=n + centres, duplicates=n // 10,
                                tie_levels=ties)
     manifest = select_deita(ids, scores, x, budget=budget, tau=tau, block_size=block,
-                            screen=screen)
+                            screen=screen, index=index)
     want_ids, want_reasons = reference_deita(ids, scores, x, budget, tau)
     assert manifest.selected_ids == want_ids
     assert manifest.reason == want_reasons
@@ -159,9 +161,10 @@ def test_chain_threshold_then_deita():
     assert {s for s in final.selector} == {"threshold", "threshold+deita"}
 
 
+@pytest.mark.parametrize("index", ["off", "always"])
 @pytest.mark.parametrize("screen", ["f32", "bf16"])
 @pytest.mark.parametrize("block", [1, 64])  # against S (separate blocks) and within a block
-def test_similarity_on_the_float32_edge_of_the_margin(screen, block):
+def test_similarity_on_the_float32_edge_of_the_margin(screen, block, index):
     """Similarities one float32 ulp around tau +- margin must still be decided exactly."""
     tau = 0.9
     edges = [np.float32(tau + 1e-4), np.float32(tau - 1e-4), np.float32(tau),
@@ -174,6 +177,35 @@ def test_similarity_on_the_float32_edge_of_the_margin(screen, block):
         unit, _ = unit_rows(np.stack([s, x]))
         exact = float(unit[0].astype(np.float64) @ unit[1].astype(np.float64))
         m = select_deita(["a", "b"], [2.0, 1.0], np.stack([s, x]), budget=5, tau=tau,
-                         block_size=block, screen=screen)
+                         block_size=block, screen=screen, index=index)
         want = "too_similar:a" if exact > tau else "kept"
         assert m.reason[1] == want, (c, exact)
+
+
+@pytest.mark.parametrize("cells", [1, 7, 64])
+def test_witness_index_decides_most_rejections_without_changing_the_walk(cells):
+    """Duplicate-heavy data: the index must do the work (most rows witnessed), and the walk
+    must be the same row for row as the one that compares every row with all of S."""
+    ids, scores, x = clustered(6000, 48, 150, 0.3, seed=11, duplicates=300, tie_levels=9)
+    order = np.lexsort((np.array(ids), -scores))
+    plain = deita_walk(x, order, 900, 0.9, block_size=256, index="off")
+    indexed = deita_walk(x, order, 900, 0.9, block_size=256, index="always", cells=cells)
+    assert np.array_equal(indexed.code, plain.code)
+    assert np.array_equal(indexed.neighbour, plain.neighbour)
+    assert np.array_equal(indexed.selected_order, plain.selected_order)
+    assert plain.stats["witnessed"] == 0 and plain.stats["index_built_at"] == -1
+    rejected = int((plain.code == 1).sum())
+    assert rejected > 3000
+    assert indexed.stats["index_built_at"] > 0
+    assert indexed.stats["witnessed"] > rejected // 2
+    assert indexed.stats["witnessed"] + indexed.stats["full_checked"] <= indexed.stats["walked"]
+
+
+def test_auto_index_builds_only_when_most_rows_are_rejected():
+    light_ids, light_scores, light = clustered(5000, 48, 5000, 0.6, seed=5)
+    heavy_ids, heavy_scores, heavy = clustered(20000, 48, 60, 0.3, seed=6)
+    light_walk = deita_walk(light, np.argsort(-light_scores), 3000, 0.9, block_size=512)
+    heavy_walk = deita_walk(heavy, np.argsort(-heavy_scores), 2000, 0.9, block_size=512)
+    assert light_walk.stats["index_built_at"] == -1
+    assert heavy_walk.stats["index_built_at"] >= 256
+    assert heavy_walk.stats["witnessed"] > 0
