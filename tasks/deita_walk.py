@@ -96,6 +96,24 @@ class WalkResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+class Scratch:
+    """One reusable float32 buffer for a block's big temporaries.
+
+    A product of a block with S is tens of MB; allocated afresh per block it is
+    new zero pages every time (glibc maps such sizes directly), and on the
+    2-core VM page faults cost about as much as the product itself.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = np.empty(0, dtype=np.float32)
+
+    def matrix(self, rows: int, cols: int) -> np.ndarray:
+        need = rows * cols
+        if need > self._buffer.size:
+            self._buffer = np.empty(max(need, self._buffer.size * 3 // 2), dtype=np.float32)
+        return self._buffer[:need].reshape(rows, cols)
+
+
 # ---- exact decisions against the selected set -------------------------------------
 def _exact(S: np.ndarray, cand: np.ndarray, x: np.ndarray) -> np.ndarray:
     """float64 similarities of the selected rows ``cand`` with ``x``: the definition's values."""
@@ -110,7 +128,7 @@ def _refined_argmax(x: np.ndarray, cand: np.ndarray, S: np.ndarray) -> int:
 
 
 def _against_selected_f32(
-    X: np.ndarray, S: np.ndarray, tau: float, eps: float
+    X: np.ndarray, S: np.ndarray, tau: float, eps: float, scratch: Scratch | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of X rejected against S, their most similar column, and that similarity.
 
@@ -120,7 +138,7 @@ def _against_selected_f32(
     size = len(X)
     cols = np.full(size, -1, dtype=np.int64)
     best_val = np.full(size, -np.inf)
-    G = X @ S.T
+    G = X @ S.T if scratch is None else np.matmul(X, S.T, out=scratch.matrix(len(X), len(S)))
     rows = np.arange(size)
     best = G.argmax(axis=1)
     rowmax32 = G[rows, best]
@@ -234,11 +252,11 @@ _TILE = 256
 _UPPER = np.triu(np.ones((_TILE, _TILE), dtype=bool))
 
 
-def _lower_gram(Xs: np.ndarray) -> np.ndarray:
+def _lower_gram(Xs: np.ndarray, scratch: Scratch | None = None) -> np.ndarray:
     """Xs @ Xs.T strictly below the diagonal, -inf on and above it: half the flops, and a
     row's maximum says at once whether it can conflict with an earlier row."""
     m = len(Xs)
-    W = np.empty((m, m), dtype=np.float32)
+    W = np.empty((m, m), dtype=np.float32) if scratch is None else scratch.matrix(m, m)
     for i0 in range(0, m, _TILE):
         i1 = min(m, i0 + _TILE)
         W[i0:i1, :i1] = Xs[i0:i1] @ Xs[:i1].T
@@ -247,13 +265,14 @@ def _lower_gram(Xs: np.ndarray) -> np.ndarray:
     return W
 
 
-def _resolve_block(Xs: np.ndarray, tau: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def _resolve_block(Xs: np.ndarray, tau: float, eps: float, scratch: Scratch | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The sequential walk over rows that no selected row rejects: which are accepted, and
     for the others the (local) accepted row they are most similar to."""
     m = len(Xs)
     acc = np.ones(m, dtype=bool)
     nearest = np.full(m, -1, dtype=np.int64)
-    W = _lower_gram(Xs)
+    W = _lower_gram(Xs, scratch)
     hi, lo = np.float32(tau + eps), np.float32(tau - eps)
     rows = np.flatnonzero(W.max(axis=1, initial=-np.inf) >= lo)  # rows with a possible conflict
     if not rows.size:
@@ -395,6 +414,7 @@ def deita_walk(
     eps = FLOAT32_MARGIN
     seen = accepted_total = 0
     witness_index: WitnessIndex | None = None
+    against, gram = Scratch(), Scratch()  # reused across blocks: fresh pages cost page faults
     stats = {"walked": 0, "witnessed": 0, "full_checked": 0, "index_built_at": -1}
     while pos < n and k < cap:
         # Size the block to what is likely needed to fill the budget, so the
@@ -416,7 +436,7 @@ def deita_walk(
                     return _against_selected_bf16(rows, S_bf16[:k], S[:k], tau, eps)
             else:
                 def full_check(rows: np.ndarray, k: int = k) -> Any:
-                    return _against_selected_f32(rows, S[:k], tau, eps)
+                    return _against_selected_f32(rows, S[:k], tau, eps, against)
             if witness_index is not None:
                 rejected, cols, best_val, witnessed = _against_selected_indexed(
                     X, witness_index, S[:k], tau, eps, full_check)
@@ -430,7 +450,7 @@ def deita_walk(
         accepted = np.zeros(size, dtype=bool)
         older_sims = None  # the block's acceptances against S, once the index needs them
         if surv.size:
-            kept, nearest = _resolve_block(X[surv], tau, eps)
+            kept, nearest = _resolve_block(X[surv], tau, eps, gram)
             accepted[surv[kept]] = True
             lost = np.flatnonzero(nearest >= 0)
             neighbour[pos + surv[lost]] = pos + surv[nearest[lost]]

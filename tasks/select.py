@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.deita_walk import (
+    CODE_FAILED,
     CODE_KEPT,
     CODE_OVER_BUDGET,
     CODE_TOO_SIMILAR,
@@ -36,6 +37,9 @@ TOO_SIMILAR = "too_similar"
 OVER_BUDGET = "over_budget"
 FAILED_UPSTREAM = "failed_upstream"
 REASONS = (KEPT, BELOW_THRESHOLD, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM)
+_WALK_LABELS = np.empty(4, dtype=object)  # indexed by the walk's CODE_* values
+_WALK_LABELS[[CODE_KEPT, CODE_TOO_SIMILAR, CODE_OVER_BUDGET, CODE_FAILED]] = [
+    KEPT, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM]
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -189,9 +193,10 @@ def select_deita(
     selected[order[walk.code == CODE_KEPT]] = True
     rank = np.full(n, -1, dtype=np.int64)
     rank[order] = np.arange(order.size)
-    reason = np.full(n, FAILED_UPSTREAM, dtype=object)
-    reason[order[walk.code == CODE_KEPT]] = KEPT
-    reason[order[walk.code == CODE_OVER_BUDGET]] = OVER_BUDGET
+    # One code per row, then one take of the labels (object-array fills are slow per row).
+    codes = np.full(n, CODE_FAILED, dtype=np.int8)
+    codes[order] = walk.code
+    reason = _WALK_LABELS[codes]
     similar = np.flatnonzero(walk.code == CODE_TOO_SIMILAR)
     if similar.size:
         neighbours = np.array(ids, dtype=object)[order[walk.neighbour[similar]]]
