@@ -209,3 +209,27 @@ def test_auto_index_builds_only_when_most_rows_are_rejected():
     assert light_walk.stats["index_built_at"] == -1
     assert heavy_walk.stats["index_built_at"] >= 256
     assert heavy_walk.stats["witnessed"] > 0
+
+
+def test_index_never_changes_the_walk_on_random_inputs():
+    """A sweep over shapes the named cases miss: tiny dimensions, one to a few cells,
+    single-row blocks, tau from 0.5 to 0.97, duplicates and ties."""
+    rng = np.random.default_rng(7)
+    for case in range(30):
+        n = int(rng.integers(50, 1500))
+        dim = int(rng.choice([2, 4, 16, 48]))
+        ids, scores, x = clustered(n, dim, int(rng.integers(1, 300)),
+                                   float(rng.choice([0.1, 0.3, 0.5])), seed=1000 + case,
+                                   duplicates=n // 6, tie_levels=[None, 3][case % 2])
+        order = np.lexsort((np.array(ids), -scores))
+        tau = float(rng.choice([0.5, 0.8, 0.9, 0.97]))
+        budget = int(rng.integers(1, n))
+        block = int(rng.choice([1, 16, 128]))
+        plain = deita_walk(x, order, budget, tau, block_size=block, index="off")
+        for cells in (1, 3, 17):
+            indexed = deita_walk(x, order, budget, tau, block_size=block, index="always",
+                                 cells=cells)
+            where = (case, cells)
+            assert np.array_equal(indexed.code, plain.code), where
+            assert np.array_equal(indexed.neighbour, plain.neighbour), where
+            assert np.array_equal(indexed.selected_order, plain.selected_order), where
