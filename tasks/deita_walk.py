@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from tasks.similarity import best_per_group, exact_similarities
 from tasks.walk_index import MIN_TAU, WitnessIndex
 
 # Walk outcome codes (input order), used by deita_walk.
@@ -115,16 +117,11 @@ class Scratch:
 
 
 # ---- exact decisions against the selected set -------------------------------------
-def _exact(S: np.ndarray, cand: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """float64 similarities of the selected rows ``cand`` with ``x``: the definition's values."""
-    return S[cand].astype(np.float64) @ x.astype(np.float64)
-
-
 def _refined_argmax(x: np.ndarray, cand: np.ndarray, S: np.ndarray) -> int:
     """Exact (float64) argmax among near-tied candidate columns; first in selection order wins."""
     if cand.size == 1:
         return int(cand[0])
-    return int(cand[int(np.argmax(_exact(S, cand, x)))])
+    return int(cand[int(np.argmax(exact_similarities(S, cand, x)))])
 
 
 def _against_selected_f32(
@@ -146,7 +143,7 @@ def _against_selected_f32(
     rejected = rowmax > tau + eps
     for r in np.flatnonzero(~rejected & (rowmax >= tau - eps)):  # borderline rows, exactly
         cand = np.flatnonzero(G[r] >= np.float32(tau - eps))
-        sims = _exact(S, cand, X[r])
+        sims = exact_similarities(S, cand, X[r])
         if sims.max() > tau:
             rejected[r] = True
             cols[r] = int(cand[int(np.argmax(sims))])
@@ -188,14 +185,8 @@ def _against_selected_bf16(
     starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
     counts = np.diff(np.r_[starts, rows.size])
     group_rows = rows[starts]
-    gmax32 = np.maximum.reduceat(vals, starts)
+    gmax32, argcol, near = best_per_group(vals, c, starts, counts, eps)
     gmax = gmax32.astype(np.float64)  # compare in float64: no gaps between the cases
-    rep = np.repeat(gmax32, counts)
-    first = np.flatnonzero(vals == rep)
-    group_of = np.repeat(np.arange(starts.size), counts)
-    _, first_idx = np.unique(group_of[first], return_index=True)
-    argcol = c[first[first_idx]]
-    near = np.add.reduceat((vals >= rep - 2 * eps).astype(np.int64), starts)
     over = gmax > tau + eps
     hard = (~over & (gmax >= tau - eps)) | (over & (near > 1))
     sure = over & ~hard
@@ -204,7 +195,7 @@ def _against_selected_bf16(
     best_val[group_rows[sure]] = gmax[sure]
     for g in np.flatnonzero(hard):  # borderline or near-tied: decide in float64
         cand = c[starts[g] : starts[g] + counts[g]]
-        sims = _exact(S, cand, X[group_rows[g]])
+        sims = exact_similarities(S, cand, X[group_rows[g]])
         if sims.max() > tau:
             r = group_rows[g]
             rejected[r] = True
@@ -337,7 +328,8 @@ def _nearer_in_block(
         floor = max(float(g.max(initial=-np.inf)), float(top[j])) - 2 * eps
         from_s = np.flatnonzero(g >= floor)
         from_block = earlier[H[j, : earlier.size] >= floor]
-        sims = np.concatenate([_exact(S, from_s, X[r]), _exact(X, from_block, X[r])])
+        sims = np.concatenate([exact_similarities(S, from_s, X[r]),
+                               exact_similarities(X, from_block, X[r])])
         best = int(np.argmax(sims))
         neighbour[pos + r] = S_rows[from_s[best]] if best < from_s.size else pos + int(
             from_block[best - from_s.size])
@@ -412,14 +404,13 @@ def deita_walk(
     k = 0
     pos = 0
     eps = FLOAT32_MARGIN
-    seen = accepted_total = 0
     witness_index: WitnessIndex | None = None
     against, gram = Scratch(), Scratch()  # reused across blocks: fresh pages cost page faults
     stats = {"walked": 0, "witnessed": 0, "full_checked": 0, "index_built_at": -1}
     while pos < n and k < cap:
         # Size the block to what is likely needed to fill the budget, so the
         # last block does not compute far past the budget.
-        rate = (accepted_total + 1) / (seen + 1)
+        rate = (k + 1) / (pos + 1)  # acceptances so far per row walked
         want = math.ceil((cap - k) / max(rate, 1e-3) * 1.2) + 8
         limit = block_size if witness_index is None else max(block_size, INDEXED_BLOCK)
         size = int(min(limit, max(min_block, want), n - pos))
@@ -431,12 +422,10 @@ def deita_walk(
         cols = np.full(size, -1, dtype=np.int64)  # nearest selected row of rejected rows
         best_val = np.full(size, -np.inf)  # similarity to the current neighbour of rejected rows
         if k:
-            if screen == "bf16":
-                def full_check(rows: np.ndarray, k: int = k) -> Any:
-                    return _against_selected_bf16(rows, S_bf16[:k], S[:k], tau, eps)
-            else:
-                def full_check(rows: np.ndarray, k: int = k) -> Any:
-                    return _against_selected_f32(rows, S[:k], tau, eps, against)
+            full_check = (
+                partial(_against_selected_bf16, S_bf16=S_bf16[:k], S=S[:k], tau=tau, eps=eps)
+                if screen == "bf16" else
+                partial(_against_selected_f32, S=S[:k], tau=tau, eps=eps, scratch=against))
             if witness_index is not None:
                 rejected, cols, best_val, witnessed = _against_selected_indexed(
                     X, witness_index, S[:k], tau, eps, full_check)
@@ -480,10 +469,7 @@ def deita_walk(
             S_bf16[k : k + m] = torch.from_numpy(X[acc_rows]).to(torch.bfloat16)
         S_rows[k : k + m] = pos + acc_rows
         k += m
-        seen += cut
-        accepted_total += m
         pos += cut
-        stats["walked"] += cut
         if witness_index is not None:
             witness_index.add(S, k, None if older_sims is None else older_sims[:m])
         elif _index_pays(index, tau, k, cap, cut, m, n - pos, block_size):
@@ -491,6 +477,7 @@ def deita_walk(
             witness_index = WitnessIndex.build(
                 S[:k], np.concatenate([S[:k], upcoming]), tau, cells=cells or index_cells(cap))
             stats["index_built_at"] = k
+    stats["walked"] = pos
     return WalkResult(code=code, neighbour=neighbour, selected_order=S_rows[:k].copy(),
                       stats=stats)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tasks.similarity import best_per_group, exact_similarities
+
 # Slack on the near-graph bound: far wider than the float32 error of a product.
 NEAR_SLACK = 1e-3
 # The bound 2·tau² - 1 only prunes when it is well above -1: below this tau the
@@ -197,17 +199,10 @@ class WitnessIndex:
         cols = self.near_indices[flat]
         pair_rows = np.repeat(rows, counts)
         vals = np.einsum("ij,ij->i", X[pair_rows], S[cols])
-        top = np.maximum.reduceat(vals, seg)
-        rep = np.repeat(top, counts)
-        group = np.repeat(np.arange(rows.size), counts)
-        first = np.flatnonzero(vals == rep)
-        _, at = np.unique(group[first], return_index=True)
-        best_col = cols[first[at]]
-        close = np.add.reduceat((vals >= rep - 2 * eps).astype(np.int64), seg)
+        top, best_col, close = best_per_group(vals, cols, seg, counts, eps)
         for g in np.flatnonzero(close > 1):  # near-tied in float32: decide in float64
             lo = seg[g]
             cand = cols[lo:lo + counts[g]]
             cand = cand[vals[lo:lo + counts[g]] >= top[g] - 2 * eps]
-            exact = S[cand].astype(np.float64) @ X[rows[g]].astype(np.float64)
-            best_col[g] = cand[int(np.argmax(exact))]
+            best_col[g] = cand[int(np.argmax(exact_similarities(S, cand, X[rows[g]])))]
         return best_col, top.astype(np.float64)
