@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 
 from gleaner.schema import Example
-from tasks.embed import Encoder, actor_pool, embed_on_pool, example_text, length_batches
+from gleaner.tasks.deita.embed import (
+    Encoder,
+    actor_pool,
+    embed_on_pool,
+    example_text,
+    length_batches,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -46,8 +46,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     import pyarrow as pa
 
-    from flows.finetune_flow import resolve_base_model, run_finetune
     from gleaner.config import GleanerConfig
+    from gleaner.flows.finetune_flow import resolve_base_model, run_finetune
     from gleaner.runtime import init_ray
     from gleaner.schema import Example
     from gleaner.store import Store

@@ -47,7 +47,7 @@ def child(source: str, store_dir: str) -> None:
     """Run in a fresh process: ingest, then print one JSON line of figures."""
     from gleaner.config import GleanerConfig
     from gleaner.store import Store
-    from tasks.ingest import run_ingest
+    from gleaner.tasks.ingest.ingest import run_ingest
 
     started = time.perf_counter()
     summary = run_ingest([source], Store(store_dir), "bench", GleanerConfig())

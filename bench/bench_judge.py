@@ -28,8 +28,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from gleaner.config import EndpointConfig
-    from tasks.judge import Judge, Pair
-    from tasks.verdicts import tally
+    from gleaner.tasks.evaluate.judge import Judge, Pair
+    from gleaner.tasks.evaluate.verdicts import tally
     from tests.support.openai_server import OpenAIStub, Reply
 
     questions = [json.loads(line)["text"] for line in VICUNA.read_text().splitlines() if line]

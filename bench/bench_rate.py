@@ -41,7 +41,7 @@ from gleaner.config import GleanerConfig  # noqa: E402
 from gleaner.runtime import free_port, prefect_api, start_prefect_server  # noqa: E402
 from gleaner.schema import Example, examples_to_table  # noqa: E402
 from gleaner.store import Store  # noqa: E402
-from tasks.rate import build_prompt, parse_score  # noqa: E402
+from gleaner.tasks.rate.rating import build_prompt, parse_score  # noqa: E402
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_random_9k.json"
 
@@ -153,7 +153,7 @@ def main() -> None:
 
         import ray
 
-        from flows.rate_flow import rate_flow
+        from gleaner.flows.rate_flow import rate_flow
         from gleaner.runtime import init_ray
 
         store = Store(str(home / "store"))

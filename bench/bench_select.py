@@ -33,8 +33,8 @@ import time
 
 import numpy as np
 
-from tasks.deita_walk import deita_walk, unit_rows
-from tasks.select import select_deita
+from gleaner.tasks.select.deita_walk import deita_walk, unit_rows
+from gleaner.tasks.select.selectors import select_deita
 
 DIM = 384
 DEITA_CHUNK = 100_000  # examples/pipelines/combined_filter.py's --chunk_size default

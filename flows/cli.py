@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from flows import commands  # noqa: F401  (registers the commands on the app)
-from flows.cli_app import app
+from gleaner.flows import commands  # noqa: F401  (registers the commands on the app)
+from gleaner.flows.cli_app import app
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def offline_endpoints(config: GleanerConfig) -> Iterator[GleanerConfig]:
             }
         live = config.with_overrides(overrides)
         if needs_judge:
-            from flows.evaluate_flow import with_offline_judge
+            from gleaner.flows.evaluate_flow import with_offline_judge
 
             live = with_offline_judge(live, server.base_url, server.model)
         yield live
@@ -79,14 +79,14 @@ def check_evaluation_inputs(config: GleanerConfig) -> None:
     """
     if not (config.curate.evaluate and config.curate.downstream == "subflow"):
         return
-    from tasks.eval_sets import check_readable
+    from gleaner.tasks.evaluate.eval_sets import check_readable
 
     check_readable(config.evaluate.test_sets, config.evaluate.eval_sets_dir)
 
 
 def previous_run(store: Store, dataset_name: str, run_id: str) -> str | None:
     """The run that published the latest version of this dataset (for the refresh diff)."""
-    from tasks.versions import latest_version
+    from gleaner.tasks.publish.versions import latest_version
 
     latest = latest_version(store, dataset_name)
     if latest is None or latest["run_id"] == run_id:
@@ -134,9 +134,9 @@ def artifact_key(run_id: str) -> str:
 
 @task(name="publish-dataset-version")
 def publish_version(config: GleanerConfig, run_id: str, stats: dict[str, Any]) -> dict[str, Any]:
-    from flows.deita_flow import CURATED_STAGE
+    from gleaner.flows.deita_flow import CURATED_STAGE
     from gleaner.schema import EXAMPLE_SCHEMA
-    from tasks.versions import publish_dataset_version
+    from gleaner.tasks.publish.versions import publish_dataset_version
 
     store = Store(config.store.url, config.store.options)
     selected = store.read_stage(run_id, CURATED_STAGE, schema=EXAMPLE_SCHEMA)
@@ -170,9 +170,9 @@ def curate_flow(
     evaluate: bool | None = None,
 ) -> dict[str, Any]:
     """Curate ``sources`` into a new dataset version; fine-tune and evaluate when asked."""
-    from flows.deita_flow import run_embed, run_score, run_select
-    from flows.ingest_flow import ingest_flow
-    from flows.rate_flow import rate_flow
+    from gleaner.flows.deita_flow import run_embed, run_score, run_select
+    from gleaner.flows.ingest_flow import ingest_flow
+    from gleaner.flows.rate_flow import rate_flow
 
     logger = get_run_logger()
     cfg = resolve_config(config, store).with_overrides(
@@ -204,7 +204,7 @@ def curate_flow(
         version = publish_version(live, run_id, stats)
         summary["dataset"] = version
         if before is not None:
-            from tasks.versions import diff_ingest
+            from gleaner.tasks.publish.versions import diff_ingest
 
             summary["pool_diff"] = diff_ingest(st, before, run_id, stage="ingest")
         announce_selection(live, run_id, version)
@@ -221,11 +221,11 @@ def curate_flow(
 
         if cfg.curate.downstream == "subflow":
             if cfg.curate.train:
-                from flows.finetune_flow import finetune_flow
+                from gleaner.flows.finetune_flow import finetune_flow
 
                 summary["finetune"] = finetune_flow(run_id=run_id, config=live)
             if cfg.curate.evaluate:
-                from flows.evaluate_flow import evaluate_flow
+                from gleaner.flows.evaluate_flow import evaluate_flow
 
                 summary["evaluate"] = evaluate_flow(run_id=run_id, config=live)
 

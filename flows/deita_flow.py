@@ -45,10 +45,10 @@ from gleaner.runs import record_run
 from gleaner.runtime import execution_environment, prefect_api, resolve_prefect_api
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
-from tasks import embed as embed_tasks
-from tasks import report as report_tasks
-from tasks import score as score_tasks
-from tasks import select as sel
+from gleaner.tasks.deita import embed as embed_tasks
+from gleaner.tasks.deita import score as score_tasks
+from gleaner.tasks.select import report as report_tasks
+from gleaner.tasks.select import selectors as sel
 
 INGEST_STAGE = "ingest"
 RATE_STAGE = "rate"
@@ -402,7 +402,7 @@ def select_flow(run_id: str, config: GleanerConfig, out: str | None = None,
         "report": paths, "curated_rows": curated,
     }
     if out:
-        from tasks.export import write_dataset
+        from gleaner.tasks.publish.export import write_dataset
 
         summary["export"] = write_dataset(
             store.read_stage(run_id, CURATED_STAGE, schema=EXAMPLE_SCHEMA), out, fmt

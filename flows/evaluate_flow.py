@@ -36,10 +36,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from gleaner.config import GleanerConfig, PriceConfig
 from gleaner.runs import new_run_id, record_run
 from gleaner.store import Store, part_name
-from tasks.answers import join_answers, load_answers
-from tasks.eval_sets import EvalPrompt, load_eval_set
-from tasks.judge import JUDGEMENT_SCHEMA, SCORE_LINE_GRAMMAR, Judge, Pair
-from tasks.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
+from gleaner.tasks.evaluate.answers import join_answers, load_answers
+from gleaner.tasks.evaluate.eval_sets import EvalPrompt, load_eval_set
+from gleaner.tasks.evaluate.judge import JUDGEMENT_SCHEMA, SCORE_LINE_GRAMMAR, Judge, Pair
+from gleaner.tasks.evaluate.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
 
 log = logging.getLogger("gleaner.evaluate")
 ANSWER_SCHEMA = pa.schema([
@@ -59,7 +59,7 @@ def label_of(reference: str) -> str:
 def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: str,
                   cache_dir: Path) -> tuple[str, str]:
     """(folder or hub id, version) of a model of this run by name, ``base``, a folder, an HF id."""
-    from flows.finetune_flow import model_path, resolve_base_model
+    from gleaner.flows.finetune_flow import model_path, resolve_base_model
 
     if reference == "base":
         folder = resolve_base_model(config.finetune.base_model)
@@ -110,7 +110,7 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: st
                  model: tuple[str, str], prompts_by_set: dict[str, list[EvalPrompt]],
                  ) -> dict[str, pa.Table]:
     """One model's answers per test set, generated only where the store has none yet."""
-    from tasks.generation import GenerationSettings, Generator
+    from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
 
     label = label_of(reference)
     model_dir, version = model
@@ -312,7 +312,7 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
     ``answer_fn`` / ``judge_fn`` replace the plain per-model and per-test-set steps
     (the flow passes them as Prefect tasks, so each shows and retries on its own).
     """
-    from flows.finetune_flow import model_path
+    from gleaner.flows.finetune_flow import model_path
 
     rule = rule or config.evaluate.rule
     answer_fn = answer_fn or (lambda ref, prompts: answer_model(store, run_id, config, ref,

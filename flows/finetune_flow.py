@@ -36,9 +36,15 @@ from gleaner.runs import new_run_id, record_run
 from gleaner.runtime import STATE_DIR, init_ray
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
-from tasks.finetune import count_parameters, dequantise_gguf, load_tokenizer, sequences_table, train
-from tasks.recipes import build_recipe
-from tasks.sft_data import SftFormat, prepare_tokenizer, tokenise_all
+from gleaner.tasks.train.finetune import (
+    count_parameters,
+    dequantise_gguf,
+    load_tokenizer,
+    sequences_table,
+    train,
+)
+from gleaner.tasks.train.recipes import build_recipe
+from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
 
 log = logging.getLogger("gleaner.finetune")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

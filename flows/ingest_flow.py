@@ -18,7 +18,7 @@ from gleaner.artifacts import artifact_key as shared_artifact_key
 from gleaner.config import GleanerConfig
 from gleaner.runs import new_run_id
 from gleaner.store import Store
-from tasks.ingest import run_ingest
+from gleaner.tasks.ingest.ingest import run_ingest
 
 
 @task(name="ingest-sources", retries=0)

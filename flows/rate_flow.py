@@ -43,7 +43,7 @@ from gleaner.progress import progress
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
 from gleaner.store import Store
-from tasks.rate import (
+from gleaner.tasks.rate.rating import (
     RATING_SCHEMA,
     STAGE,
     RateJob,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.curate import check_evaluation_inputs, curate_flow
 from gleaner.config import GleanerConfig, load_config
-from tasks.eval_sets import EvalSetError, check_readable
+from gleaner.flows.curate import check_evaluation_inputs, curate_flow
+from gleaner.tasks.evaluate.eval_sets import EvalSetError, check_readable
 from tests.support.curate_run import gleaner_command
 from tests.support.pipeline import ALPACA_SAMPLE, ROOT, prefect_env
 

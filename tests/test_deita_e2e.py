@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from gleaner.config import GleanerConfig
 from gleaner.store import Store
-from tasks.embed import Encoder, example_text, table_vectors, vectors_table
-from tasks.rate import RATING_SCHEMA
-from tasks.score import SCORE_SCHEMA
+from gleaner.tasks.deita.embed import Encoder, example_text, table_vectors, vectors_table
+from gleaner.tasks.deita.score import SCORE_SCHEMA
+from gleaner.tasks.rate.rating import RATING_SCHEMA
 from tests.test_select import reference_deita
 
 RUN = "e2e-alpaca"
@@ -69,8 +69,8 @@ def precomputed_ratings(ids: list[str]) -> pa.Table:
 
 @pytest.mark.slow  # embeds 2,500 real examples with MiniLM (~30 s on two shared cores)
 def test_select_on_alpaca_9k(shared_data, tmp_path, prefect_api):
-    from flows.cli import app
-    from tasks.ingest import run_ingest
+    from gleaner.flows.cli import app
+    from gleaner.tasks.ingest.ingest import run_ingest
 
     store_url = str(tmp_path / "store")
     store = Store(store_url)

@@ -114,7 +114,7 @@ def test_worker_runs_the_curate_deployment_end_to_end(deployed, prefect_api, tmp
     from prefect.states import Completed
 
     from gleaner.store import Store
-    from tasks.versions import list_versions
+    from gleaner.tasks.publish.versions import list_versions
 
     store = tmp_path / "store"
     sample = write_sample(tmp_path / "alpaca_sample.json", SAMPLE_ROWS)
@@ -233,7 +233,7 @@ def test_scheduled_refresh_rates_only_changed_rows_and_reports_the_diff(deployed
 
     from gleaner.runs import read_run
     from gleaner.store import Store
-    from tasks.versions import list_versions, read_version
+    from gleaner.tasks.publish.versions import list_versions, read_version
 
     rows = 60
     store = tmp_path / "store"

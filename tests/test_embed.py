@@ -9,7 +9,7 @@ import pytest
 from gleaner.config import GleanerConfig
 from gleaner.schema import Example, Turn, examples_to_table
 from gleaner.store import Store
-from tasks.embed import (
+from gleaner.tasks.deita.embed import (
     STAGE,
     Encoder,
     actor_pool,
@@ -73,7 +73,7 @@ def examples(n: int) -> list[Example]:
 
 @pytest.mark.slow  # three rounds of actor pools
 def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
-    from flows.deita_flow import embed_examples
+    from gleaner.flows.deita_flow import embed_examples
 
     store = Store(str(tmp_path / "store"))
     pool = examples(29)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.answers import AnswerFileError, load_answers
-from tasks.eval_sets import EvalSetError, load_eval_set
+from gleaner.tasks.evaluate.answers import AnswerFileError, load_answers
+from gleaner.tasks.evaluate.eval_sets import EvalSetError, load_eval_set
 
 COUNTS = {"koala": 180, "vicuna": 80, "wizardlm": 218, "sinstruct": 252, "mt_bench": 80}
 

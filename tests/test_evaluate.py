@@ -35,7 +35,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 
 
 def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tmp_path: Path):
-    from flows.cli import app
+    from gleaner.flows.cli import app
 
     a = write_jsonl(tmp_path / "curated.jsonl", [
         {"prompt": "Hi", "answer": "hello [s=8]", "test_set": "vicuna"},
@@ -85,7 +85,7 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tm
 
 
 def test_cli_refuses_half_an_answer_pair(tmp_path: Path) -> None:
-    from flows.cli import app
+    from gleaner.flows.cli import app
 
     result = CliRunner().invoke(app, ["evaluate", "--answers-a", str(tmp_path / "a.jsonl")])
     assert result.exit_code == 2 and "--answers-b" in result.output
@@ -95,8 +95,8 @@ def test_cli_refuses_half_an_answer_pair(tmp_path: Path) -> None:
 def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: Path,
                                                    smol_tokenizer_dir: Path, shared_data: Path,
                                                    tmp_path: Path) -> None:
-    from flows.evaluate_flow import answers_path, evaluate_flow
     from gleaner.config import GleanerConfig
+    from gleaner.flows.evaluate_flow import answers_path, evaluate_flow
     from gleaner.store import Store
 
     other = build_tiny_model(smol_tokenizer_dir, tmp_path / "other-model", seed=1)
@@ -152,10 +152,10 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
 def test_judging_resumes_from_finished_parts(tmp_path: Path, monkeypatch) -> None:
     """A crash after the first part (simulated: the second judge call raises) loses only the
     part in flight; the rerun asks the judge about the remaining pairs only."""
-    from flows.evaluate_flow import run_evaluate_answers
     from gleaner.config import GleanerConfig
+    from gleaner.flows.evaluate_flow import run_evaluate_answers
     from gleaner.store import Store
-    from tasks.judge import Judge
+    from gleaner.tasks.evaluate.judge import Judge
 
     rows_a = [{"prompt": f"Q{i}", "answer": f"a [s={8 if i % 2 else 4}]"} for i in range(5)]
     rows_b = [{"prompt": f"Q{i}", "answer": "b [s=6]"} for i in range(5)]

@@ -13,8 +13,8 @@ import s3fs
 
 from gleaner.config import GleanerConfig
 from gleaner.store import Store
-from tasks.export import EXPORT_FORMATS, infer_format, write_dataset
-from tasks.ingest import run_ingest
+from gleaner.tasks.ingest.ingest import run_ingest
+from gleaner.tasks.publish.export import EXPORT_FORMATS, infer_format, write_dataset
 
 
 @pytest.fixture

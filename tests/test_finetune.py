@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 
 from gleaner.schema import Example
-from tasks.recipes import build_optimizer, build_recipe, build_scheduler, gradient_accumulation
-from tasks.sft_data import (
+from gleaner.tasks.train.recipes import (
+    build_optimizer,
+    build_recipe,
+    build_scheduler,
+    gradient_accumulation,
+)
+from gleaner.tasks.train.sft_data import (
     ALPACA_PROMPT_INPUT,
     IGNORE_INDEX,
     SftFormat,
@@ -159,7 +164,7 @@ def test_residual_dropout_rises_linearly_and_only_in_training(tiny_model_dir: Pa
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.finetune import add_residual_dropout
+    from gleaner.tasks.train.finetune import add_residual_dropout
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
@@ -178,11 +183,11 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
         ray_local, tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
     import pyarrow as pa
 
-    from flows.finetune_flow import model_path, run_finetune
     from gleaner.config import GleanerConfig
+    from gleaner.flows.finetune_flow import model_path, run_finetune
     from gleaner.store import Store
-    from tasks.eval_sets import EvalPrompt
-    from tasks.generation import GenerationSettings, Generator
+    from gleaner.tasks.evaluate.eval_sets import EvalPrompt
+    from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
 
     rows = json.loads((shared_data / "alpaca" / "alpaca_random_9k.json").read_text())[:12]
     table = pa.Table.from_pylist(
@@ -246,8 +251,8 @@ def write_pool_and_selection(store, run_id: str, shared_data: Path, pool: int, c
 
 
 def test_curated_set_and_baselines_come_from_the_run(shared_data: Path, tmp_path: Path) -> None:
-    from flows.finetune_flow import baseline_examples, resolve_dataset
     from gleaner.config import GleanerConfig
+    from gleaner.flows.finetune_flow import baseline_examples, resolve_dataset
     from gleaner.store import Store
 
     store = Store(str(tmp_path / "store"))
@@ -270,9 +275,9 @@ def test_cli_finetune_lima_preset_with_random_baseline(
         ray_local, tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from gleaner.flows.cli import app
     from gleaner.store import Store
-    from tasks.sft_data import FORMAT_FILE
+    from gleaner.tasks.train.sft_data import FORMAT_FILE
 
     store = Store(str(tmp_path / "store"))
     write_pool_and_selection(store, "cli-run", shared_data, pool=30, chosen=6)
@@ -283,7 +288,7 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     curated, baseline = summary["curated"], summary["baseline"]
-    from flows.commands.train_eval import finetune_text
+    from gleaner.flows.commands.train_eval import finetune_text
 
     human = finetune_text(summary)
     assert "curated: 6 examples" in human and "baseline: 6 examples" in human
@@ -298,8 +303,8 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     from transformers import AutoTokenizer
 
     assert config["vocab_size"] == len(AutoTokenizer.from_pretrained(saved))  # EOT token added
-    from tasks.eval_sets import EvalPrompt
-    from tasks.generation import GenerationSettings, Generator
+    from gleaner.tasks.evaluate.eval_sets import EvalPrompt
+    from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
 
     generator = Generator(str(saved), GenerationSettings(max_new_tokens=4))
     prompt = EvalPrompt("t", "1", "Name a colour.")
@@ -312,8 +317,8 @@ def test_cli_finetune_lima_preset_with_random_baseline(
 def test_checkpoints_and_model_go_to_s3(ray_local, s3, tiny_model_dir: Path, shared_data: Path):
     """The store on S3 (moto's real HTTP server): Ray Train persists checkpoints through the
     store's fsspec filesystem, the final model is uploaded beside them."""
-    from flows.finetune_flow import run_finetune
     from gleaner.config import GleanerConfig
+    from gleaner.flows.finetune_flow import run_finetune
     from gleaner.store import Store
 
     store = Store(s3["url"], {"endpoint_url": s3["endpoint_url"]})
@@ -338,8 +343,8 @@ def test_two_data_parallel_workers(ray_local, tiny_model_dir: Path, tmp_path: Pa
     loss and token counts work the way they would on several GPUs."""
     import pyarrow as pa
 
-    from flows.finetune_flow import run_finetune
     from gleaner.config import GleanerConfig
+    from gleaner.flows.finetune_flow import run_finetune
     from gleaner.store import Store
 
     table = pa.Table.from_pylist([record(f"Question {i}?", f"Answer {i}.") for i in range(10)])

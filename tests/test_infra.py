@@ -79,9 +79,9 @@ def test_ray_cluster_installs_this_project_on_every_node():
 
 def test_gleaner_cli_entry_point_exists():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["gleaner"] == "flows.cli:main"
+    assert scripts["gleaner"] == "gleaner.flows.cli:main"
     result = subprocess.run(
-        [sys.executable, "-c", "from flows.cli import main; main()", "--help"],
+        [sys.executable, "-c", "from gleaner.flows.cli import main; main()", "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from gleaner.config import GleanerConfig
 from gleaner.store import Store
-from tasks.ingest import IngestError, run_ingest
+from gleaner.tasks.ingest.ingest import IngestError, run_ingest
 
 
 def good(n: int) -> dict:

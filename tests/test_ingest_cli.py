@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def gleaner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     executable = shutil.which("gleaner", path=str(Path(sys.executable).parent))
-    command = [executable] if executable else [sys.executable, "-m", "flows.cli"]
+    command = [executable] if executable else [sys.executable, "-m", "gleaner.flows.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, env=dict(os.environ), check=False)
 
@@ -74,7 +74,7 @@ def test_bad_format_flag_is_refused(tmp_path):
 def test_ingest_flow_runs_on_prefect_and_publishes_its_summary(tmp_path, shared_data, prefect_api):
     import httpx
 
-    from flows.ingest_flow import artifact_key, ingest_flow
+    from gleaner.flows.ingest_flow import artifact_key, ingest_flow
 
     config = GleanerConfig()
     config.store.url = str(tmp_path / "store")
@@ -97,7 +97,7 @@ def test_ingest_flow_runs_on_prefect_and_publishes_its_summary(tmp_path, shared_
 
 @pytest.mark.parametrize("run_id", ["Run_2024.01", "--weird--"])
 def test_artifact_keys_are_valid(run_id):
-    from flows.ingest_flow import artifact_key
+    from gleaner.flows.ingest_flow import artifact_key
 
     key = artifact_key(run_id)
     assert key.startswith("ingest-") and set(key) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")

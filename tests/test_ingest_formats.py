@@ -13,7 +13,7 @@ import pytest
 
 from gleaner.config import GleanerConfig
 from gleaner.store import Store
-from tasks.ingest import IngestError, run_ingest
+from gleaner.tasks.ingest.ingest import IngestError, run_ingest
 
 
 def ingest(tmp_path: Path, *sources: Path | str, fmt: str = "auto", run_id: str = "r",

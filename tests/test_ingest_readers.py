@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-import tasks.readers as readers
-from tasks.readers import read_json_array, read_jsonl
+import gleaner.tasks.ingest.readers as readers
+from gleaner.tasks.ingest.readers import read_json_array, read_jsonl
 
 LIMIT = 64 * 2**20
 

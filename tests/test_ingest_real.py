@@ -18,7 +18,7 @@ from gleaner.config import GleanerConfig
 from gleaner.runs import read_run
 from gleaner.schema import example_id
 from gleaner.store import Store
-from tasks.ingest import run_ingest
+from gleaner.tasks.ingest.ingest import run_ingest
 
 
 def _ingest(tmp_path: Path, *sources: Path, **ingest_settings) -> tuple[dict, Store]:

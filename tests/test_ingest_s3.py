@@ -14,7 +14,7 @@ import s3fs
 from gleaner.config import GleanerConfig
 from gleaner.runs import read_run
 from gleaner.store import Store
-from tasks.ingest import IngestError, run_ingest
+from gleaner.tasks.ingest.ingest import IngestError, run_ingest
 
 VOLATILE = {"seconds", "rows_per_s", "output", "quarantine_output", "duplicates_output"}
 

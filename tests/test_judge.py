@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from gleaner.config import EndpointConfig
-from tasks.answers import AnswerRow, join_answers
-from tasks.judge import (
+from gleaner.tasks.evaluate.answers import AnswerRow, join_answers
+from gleaner.tasks.evaluate.judge import (
     JUDGE_SYSTEM,
     JUDGE_USER_TEMPLATE,
     Judge,
@@ -23,7 +23,7 @@ from tasks.judge import (
     judge_messages,
     parse_scores,
 )
-from tasks.verdicts import tally
+from gleaner.tasks.evaluate.verdicts import tally
 from tests.support.openai_server import OpenAIStub, Reply
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"

@@ -13,10 +13,10 @@ import re
 
 import pytest
 
-from flows.curate import offline_endpoints
-from flows.evaluate_flow import judge_endpoint, make_judge, with_offline_judge
 from gleaner.config import GleanerConfig
-from tasks.judge import SCORE_LINE_GRAMMAR, Pair, parse_scores
+from gleaner.flows.curate import offline_endpoints
+from gleaner.flows.evaluate_flow import judge_endpoint, make_judge, with_offline_judge
+from gleaner.tasks.evaluate.judge import SCORE_LINE_GRAMMAR, Pair, parse_scores
 from tests.support.openai_server import OpenAIStub, Reply
 
 SCORE_LINE = re.compile(r"(10|[1-9]) (10|[1-9])")

@@ -9,7 +9,7 @@ import pytest
 
 from gleaner.config import EndpointConfig
 from gleaner.llm import LLMClient
-from tasks.rate import RATING_SCHEMA, RateOptions, build_prompt, rate_batch
+from gleaner.tasks.rate.rating import RATING_SCHEMA, RateOptions, build_prompt, rate_batch
 from tests.support.faults import FaultyRater, examples, stable_score
 from tests.support.openai_server import OpenAIStub
 

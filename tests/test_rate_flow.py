@@ -15,13 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from flows.commands.rate import format_summary
-from flows.rate_flow import SUMMARY_FILE, run_rate
 from gleaner.config import GleanerConfig
+from gleaner.flows.commands.rate import format_summary
+from gleaner.flows.rate_flow import SUMMARY_FILE, run_rate
 from gleaner.runs import read_run
 from gleaner.schema import examples_to_table
 from gleaner.store import Store
-from tasks.rate import RATING_SCHEMA
+from gleaner.tasks.rate.rating import RATING_SCHEMA
 from tests.support.faults import FaultyRater, examples, stable_score
 from tests.support.openai_server import OpenAIStub
 
@@ -243,7 +243,8 @@ def test_resume_after_kill_9_rerates_at_most_the_batches_in_flight(
         env.update(RAY_ADDRESS=ray.get_runtime_context().gcs_address, PREFECT_API_URL=prefect_api,
                    PYTHONPATH=str(ROOT))
         command = [
-            sys.executable, "-m", "flows.cli", "rate", "--run-id", "crash", "--store", store.url,
+            sys.executable, "-m", "gleaner.flows.cli", "rate", "--run-id", "crash",
+            "--store", store.url,
             "--base-url", stub.base_url, "--model", "stub-model", "--mode", "explain",
             "--batch-size", str(batch_size), "--concurrency", "2", "--json",
         ]

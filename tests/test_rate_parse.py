@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gleaner.llm.client import SCORE_TOKENS_0_5, SCORE_TOKENS_1_6, expected_score
-from tasks.rate import SYSTEM_PROMPT, build_prompt, parse_score
+from gleaner.tasks.rate.rating import SYSTEM_PROMPT, build_prompt, parse_score
 
 PARSED = [
     ("4.5", 4.5),

@@ -10,7 +10,7 @@ import pytest
 
 from gleaner.config import EndpointConfig, ScoreConfig
 from gleaner.schema import Example, Turn
-from tasks.score import (
+from gleaner.tasks.deita.score import (
     COMPLEXITY_TEMPLATE,
     QUALITY_TEMPLATE,
     EndpointScorer,
@@ -131,7 +131,7 @@ def test_endpoint_failure_is_recorded_not_dropped():
 @pytest.mark.slow
 def test_hf_scorer_on_smollm2_gguf():
     """The real offline model: two examples, values in [1, 6], batching does not change them."""
-    from tasks.score import HFScorer, build_scorers
+    from gleaner.tasks.deita.score import HFScorer, build_scorers
 
     scorer = HFScorer(None, device="cpu", batch_size=4)
     assert scorer.token_ids == [scorer.tokenizer.convert_tokens_to_ids(d) for d in "123456"]

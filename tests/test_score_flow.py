@@ -24,7 +24,7 @@ def scorer_endpoint(body):
 
 @pytest.mark.slow  # Ray workers + Prefect API
 def test_score_flow_on_ray_with_resume(ray_local, prefect_api, tmp_path):
-    from flows.deita_flow import run_score
+    from gleaner.flows.deita_flow import run_score
 
     pool = [Example("unit", i, f"Task {i}" + (" BROKEN" if i == 7 else ""), output=f"Done {i}")
             for i in range(40)]

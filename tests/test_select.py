@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.deita_walk import deita_walk, unit_rows
-from tasks.select import (
+from gleaner.tasks.select.deita_walk import deita_walk, unit_rows
+from gleaner.tasks.select.selectors import (
     FAILED_UPSTREAM,
     KEPT,
     OVER_BUDGET,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from gleaner.store import Store
-from tasks.report import build_report, histogram, write_report
-from tasks.select import select_deita
+from gleaner.tasks.select.report import build_report, histogram, write_report
+from gleaner.tasks.select.selectors import select_deita
 
 
 def test_report_counts_histograms_and_similarity_effect(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.verdicts import (
+from gleaner.tasks.evaluate.verdicts import (
     Tally,
     combine,
     markdown_table,

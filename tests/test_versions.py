@@ -7,7 +7,7 @@ import pytest
 
 from gleaner.schema import Example, examples_to_table
 from gleaner.store import Store
-from tasks.versions import (
+from gleaner.tasks.publish.versions import (
     diff_ingest,
     diff_markdown,
     latest_version,

@@ -3,7 +3,7 @@
 Add one import line per module here.
 """
 
-from flows.commands import (
+from gleaner.flows.commands import (
     curate,  # noqa: F401
     deita,  # noqa: F401
     ingest,  # noqa: F401

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from flows.cli_app import (
+from gleaner.flows.cli_app import (
     ConfigOption,
     JsonOption,
     RunIdOption,
@@ -67,7 +67,7 @@ def curate(
     as_json: bool = JsonOption,
 ) -> None:
     """Ingest, rate, score, embed, select, publish a dataset version, then fine-tune and judge."""
-    from flows.curate import check_evaluation_inputs, curate_flow
+    from gleaner.flows.curate import check_evaluation_inputs, curate_flow
     from gleaner.runtime import execution_environment
 
     config = build_config(

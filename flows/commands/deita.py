@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from flows.cli_app import ConfigOption, JsonOption, StoreOption, app, build_config, emit, fail
+from gleaner.flows.cli_app import (
+    ConfigOption,
+    JsonOption,
+    StoreOption,
+    app,
+    build_config,
+    emit,
+    fail,
+)
 
 RunOption = typer.Option(..., "--run-id", help="The run whose ingested examples to use.")
 
@@ -47,7 +55,7 @@ def score(
         overrides["score.endpoint.base_url"] = base_url
         overrides["score.backend"] = backend or "endpoint"
     config = build_config(config_file, **overrides)
-    from flows.deita_flow import run_score
+    from gleaner.flows.deita_flow import run_score
 
     try:
         summary = run_score(_store(config), run_id, config)
@@ -81,7 +89,7 @@ def embed(
         "store.url": store, "embed.model": model, "embed.pooling": pooling,
         "embed.batch_size": batch_size, "embed.actors": actors, "embed.num_gpus": num_gpus,
     })
-    from flows.deita_flow import run_embed
+    from gleaner.flows.deita_flow import run_embed
 
     try:
         summary = run_embed(_store(config), run_id, config)
@@ -130,7 +138,7 @@ def select(
         "select.budget": budget, "select.tau": tau, "select.threshold": threshold,
         "select.seed": seed,
     })
-    from flows.deita_flow import run_select
+    from gleaner.flows.deita_flow import run_select
 
     try:
         summary = run_select(_store(config), run_id, config, out=out, fmt=fmt, size_of=size_of)

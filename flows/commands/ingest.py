@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flows.cli_app import (
+from gleaner.flows.cli_app import (
     ConfigOption,
     JsonOption,
     RunIdOption,
@@ -17,8 +17,8 @@ from flows.cli_app import (
     fail,
 )
 from gleaner.runs import new_run_id
-from tasks.ingest import IngestError, format_summary, source_options
-from tasks.readers import SourceError, expand_sources
+from gleaner.tasks.ingest.ingest import IngestError, format_summary, source_options
+from gleaner.tasks.ingest.readers import SourceError, expand_sources
 
 
 @app.command("ingest")
@@ -48,7 +48,7 @@ def ingest(
     except SourceError as error:
         fail(str(error))
 
-    from flows.ingest_flow import ingest_flow
+    from gleaner.flows.ingest_flow import ingest_flow
     from gleaner.runtime import prefect_api, resolve_prefect_api
 
     try:

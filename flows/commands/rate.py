@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from flows.cli_app import ConfigOption, JsonOption, StoreOption, app, build_config, emit, fail
+from gleaner.flows.cli_app import (
+    ConfigOption,
+    JsonOption,
+    StoreOption,
+    app,
+    build_config,
+    emit,
+    fail,
+)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -82,7 +90,7 @@ def rate(
             "rate.retry_failed": True if retry_failed else None,
         },
     )
-    from flows.rate_flow import run_rate
+    from gleaner.flows.rate_flow import run_rate
     from gleaner.store import Store
 
     if not Store(config.store.url, config.store.options).has_stage(run_id, "ingest"):

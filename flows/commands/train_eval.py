@@ -7,7 +7,15 @@ from typing import Any
 
 import typer
 
-from flows.cli_app import ConfigOption, JsonOption, StoreOption, app, build_config, emit, fail
+from gleaner.flows.cli_app import (
+    ConfigOption,
+    JsonOption,
+    StoreOption,
+    app,
+    build_config,
+    emit,
+    fail,
+)
 
 
 def finetune_text(result: dict[str, Any]) -> str:
@@ -61,7 +69,7 @@ def finetune(
                  "per_device_batch_size": per_device_batch_size}
     config.finetune.overrides.update({k: v for k, v in overrides.items() if v is not None})
 
-    from flows.finetune_flow import finetune_flow
+    from gleaner.flows.finetune_flow import finetune_flow
     from gleaner.runtime import execution_environment
 
     try:
@@ -126,11 +134,11 @@ def evaluate(
         "evaluate.max_new_tokens": max_new_tokens, "evaluate.force": True if force else None,
         "evaluate.test_sets": test_sets or None})
 
-    from flows.evaluate_flow import evaluate_flow
+    from gleaner.flows.evaluate_flow import evaluate_flow
     from gleaner.runs import new_run_id
     from gleaner.runtime import prefect_api, resolve_prefect_api
-    from tasks.answers import AnswerFileError
-    from tasks.eval_sets import EvalSetError
+    from gleaner.tasks.evaluate.answers import AnswerFileError
+    from gleaner.tasks.evaluate.eval_sets import EvalSetError
 
     try:
         with prefect_api(resolve_prefect_api(config)):

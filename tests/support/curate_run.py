@@ -87,7 +87,7 @@ def gleaner_command() -> list[str]:
     script = Path(sys.executable).parent / "gleaner"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from flows.cli import main; main()"]
+    return [sys.executable, "-c", "from gleaner.flows.cli import main; main()"]
 
 
 def cli_curate_run(api_url: str) -> CliRun:

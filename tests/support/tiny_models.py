@@ -17,7 +17,7 @@ __all__ = [
 def fixture_smol_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's tokenizer read from the shipped GGUF once per session (takes seconds)."""
     from gleaner.models import smollm2_gguf
-    from tasks.finetune import load_tokenizer
+    from gleaner.tasks.train.finetune import load_tokenizer
 
     folder = tmp_path_factory.mktemp("smol-tokenizer")
     load_tokenizer(str(smollm2_gguf())).save_pretrained(folder)

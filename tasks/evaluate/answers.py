@@ -18,7 +18,7 @@ from typing import Any
 
 import fsspec
 
-from tasks.judge import Pair
+from gleaner.tasks.evaluate.judge import Pair
 
 
 class AnswerFileError(ValueError):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.similarity import best_per_group, exact_similarities
+from gleaner.tasks.select.similarity import best_per_group, exact_similarities
 
 # Slack on the near-graph bound: far wider than the float32 error of a product.
 NEAR_SLACK = 1e-3

@@ -29,7 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gleaner.schema import user_assistant_pairs
-from tasks.readers import fs_options
+from gleaner.tasks.ingest.readers import fs_options
 
 EXPORT_FORMATS = ("alpaca", "jsonl", "parquet", "sharegpt")
 SHAREGPT_SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}

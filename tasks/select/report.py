@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from gleaner.store import Store
-from tasks.select import REASONS, Manifest
+from gleaner.tasks.select.selectors import REASONS, Manifest
 
 # Histogram bins per score: AlpaGasus ratings in 0.5 steps over [0, 5]; DEITA's
 # c and q live in [1, 6], s = c*q in [1, 36] (more for multi-turn).

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from tasks.deita_walk import (
+from gleaner.tasks.select.deita_walk import (
     CODE_FAILED,
     CODE_KEPT,
     CODE_OVER_BUDGET,

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from gleaner.config import EndpointConfig
 from gleaner.llm.client import LLMClient, LLMError
-from tasks.verdicts import RULES, Outcome, Verdict, order_outcome, verdict
+from gleaner.tasks.evaluate.verdicts import RULES, Outcome, Verdict, order_outcome, verdict
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.similarity import best_per_group, exact_similarities
-from tasks.walk_index import MIN_TAU, WitnessIndex
+from gleaner.tasks.select.similarity import best_per_group, exact_similarities
+from gleaner.tasks.select.walk_index import MIN_TAU, WitnessIndex
 
 # Walk outcome codes (input order), used by deita_walk.
 CODE_KEPT, CODE_TOO_SIMILAR, CODE_OVER_BUDGET, CODE_FAILED = 0, 1, 2, 3

@@ -27,8 +27,8 @@ from gleaner.config import GleanerConfig, IngestConfig
 from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
 from gleaner.store import Store, validate_run_id
-from tasks.formats import MAPPERS, Rejected, detect_format, json_type
-from tasks.readers import (
+from gleaner.tasks.ingest.formats import MAPPERS, Rejected, detect_format, json_type
+from gleaner.tasks.ingest.readers import (
     Item,
     SourceError,
     SourceFile,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.eval_sets import EvalPrompt
-from tasks.sft_data import FORMAT_FILE, SftFormat, generation_prompt, stop_token_ids
+from gleaner.tasks.evaluate.eval_sets import EvalPrompt
+from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, generation_prompt, stop_token_ids
 
 log = logging.getLogger(__name__)
 

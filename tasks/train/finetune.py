@@ -33,14 +33,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from tasks.recipes import (
+from gleaner.tasks.train.recipes import (
     Recipe,
     build_optimizer,
     build_scheduler,
     gradient_accumulation,
     total_steps,
 )
-from tasks.sft_data import FORMAT_FILE, SftFormat, collate
+from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, collate
 
 log = logging.getLogger(__name__)
 

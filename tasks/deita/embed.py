@@ -125,7 +125,7 @@ class Encoder:
                 512, int(getattr(self.tokenizer, "model_max_length", 512) or 512)
             )
         elif pooling == "last":
-            from tasks.score import _load_causal_lm, resolve_model
+            from gleaner.tasks.deita.score import _load_causal_lm, resolve_model
 
             path, gguf_file, _ = resolve_model(model)
             self.tokenizer, self.model = _load_causal_lm(path, gguf_file, self.device)
