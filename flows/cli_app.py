@@ -27,6 +27,46 @@ StoreOption = typer.Option(
 )
 RunIdOption = typer.Option(None, "--run-id", help="Run id (generated when not given).")
 JsonOption = typer.Option(False, "--json", help="Print one JSON object instead of a human summary.")
+ForceOption = typer.Option(
+    False, "--force", help="Start the stage afresh: ignore the cache and this run's parts."
+)
+NoCacheOption = typer.Option(False, "--no-cache", help="Do not reuse rows made by other runs.")
+RetryFailedOption = typer.Option(
+    False, "--retry-failed", help="Redo only the rows of this run that failed."
+)
+
+
+def stage_flags(section: str, force: bool, no_cache: bool, retry_failed: bool) -> dict[str, Any]:
+    """The engine's per-stage switches as config overrides (None = as configured)."""
+    return {
+        f"{section}.force": True if force else None,
+        f"{section}.cache": False if no_cache else None,
+        f"{section}.retry_failed": True if retry_failed else None,
+    }
+
+
+def choice(kind: str, value: str | None, flag: str) -> str | None:
+    """A CLI choice checked against its registry (the message lists the known names)."""
+    if value is None:
+        return None
+    from gleaner.registry import registry
+
+    if value not in registry(kind):
+        fail(f"{flag} must be one of {', '.join(registry(kind).names())}, not {value!r}")
+    return value
+
+
+def run_or_fail(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a stage; what a person must act on exits with its message (2: usage, 1: the run)."""
+    from gleaner.engine import FatalStageError, LeaseHeld, PlanMismatch, StageFailed
+    from gleaner.llm.local_server import LocalServerError
+
+    try:
+        return call(*args, **kwargs)
+    except (PlanMismatch, FileNotFoundError, ValueError) as error:
+        fail(str(error), code=2)
+    except (FatalStageError, StageFailed, LeaseHeld, LocalServerError, RuntimeError) as error:
+        fail(str(error), code=1)
 
 
 def build_config(config_file: Path | None, **overrides: Any) -> GleanerConfig:

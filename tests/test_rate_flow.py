@@ -17,12 +17,13 @@ import pytest
 
 from gleaner.config import GleanerConfig
 from gleaner.flows.commands.rate import format_summary
-from gleaner.flows.rate_flow import SUMMARY_FILE, run_rate
+from gleaner import layout
+from gleaner.flows.rate_flow import run_rate
 from gleaner.runs import read_run
 from gleaner.schema import examples_to_table
 from gleaner.store import Store
-from gleaner.tasks.rate.rating import RATING_SCHEMA
-from tests.support.faults import FaultyRater, examples, stable_score
+from gleaner.tasks.rate.stage import RATING_SCHEMA
+from tests.support.faults import FaultyRater, example_key, examples, stable_score
 from tests.support.openai_server import OpenAIStub
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,10 +43,10 @@ def config_for(store: Store, stub: OpenAIStub, **overrides) -> GleanerConfig:
         "rate.endpoint.model": "stub-model",
         "rate.endpoint.timeout_s": 0.5,
         "rate.endpoint.max_retries": 2,
-        "rate.endpoint.concurrency": 8,
+        "rate.resources.concurrency": 8,
         "rate.mode": "explain",
-        "rate.batch_size": 30,
-        "rate.task_retry_delay_s": 0,
+        "rate.resources.batch_size": 30,
+        "rate.resources.retry_delay_s": 0,
     }
     values.update(overrides)
     return GleanerConfig().with_overrides(values)
@@ -89,7 +90,7 @@ def test_faults_every_example_ends_ok_or_failed_and_counts_add_up(
     assert summary["kept"] == sum(s >= 4.5 for s in scores)
     assert sum(summary["histogram"].values()) == len(scores)
     assert summary["histogram"]["4.5"] == sum(s == 4.5 for s in scores)
-    assert store.read_json(store.run_path("faults", SUMMARY_FILE))["kept"] == summary["kept"]
+    assert store.read_json(layout.summary_path(store, "faults", "rate"))["kept"] == summary["kept"]
     assert read_run(store, "faults")["rate"]["requests"] == summary["requests"]
     for path in (tmp_path / "store").rglob("*"):  # the key reaches no checkpoint or record
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
@@ -147,7 +148,9 @@ def test_prefect_retries_a_raising_batch_and_marks_a_dead_batch_failed(
 
     rater = FaultyRater(down=down)
     with OpenAIStub(rater) as stub:
-        overrides = {"rate.batch_size": 5, "rate.endpoint.max_retries": 0, "rate.task_retries": 1}
+        # a dead batch is a third of this tiny run: over the default failure budget
+        overrides = {"rate.resources.batch_size": 5, "rate.endpoint.max_retries": 0,
+                     "rate.resources.retries": 1, "rate.failure_budget": 0.5}
         summary = run_rate(config_for(store, stub, **overrides), "retries")
 
     rated = ratings(store, "retries")
@@ -184,7 +187,8 @@ def test_prefect_retries_a_raising_batch_and_marks_a_dead_batch_failed(
         sent_before = sum(rater.requests.values())
         again = run_rate(config_for(store, stub, **overrides, **{"rate.retry_failed": True}),
                          "retries")
-        assert sum(rater.requests.values()) - sent_before == 5
+        # the 5 failed examples, and the one probe request every LLM stage starts with
+        assert sum(rater.requests.values()) - sent_before == 5 + 1
     assert again["rated"] == 15 and again["failed"] == 0
     assert all(r["status"] == "ok" for r in ratings(store, "retries").values())
 
@@ -196,23 +200,31 @@ def test_cache_a_second_run_sends_only_the_new_examples(prefect_api, ray_local, 
     ingest(store, "first", old)
     ingest(store, "second", old + new)
     rater = FaultyRater()
+
+    def rated_requests() -> int:  # rating requests (each run also sends one untagged probe)
+        return stub.count(lambda body: example_key(body) is not None)
+
     with OpenAIStub(rater) as stub:
         # rpm set: batches go through the cluster-wide limiter actor
         config = config_for(store, stub, **{"rate.endpoint.rpm": 60000})
         first = run_rate(config, "first")
-        assert stub.count() == 40 and first["cached"] == 0
+        assert rated_requests() == 40 and first["cached"] == 0
+        assert stub.count() == 41 and first["requests"] == 41  # the probe is counted too
         second = run_rate(config, "second")
-        assert stub.count() == 50  # exactly the 10 new examples
-        assert set(rater.keys_requested()) == set(old) | set(new)
-        assert second["cached"] == 40 and second["requests"] == 10
+        assert rated_requests() == 50  # exactly the 10 new examples
+        assert set(rater.keys_requested()) - {"untagged"} == set(old) | set(new)
+        assert second["cached"] == 40 and second["requests"] == 10 + 1
         assert second["rated"] == 50
         rated = ratings(store, "second")
         assert sum(r["cached"] for r in rated.values()) == 40
         # another dimension is another rating: nothing reused
         ingest(store, "third", old)
         other = run_rate(config.with_overrides({"rate.dimension": "helpfulness"}), "third")
-        assert other["cached"] == 0 and stub.count() == 90
+        assert other["cached"] == 0 and rated_requests() == 90
         assert other["dimension"] == "helpfulness"
+        # a finished run reruns without sending anything, not even the probe
+        sent = stub.count()
+        assert run_rate(config, "second")["rated"] == 50 and stub.count() == sent
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -269,6 +281,9 @@ def test_resume_after_kill_9_rerates_at_most_the_batches_in_flight(
         summary = json.loads(rerun.stdout.decode().strip().splitlines()[-1])
         after = rater.snapshot() - before
 
+        before.pop("untagged", None)  # the probe request each run starts with
+        probes = after.pop("untagged", 0)
+        assert probes == 1
         repeats = sum(1 for key in after if before[key])
         assert repeats <= in_flight * batch_size
         assert set(before) | set(after) == set(keys)
@@ -280,7 +295,8 @@ def test_resume_after_kill_9_rerates_at_most_the_batches_in_flight(
 
         # an uninterrupted run (cache off) gives the same ratings
         clean_summary = run_rate(
-            config_for(store, stub, **{"rate.batch_size": batch_size, "rate.cache": False}),
+            config_for(store, stub, **{"rate.resources.batch_size": batch_size,
+                                       "rate.cache": False}),
             "clean",
         )
     resumed, clean = ratings(store, "crash"), ratings(store, "clean")
@@ -299,7 +315,8 @@ def test_offline_default_llama_cpp_rates_five_examples_in_score_only_mode(
     store = Store(str(tmp_path / "store"))
     keys = [f"l{i}" for i in range(5)]
     ingest(store, "offline", keys)
-    config = GleanerConfig().with_overrides({"store.url": store.url, "rate.batch_size": 5})
+    config = GleanerConfig().with_overrides({"store.url": store.url,
+                                             "rate.resources.batch_size": 5})
     assert config.rate.endpoint.base_url is None and config.rate.mode is None
     before = {p.pid for p in psutil.process_iter()}
     summary = run_rate(config, "offline")
@@ -312,6 +329,6 @@ def test_offline_default_llama_cpp_rates_five_examples_in_score_only_mode(
     assert summary["requests"] == 6  # five ratings and one logprobs probe
     leftover = [
         p for p in psutil.process_iter(["pid", "cmdline"])
-        if p.pid not in before and "llama_cpp.server" in " ".join(p.info["cmdline"] or [])
+        if p.pid not in before and "llama_server" in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftover, "the llama.cpp server was not stopped"

@@ -9,12 +9,18 @@ import typer
 
 from gleaner.flows.cli_app import (
     ConfigOption,
+    ForceOption,
     JsonOption,
+    NoCacheOption,
+    RetryFailedOption,
     StoreOption,
     app,
     build_config,
+    choice,
     emit,
     fail,
+    run_or_fail,
+    stage_flags,
 )
 
 RunOption = typer.Option(..., "--run-id", help="The run whose ingested examples to use.")
@@ -40,16 +46,18 @@ def score(
         None, "--base-url", help="OpenAI-compatible endpoint returning top_logprobs."
     ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    force: bool = ForceOption,
+    no_cache: bool = NoCacheOption,
+    retry_failed: bool = RetryFailedOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Score complexity c, quality q and evol s = sum c*q of every example (DEITA)."""
-    if backend is not None and backend not in ("hf", "endpoint"):
-        fail(f"--backend must be hf or endpoint, not {backend!r}")
     overrides: dict[str, Any] = {
-        "store.url": store, "score.backend": backend,
+        "store.url": store, "score.backend": choice("scorer", backend, "--backend"),
         "score.complexity_model": complexity_model, "score.quality_model": quality_model,
-        "score.batch_size": batch_size,
+        "score.resources.batch_size": batch_size,
+        **stage_flags("score", force, no_cache, retry_failed),
     }
     if base_url:
         overrides["score.endpoint.base_url"] = base_url
@@ -57,10 +65,7 @@ def score(
     config = build_config(config_file, **overrides)
     from gleaner.flows.deita_flow import run_score
 
-    try:
-        summary = run_score(_store(config), run_id, config)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        fail(str(error))
+    summary = run_or_fail(run_score, _store(config), run_id, config)
     emit(summary, as_json,
          f"run {run_id}: scored {summary['scored']:,}, failed {summary['failed']:,}; mean c "
          f"{summary['mean_complexity']}, q {summary['mean_quality']}, s {summary['mean_evol']}")
@@ -79,6 +84,9 @@ def embed(
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     actors: int | None = typer.Option(None, "--actors", min=1, help="Ray actors in the pool."),
     num_gpus: float | None = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor."),
+    force: bool = ForceOption,
+    no_cache: bool = NoCacheOption,
+    retry_failed: bool = RetryFailedOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -87,17 +95,15 @@ def embed(
         fail(f"--pooling must be mean or last, not {pooling!r}")
     config = build_config(config_file, **{
         "store.url": store, "embed.model": model, "embed.pooling": pooling,
-        "embed.batch_size": batch_size, "embed.actors": actors, "embed.num_gpus": num_gpus,
+        "embed.resources.batch_size": batch_size, "embed.resources.actors": actors,
+        "embed.resources.gpus": num_gpus, **stage_flags("embed", force, no_cache, retry_failed),
     })
     from gleaner.flows.deita_flow import run_embed
 
-    try:
-        summary = run_embed(_store(config), run_id, config)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        fail(str(error))
+    summary = run_or_fail(run_embed, _store(config), run_id, config)
     emit(summary, as_json,
          f"run {run_id}: {summary['examples']:,} examples, {summary['embedded']:,} embedded, "
-         f"{summary['from_cache']:,} from the cache, {summary['skipped_batches']} batches done "
+         f"{summary['cached']:,} from the cache, {summary['batches_resumed']} batches done "
          f"earlier ({summary['model']})")
 
 
@@ -106,7 +112,7 @@ def select(
     run_id: str = RunOption,
     store: str | None = StoreOption,
     selector: str | None = typer.Option(
-        None, "--selector", help="threshold | topk | random | deita (default)."
+        None, "--selector", help="deita (default), threshold, topk, random, or any registered."
     ),
     sort_by: str | None = typer.Option(
         None, "--sort-by", help="evol | rating | complexity | quality | any score column."
@@ -129,21 +135,17 @@ def select(
     as_json: bool = JsonOption,
 ) -> None:
     """Select the curated set; every example gets `selected` and a reason in the manifest."""
-    if selector is not None and selector not in ("threshold", "topk", "random", "deita"):
-        fail(f"--selector must be threshold, topk, random or deita, not {selector!r}")
-    if fmt is not None and fmt not in ("alpaca", "jsonl", "parquet", "sharegpt"):
-        fail(f"--format must be alpaca, jsonl, parquet or sharegpt, not {fmt!r}")
+    choice("export_format", fmt, "--format")
     config = build_config(config_file, **{
-        "store.url": store, "select.selector": selector, "select.sort_by": sort_by,
+        "store.url": store, "select.selector": choice("selector", selector, "--selector"),
+        "select.sort_by": sort_by,
         "select.budget": budget, "select.tau": tau, "select.threshold": threshold,
         "select.seed": seed,
     })
-    from gleaner.flows.deita_flow import run_select
+    from gleaner.flows.select_flow import run_select
 
-    try:
-        summary = run_select(_store(config), run_id, config, out=out, fmt=fmt, size_of=size_of)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        fail(str(error))
+    summary = run_or_fail(run_select, _store(config), run_id, config, out=out, fmt=fmt,
+                          size_of=size_of)
     reasons = ", ".join(f"{k} {v:,}" for k, v in summary["reasons"].items())
     text = (f"run {run_id}: selected {summary['selected']:,} of {summary['examples']:,} "
             f"({summary['selector']} by {summary['sort_by']}); {reasons}")

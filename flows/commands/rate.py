@@ -9,12 +9,18 @@ import typer
 
 from gleaner.flows.cli_app import (
     ConfigOption,
+    ForceOption,
     JsonOption,
+    NoCacheOption,
+    RetryFailedOption,
     StoreOption,
     app,
     build_config,
+    choice,
     emit,
     fail,
+    run_or_fail,
+    stage_flags,
 )
 
 
@@ -50,44 +56,41 @@ def rate(
         None, "--dimension", help="accuracy (default), helpfulness, relevance, or your own."
     ),
     mode: str | None = typer.Option(
-        None, "--mode", help="explain (the paper's) or score-only (logprobs, 1 token)."
+        None, "--mode", help="explain (the paper's), score-only (logprobs, 1 token), or any "
+        "registered rater."
     ),
     template: Path | None = typer.Option(
         None, "--template", exists=True, dir_okay=False, help="User prompt template file."
     ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", min=1, help="Requests in flight per worker."
+        None, "--concurrency", min=1, help="Requests in flight per batch."
     ),
     rpm: int | None = typer.Option(None, "--rpm", min=1, help="Cluster-wide requests/min."),
     tpm: int | None = typer.Option(None, "--tpm", min=1, help="Cluster-wide tokens/min."),
     threshold: float | None = typer.Option(None, "--threshold", help="Keep score >= this."),
-    force: bool = typer.Option(False, "--force", help="Re-rate: ignore cache and checkpoints."),
-    retry_failed: bool = typer.Option(
-        False, "--retry-failed", help="Rate again the examples that failed in this run."
-    ),
+    force: bool = ForceOption,
+    no_cache: bool = NoCacheOption,
+    retry_failed: bool = RetryFailedOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Rate every example of a run with an LLM (AlpaGasus) and count what passes the threshold."""
-    if mode is not None and mode not in ("explain", "score-only"):
-        fail(f"--mode must be explain or score-only, not {mode!r}")
     config = build_config(
         config_file,
         **{
             "store.url": store,
             "rate.endpoint.base_url": base_url,
             "rate.endpoint.model": model,
-            "rate.endpoint.concurrency": concurrency,
+            "rate.resources.concurrency": concurrency,
             "rate.endpoint.rpm": rpm,
             "rate.endpoint.tpm": tpm,
             "rate.dimension": dimension,
-            "rate.mode": mode,
+            "rate.mode": choice("rater", mode, "--mode"),
             "rate.template_file": str(template) if template else None,
-            "rate.batch_size": batch_size,
+            "rate.resources.batch_size": batch_size,
             "rate.threshold": threshold,
-            "rate.force": True if force else None,
-            "rate.retry_failed": True if retry_failed else None,
+            **stage_flags("rate", force, no_cache, retry_failed),
         },
     )
     from gleaner.flows.rate_flow import run_rate
@@ -95,8 +98,5 @@ def rate(
 
     if not Store(config.store.url, config.store.options).has_stage(run_id, "ingest"):
         fail(f"run {run_id!r} has no ingested examples in {config.store.url}; run gleaner ingest")
-    try:
-        summary = run_rate(config, run_id)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        fail(str(error))
+    summary = run_or_fail(run_rate, config, run_id)
     emit(summary, as_json, format_summary(summary))

@@ -44,13 +44,29 @@ class RateLimiter(Protocol):
 
 
 class LLMError(Exception):
-    """A call that failed after every retry. The message never contains the API key."""
+    """A call that failed after every retry. The message never contains the API key.
 
-    def __init__(self, message: str, *, attempts: int, transient: bool, kind: str):
+    ``kind`` names the cause: ``transient`` (429/5xx/timeouts after the SDK's retries),
+    ``unreachable`` (no connection), ``http_error`` (the endpoint answered with an error),
+    and the ``fatal`` ones no retry can fix for the whole run: ``rejected_key`` (401/403),
+    ``no_such_model`` (404), ``server_died`` (the local server gleaner started is gone).
+    """
+
+    def __init__(self, message: str, *, attempts: int, transient: bool, kind: str,
+                 fatal: bool = False):
         super().__init__(message)
         self.attempts = attempts
         self.transient = transient
         self.kind = kind
+        self.fatal = fatal
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the attributes across processes
+        return (_rebuild_error, (str(self), self.attempts, self.transient, self.kind, self.fatal))
+
+
+def _rebuild_error(message: str, attempts: int, transient: bool, kind: str,
+                   fatal: bool) -> LLMError:
+    return LLMError(message, attempts=attempts, transient=transient, kind=kind, fatal=fatal)
 
 
 class MalformedResponse(ValueError):
@@ -118,7 +134,8 @@ def describe_error(error: BaseException, secrets: Iterable[str] = ()) -> str:
         text = "timeout: the endpoint did not answer within the client timeout"
     elif isinstance(error, openai.APIConnectionError):
         cause = error.__cause__
-        text = f"connection error: {type(cause).__name__ if cause else 'unknown'}"
+        reason = f"{type(cause).__name__}: {cause}" if cause else "unknown"
+        text = f"connection error: {reason}"
     else:
         text = f"{type(error).__name__}: {error}"
     return scrub(text, secrets)[:500]
@@ -194,7 +211,7 @@ class LLMClient:
                 "LLMClient needs an endpoint base_url (None means: start the offline server)"
             )
         self.model = self.endpoint.model
-        self._semaphore = asyncio.Semaphore(self.concurrency or self.endpoint.concurrency)
+        self._semaphore = asyncio.Semaphore(self.concurrency or 16)
         self._api_key = self.endpoint.api_key()
         hooks = {"request": [self._before_request]} if self.limiter is not None else {}
         http_client = openai.DefaultAsyncHttpxClient(event_hooks=hooks)
@@ -287,13 +304,7 @@ class LLMClient:
                     except openai.APIError as error:
                         attempts += self._sdk_attempts(error)
                         self.usage.failed_calls += 1
-                        transient = is_transient(error)
-                        raise LLMError(
-                            self.describe(error),
-                            attempts=attempts,
-                            transient=transient,
-                            kind="transient" if transient else "permanent",
-                        ) from None
+                        raise self.classify(error, attempts) from None
                     attempts += int(getattr(raw, "retries_taken", 0) or 0) + 1
                     try:
                         completion = self._read(raw.parse(), chat, attempts, started)
@@ -316,6 +327,41 @@ class LLMClient:
             finally:
                 self.usage.requests += attempts
         raise AssertionError("unreachable")
+
+    def classify(self, error: openai.APIError, attempts: int) -> LLMError:
+        """The error with its real cause named: a dead local server is not a network problem."""
+        url = self.endpoint.base_url
+        detail = self.describe(error)
+        if isinstance(error, openai.APIConnectionError | openai.APITimeoutError):
+            death = self._local_server_death()
+            if death:
+                return LLMError(death, attempts=attempts, transient=False, kind="server_died",
+                                fatal=True)
+            what = (f"did not answer within {self.endpoint.timeout_s:g}s"
+                    if isinstance(error, openai.APITimeoutError) else "is unreachable")
+            return LLMError(f"the endpoint {url} {what} ({detail})", attempts=attempts,
+                            transient=True, kind="unreachable")
+        status = getattr(error, "status_code", None)
+        if status in (401, 403):
+            return LLMError(
+                f"the endpoint {url} rejected the API key (from ${self.endpoint.api_key_env}): "
+                f"{detail}", attempts=attempts, transient=False, kind="rejected_key", fatal=True)
+        if status == 404:
+            return LLMError(
+                f"the endpoint {url} has no model {self.model!r} (or base_url is wrong): "
+                f"{detail}", attempts=attempts, transient=False, kind="no_such_model", fatal=True)
+        if is_transient(error):
+            return LLMError(f"{detail} (from {url}, after {attempts} attempts)",
+                            attempts=attempts, transient=True, kind="transient")
+        return LLMError(f"the endpoint {url} answered with an error: {detail}",
+                        attempts=attempts, transient=False, kind="http_error")
+
+    def _local_server_death(self) -> str | None:
+        if not self.endpoint.local_server:
+            return None
+        from gleaner.llm.local_server import death_report
+
+        return death_report(self.endpoint.local_server)
 
     def _sdk_attempts(self, error: BaseException) -> int:
         """The SDK retries transient errors max_retries times before raising."""

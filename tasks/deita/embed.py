@@ -1,4 +1,4 @@
-"""Embeddings for DEITA's diversity filter: an encoder, and the Ray actor that owns one.
+"""Embeddings for DEITA's diversity filter: the text of an example, and an encoder for it.
 
 What is embedded: an example's whole conversation as text (every turn, in
 order, as ``"<role>: <content>"`` paragraphs). For a single-turn Alpaca
@@ -13,15 +13,14 @@ Encoders:
 - ``pooling="last"``: the last hidden state of a causal LM at the last token
   (DEITA's choice), left-padded batches, L2-normalised (cosine ignores scale).
 
-:class:`EmbedActor` loads its encoder once and then serves batches; the flow
-runs a :class:`ray.util.ActorPool` of them (GPU actors when ``num_gpus`` > 0).
-No paths or Prefect here; the flow writes the parts and the cache.
+No paths, Prefect or Ray here: tasks/deita/stages.py runs the encoder on the
+engine's actor pool (GPU actors when ``embed.resources.gpus`` > 0).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,11 @@ TEXT_FORMAT = "conversation-v1"  # part of the cache key: change it when example
 
 
 def embed_schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("id", pa.string(), nullable=False),
-            pa.field("model", pa.string(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
-        ]
+    from gleaner.engine import stage_schema
+
+    return stage_schema(
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), dim)),  # null when the row failed
     )
 
 
@@ -48,17 +46,21 @@ def example_text(row: Mapping[str, Any]) -> str:
 
 
 def vectors_table(ids: Sequence[str], model: str, vectors: np.ndarray) -> pa.Table:
+    """Rows of the embed stage: every vector ok (the engine's columns filled in)."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
     values = pa.array(vectors.reshape(-1), pa.float32())
-    return pa.table(
-        {
-            "id": pa.array(list(ids), pa.string()),
-            "model": pa.array([model] * len(ids), pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(values, dim),
-        },
-        schema=embed_schema(dim),
-    )
+    n = len(ids)
+    columns = {
+        "id": pa.array(list(ids), pa.string()),
+        "model": pa.array([model] * n, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(values, dim),
+        "status": pa.array(["ok"] * n, pa.string()),
+        "error": pa.nulls(n, pa.string()),
+        "error_kind": pa.nulls(n, pa.string()),
+        "cached": pa.array([False] * n, pa.bool_()),
+    }
+    return pa.table(columns, schema=embed_schema(dim))
 
 
 def table_vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
@@ -74,17 +76,6 @@ def table_vectors(table: pa.Table) -> tuple[list[str], np.ndarray]:
     return table.column("id").to_pylist(), np.asarray(flat, dtype=np.float32).reshape(-1, dim)
 
 
-def length_batches(
-    ids: Sequence[str], texts: Sequence[str], batch_size: int
-) -> list[tuple[list[str], list[str]]]:
-    """Batches of similar length (little padding), in a fixed order so reruns cut the same."""
-    order = sorted(range(len(ids)), key=lambda i: (len(texts[i]), ids[i]))
-    return [
-        ([ids[i] for i in order[s : s + batch_size]], [texts[i] for i in order[s : s + batch_size]])
-        for s in range(0, len(order), batch_size)
-    ]
-
-
 def model_name(model: str | None, pooling: str = "mean") -> str:
     """The name recorded with every vector (the cache key's model part)."""
     if model is None:
@@ -94,6 +85,22 @@ def model_name(model: str | None, pooling: str = "mean") -> str:
     else:
         base = model
     return base if pooling == "mean" else f"{base}#last-hidden"
+
+
+def model_dim(model: str | None, pooling: str = "mean") -> int:
+    """The encoder's vector size, read from its config (the model itself is not loaded)."""
+    from transformers import AutoConfig
+
+    if pooling == "mean":
+        from gleaner.models import minilm_dir
+
+        config = AutoConfig.from_pretrained(str(minilm_dir()) if model is None else model)
+    else:
+        from gleaner.tasks.deita.score import resolve_model
+
+        path, gguf_file, _ = resolve_model(model)
+        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    return int(config.hidden_size)
 
 
 class Encoder:
@@ -174,60 +181,3 @@ def _sentence_transformers_max_length(path: str) -> int | None:
     if config.is_file():
         return int(json.loads(config.read_text()).get("max_seq_length") or 0) or None
     return None
-
-
-class EmbedActor:
-    """Owns one encoder (loaded once, in ``__init__``); each call embeds one batch."""
-
-    def __init__(
-        self,
-        model: str | None,
-        pooling: str,
-        max_length: int | None,
-        threads: int,
-        batch_size: int = 64,
-    ):
-        import torch
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.encoder = Encoder(model, pooling, max_length=max_length, batch_size=batch_size)
-
-    def info(self) -> dict[str, Any]:
-        return {"name": self.encoder.name, "dim": self.encoder.dim, "device": self.encoder.device}
-
-    def embed(
-        self, index: int, ids: list[str], texts: list[str]
-    ) -> tuple[int, list[str], np.ndarray]:
-        return index, ids, self.encoder.encode(texts)
-
-
-def actor_pool(
-    size: int,
-    model: str | None,
-    pooling: str = "mean",
-    max_length: int | None = None,
-    num_cpus: float = 1.0,
-    num_gpus: float = 0.0,
-    forward_batch: int = 64,
-) -> tuple[Any, list[Any]]:
-    """A Ray ActorPool of EmbedActors and the actors (to kill when done); Ray must be up.
-
-    GPU actors when num_gpus > 0 (Ray places them on nodes with GPUs)."""
-    import ray
-    from ray.util import ActorPool
-
-    remote = ray.remote(EmbedActor).options(num_cpus=num_cpus, num_gpus=num_gpus)
-    threads = max(1, int(num_cpus))
-    actors = [
-        remote.remote(model, pooling, max_length, threads, forward_batch) for _ in range(size)
-    ]
-    ray.get([a.info.remote() for a in actors])  # fail here, clearly, if a model cannot load
-    return ActorPool(actors), actors
-
-
-def embed_on_pool(
-    pool: Any, batches: Sequence[tuple[int, list[str], list[str]]]
-) -> Iterator[tuple[int, list[str], np.ndarray]]:
-    """Results as they finish (any order): (batch index, ids, vectors)."""
-    yield from pool.map_unordered(lambda actor, batch: actor.embed.remote(*batch), list(batches))

@@ -18,8 +18,7 @@ Prompts are DEITA's raw text, no chat template. A conversation is scored per
 single-turn Alpaca example the "query" is the user turn, i.e. the instruction
 followed by its input (how the example reads to the model).
 
-Layer 1 (plain functions) and layer 2 (the Prefect task that scores one batch
-and writes its part of stage ``score``) live here; flows/deita_flow.py composes.
+No Prefect and no paths here: tasks/deita/stages.py puts the scorers on the engine.
 """
 
 from __future__ import annotations
@@ -28,19 +27,16 @@ import asyncio
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow as pa
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from gleaner.config import EndpointConfig, ScoreConfig
+from gleaner.config import ScoreConfig
+from gleaner.registry import register, registry
 from gleaner.schema import user_assistant_pairs
 
-STAGE = "score"
 SCORE_TOKENS = ("1", "2", "3", "4", "5", "6")
 
 # DEITA's scorer prompts, verbatim (SPEC §2; hkust-nlp/deita llama_scorer.py).
@@ -53,23 +49,6 @@ QUALITY_TEMPLATE = (
     "corresponding to the Question. \n #Question#:\n{instruction}\n#Response#:\n{output} "
     "\n##Quality: "
 )
-
-SCORE_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("complexity", pa.float64()),  # mean over turns (null when failed)
-        pa.field("quality", pa.float64()),  # mean over turns
-        pa.field("evol", pa.float64()),  # sum over turns of complexity * quality
-        pa.field("turns", pa.int32(), nullable=False),
-        pa.field("complexity_turns", pa.list_(pa.float64())),
-        pa.field("quality_turns", pa.list_(pa.float64())),
-        pa.field("complexity_model", pa.string(), nullable=False),
-        pa.field("quality_model", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | failed
-        pa.field("error", pa.string()),
-    ]
-)
-
 
 def complexity_prompt(instruction: str) -> str:
     return COMPLEXITY_TEMPLATE.format(instruction=instruction)
@@ -97,10 +76,14 @@ def expected_from_logits(logits: np.ndarray | Sequence[float]) -> np.ndarray:
 
 @dataclass
 class Scored:
-    """One prompt's outcome: a value in [1, 6], or the error that prevented it."""
+    """One prompt's outcome: a value in [1, 6], or the error that prevented it; its cost."""
 
     value: float | None
     error: str | None = None
+    kind: str | None = None  # the error's kind (transient, parse, ...)
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class Scorer(Protocol):
@@ -169,6 +152,7 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@register("scorer", "hf")
 class HFScorer:
     """A causal LM scorer: one forward pass per left-padded batch, logits at the last position.
 
@@ -228,74 +212,80 @@ class HFScorer:
 
 
 # ---- back end (b): an OpenAI-compatible endpoint with top_logprobs ------------------
+@register("scorer", "endpoint")
 class EndpointScorer:
-    """DEITA's scorer served behind ``/v1/completions`` (raw text, 1 token, top_logprobs)."""
+    """DEITA's scorer served behind ``/v1/completions`` (raw text, 1 token, top_logprobs),
+    through the shared LLM client (back-off, cluster-wide limits, fatal errors)."""
 
-    def __init__(self, endpoint: EndpointConfig, top_logprobs: int = 20, limiter: Any = None):
-        if not endpoint.base_url:
-            raise ValueError("the endpoint scorer needs score.endpoint.base_url")
-        self.endpoint = endpoint
+    uses_endpoint = True
+
+    def __init__(self, client: Any, top_logprobs: int = 20):
+        self.client = client
         self.top_logprobs = top_logprobs
-        self.limiter = limiter
-        self.name = endpoint.model
-        self.usage: dict[str, int] = {}
+        self.name = client.model
+
+    async def one(self, prompt: str) -> Scored:
+        from gleaner.llm.client import LLMError, expected_score
+
+        try:
+            completion = await self.client.complete(
+                prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
+        except LLMError as error:
+            if error.fatal:
+                raise
+            return Scored(None, f"{error.kind}: {error}", error.kind, error.attempts)
+        cost = {"attempts": completion.attempts, "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens}
+        if not completion.top_logprobs:
+            return Scored(None, "the endpoint returned no top_logprobs", "parse", **cost)
+        value = expected_score(completion.top_logprobs[0], SCORE_TOKENS)
+        if value is None:
+            return Scored(None, "none of the tokens 1..6 is among the top_logprobs", "parse",
+                          **cost)
+        return Scored(value, **cost)
 
     async def ascore(self, prompts: Sequence[str]) -> list[Scored]:
-        from gleaner.llm.client import LLMClient, LLMError, expected_score
+        return list(await asyncio.gather(*(self.one(p) for p in prompts)))
 
-        async with LLMClient(self.endpoint, limiter=self.limiter) as client:
 
-            async def one(prompt: str) -> Scored:
-                try:
-                    completion = await client.complete(
-                        prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs
-                    )
-                except LLMError as error:
-                    return Scored(None, f"{error.kind}: {error}")
-                if not completion.top_logprobs:
-                    return Scored(None, "the endpoint returned no top_logprobs")
-                value = expected_score(completion.top_logprobs[0], SCORE_TOKENS)
-                if value is None:
-                    return Scored(None, "none of the tokens 1..6 is among the top_logprobs")
-                return Scored(value)
-
-            results = await asyncio.gather(*(one(p) for p in prompts))
-            self.usage = client.usage.as_dict()
-        return list(results)
-
-    def score(self, prompts: Sequence[str]) -> list[Scored]:
-        return asyncio.run(self.ascore(prompts)) if prompts else []
+HFScorer.uses_endpoint = False  # type: ignore[attr-defined]
 
 
 # ---- examples -> score rows ----------------------------------------------------------
 def score_rows(
-    rows: Sequence[Mapping[str, Any]], complexity: Scorer, quality: Scorer
-) -> pa.Table:
-    """Score examples (EXAMPLE_SCHEMA rows): every row comes back, ok or failed with its error."""
-    turns_of = [user_assistant_pairs(r["conversation"]) for r in rows]
-    c_prompts = [complexity_prompt(u) for turns in turns_of for u, _ in turns]
-    q_prompts = [quality_prompt(u, a) for turns in turns_of for u, a in turns]
-    c_all = complexity.score(c_prompts)
-    q_all = quality.score(q_prompts)
+    rows: Sequence[Mapping[str, Any]], c_all: Sequence[Scored], q_all: Sequence[Scored],
+    complexity: str, quality: str,
+) -> list[dict[str, Any]]:
+    """One row per example (EXAMPLE_SCHEMA rows in), ok or failed with its error.
+
+    ``c_all``/``q_all`` are the scores of :func:`turn_prompts`' prompts, in order.
+    """
     out: list[dict[str, Any]] = []
     at = 0
-    for row, turns in zip(rows, turns_of, strict=True):
+    for row in rows:
+        turns = user_assistant_pairs(row["conversation"])
         c = c_all[at : at + len(turns)]
         q = q_all[at : at + len(turns)]
         at += len(turns)
+        spent = [*c, *q]
         record: dict[str, Any] = {
-            "id": row["id"], "turns": len(turns), "complexity_model": complexity.name,
-            "quality_model": quality.name, "status": "failed", "error": None,
+            "id": row["id"], "turns": len(turns), "complexity_model": complexity,
+            "quality_model": quality, "status": "failed", "error": None, "error_kind": None,
             "complexity": None, "quality": None, "evol": None,
             "complexity_turns": None, "quality_turns": None,
+            "attempts": sum(s.attempts for s in spent),
+            "prompt_tokens": sum(s.prompt_tokens for s in spent),
+            "completion_tokens": sum(s.completion_tokens for s in spent),
         }
-        errors = [f"complexity: {s.error}" for s in c if s.value is None] + [
-            f"quality: {s.error}" for s in q if s.value is None
+        failed = [(f"complexity: {s.error}", s.kind) for s in c if s.value is None] + [
+            (f"quality: {s.error}", s.kind) for s in q if s.value is None
         ]
         if not turns:
-            record["error"] = "the conversation has no (user, assistant) turn to score"
-        elif errors:
-            record["error"] = "; ".join(errors[:3])
+            record.update(error="the conversation has no (user, assistant) turn to score",
+                          error_kind="input")
+        elif failed:
+            record.update(error="; ".join(e for e, _ in failed[:3]),
+                          error_kind=failed[0][1] or "scorer")
         else:
             cv = [float(s.value) for s in c]  # type: ignore[arg-type]
             qv = [float(s.value) for s in q]  # type: ignore[arg-type]
@@ -305,85 +295,19 @@ def score_rows(
                 complexity_turns=cv, quality_turns=qv, status="ok",
             )
         out.append(record)
-    return pa.Table.from_pylist(out, schema=SCORE_SCHEMA)
+    return out
 
 
-def failed_score_rows(ids: Sequence[str], error: str, complexity: str, quality: str) -> pa.Table:
-    """Rows for a batch that could not be scored at all (recorded, never dropped)."""
-    return pa.Table.from_pylist(
-        [
-            {"id": i, "turns": 0, "complexity_model": complexity, "quality_model": quality,
-             "status": "failed", "error": error}
-            for i in ids
-        ],
-        schema=SCORE_SCHEMA,
-    )
-
-
-def build_scorers(settings: ScoreConfig) -> tuple[Scorer, Scorer]:
-    """The complexity and quality scorers a config asks for (one model loaded when both match)."""
-    if settings.backend == "endpoint":
-        if settings.endpoint is None or not settings.endpoint.base_url:
-            raise ValueError("score.backend 'endpoint' needs score.endpoint.base_url")
-        base = settings.endpoint
-        c_end = base.model_copy(update={"model": settings.complexity_model or base.model})
-        q_end = base.model_copy(update={"model": settings.quality_model or base.model})
-        return (EndpointScorer(c_end, settings.top_logprobs),
-                EndpointScorer(q_end, settings.top_logprobs))
-    kwargs = {"device": settings.device, "batch_size": settings.model_batch_size,
-              "max_length": settings.max_length}
-    return (HFScorer(settings.complexity_model, **kwargs),
-            HFScorer(settings.quality_model, **kwargs))
+def turn_prompts(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """The complexity and quality prompts of every (user, assistant) turn, in row order."""
+    turns_of = [user_assistant_pairs(r["conversation"]) for r in rows]
+    return ([complexity_prompt(u) for turns in turns_of for u, _ in turns],
+            [quality_prompt(u, a) for turns in turns_of for u, a in turns])
 
 
 def model_names(settings: ScoreConfig) -> tuple[str, str]:
     """The names recorded for a config's scorers, without loading them."""
-    if settings.backend == "endpoint":
+    if registry("scorer").get(settings.backend).uses_endpoint:
         base = settings.endpoint.model if settings.endpoint else ""
         return settings.complexity_model or base, settings.quality_model or base
     return resolve_model(settings.complexity_model)[2], resolve_model(settings.quality_model)[2]
-
-
-def summarise(index: int, table: pa.Table) -> dict[str, Any]:
-    status = table.column("status").to_pylist()
-    return {"index": index, "rows": table.num_rows, "ok": status.count("ok"),
-            "failed": status.count("failed")}
-
-
-# ---- layer 2: the unit of retry and checkpointing ---------------------------------------
-@dataclass
-class ScoreJob:
-    """What every score batch needs; picklable for Ray, holds no secrets."""
-
-    run_id: str
-    store_url: str
-    store_options: dict[str, Any] = field(default_factory=dict)
-    settings: ScoreConfig = field(default_factory=ScoreConfig)
-
-
-class BatchUnscorable(RuntimeError):
-    """Every example of a batch failed: retry the batch (the endpoint may be down)."""
-
-
-def _score_batch(index: int, job: ScoreJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from gleaner.store import Store
-
-    complexity, quality = build_scorers(job.settings)
-    table = score_rows(rows, complexity, quality)
-    if table.num_rows and all(s == "failed" for s in table.column("status").to_pylist()):
-        first = table.column("error")[0].as_py()
-        raise BatchUnscorable(f"score batch {index:05d}: all {table.num_rows} failed; {first}")
-    Store(job.store_url, job.store_options).write_part(job.run_id, STAGE, index, table)
-    return summarise(index, table)
-
-
-@task(
-    name="score-batch",
-    task_run_name="score-batch-{index:05d}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-)
-def score_batch_task(index: int, job: ScoreJob, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score one batch and write part ``index`` of stage ``score``."""
-    return _score_batch(index, job, rows)

@@ -19,6 +19,8 @@ from typing import Any
 
 import fsspec
 
+from gleaner.registry import register, registry
+
 EVAL_SETS_ENV = "GLEANER_EVAL_SETS"
 
 
@@ -86,13 +88,20 @@ def _generic(row: dict[str, Any], line: int, where: str) -> tuple[str, str, str]
 
 Reader = Callable[[dict[str, Any], int, str], tuple[str, str, str]]
 
-KNOWN_SETS: dict[str, tuple[str, Reader]] = {
+# The known test sets (a registry: a new set is a reader and one register line): file name in
+# the eval-sets folder, and how a row becomes (id, instruction, input).
+for _name, _entry in {
     "koala": ("koala_test_set.jsonl", _koala),
     "vicuna": ("vicuna_test_set.jsonl", _vicuna),
     "wizardlm": ("wizardlm_test_set.jsonl", _wizardlm),
     "sinstruct": ("sinstruct_test_set.jsonl", _sinstruct),
     "mt_bench": ("mt_bench_question.jsonl", _mt_bench),
-}
+}.items():
+    register("eval_set", _name)(_entry)
+
+
+def known_sets() -> dict[str, tuple[str, Reader]]:
+    return dict(registry("eval_set").items())
 ALIASES = {"self-instruct": "sinstruct", "self_instruct": "sinstruct", "mt-bench": "mt_bench",
            "mtbench": "mt_bench"}
 
@@ -101,18 +110,19 @@ def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Read
     """(name, url, reader) for a known set name, ``name=path`` or a path to a prompt JSONL."""
     name, _, explicit = spec.partition("=")
     key = ALIASES.get(name.lower(), name.lower())
+    known = known_sets()
     if explicit:
-        reader = KNOWN_SETS[key][1] if key in KNOWN_SETS else _generic
+        reader = known[key][1] if key in known else _generic
         return name, explicit, reader
-    if key in KNOWN_SETS:
+    if key in known:
         directory = eval_sets_dir or os.environ.get(EVAL_SETS_ENV)
         if not directory:
             raise EvalSetError(
                 f"test set {spec!r} is a known set, but no folder holds it: set "
                 f"evaluate.eval_sets_dir or ${EVAL_SETS_ENV} to the folder with "
-                f"{KNOWN_SETS[key][0]}"
+                f"{known[key][0]}"
             )
-        return key, posixpath.join(directory.rstrip("/"), KNOWN_SETS[key][0]), KNOWN_SETS[key][1]
+        return key, posixpath.join(directory.rstrip("/"), known[key][0]), known[key][1]
     stem = posixpath.basename(spec).rsplit(".", 1)[0] or spec
     return stem, spec, _generic
 
@@ -159,7 +169,7 @@ def check_readable(specs: list[str], eval_sets_dir: str | None = None) -> None:
             _, url, _ = resolve(spec, eval_sets_dir)
         except EvalSetError as error:
             raise EvalSetError(f"evaluate.test_sets: {error}") from None
-        known = ALIASES.get(spec.lower(), spec.lower()) in KNOWN_SETS
+        known = ALIASES.get(spec.lower(), spec.lower()) in known_sets()
         if "=" in spec or not known:
             where = f"evaluate.test_sets entry {spec!r}"
         elif eval_sets_dir:

@@ -28,10 +28,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from gleaner.registry import register, registry
 from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.ingest.readers import fs_options
 
-EXPORT_FORMATS = ("alpaca", "jsonl", "parquet", "sharegpt")
 SHAREGPT_SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}
 
 Data = pa.Table | ds.Dataset | Iterable[pa.RecordBatch]
@@ -139,6 +139,13 @@ def _write_parquet(handle: IO[bytes], batches: Iterator[pa.RecordBatch]) -> int:
     return rows
 
 
+# The export formats: each writes record batches to an open binary file, returns the row count.
+register("export_format", "alpaca")(lambda h, b: _write_json_array(h, b, alpaca_record))
+register("export_format", "sharegpt")(lambda h, b: _write_json_array(h, b, sharegpt_record))
+register("export_format", "jsonl")(_write_jsonl)
+register("export_format", "parquet")(_write_parquet)
+
+
 def write_dataset(
     data: Data,
     path: str,
@@ -146,22 +153,14 @@ def write_dataset(
     storage_options: dict[str, Any] | None = None,
     batch_rows: int = 10_000,
 ) -> dict[str, Any]:
-    """Write examples to ``path`` (local or any fsspec URL) in one of EXPORT_FORMATS."""
+    """Write examples to ``path`` (local or any fsspec URL) in a registered export format."""
     fmt = fmt or infer_format(path)
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {list(EXPORT_FORMATS)}")
+    writer = registry("export_format").get(fmt)
     fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
     parent = posixpath.dirname(fs_path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
     batches = record_batches(data, batch_rows)
     with fs.transaction, fs.open(fs_path, "wb") as handle:
-        if fmt == "parquet":
-            rows = _write_parquet(handle, batches)
-        elif fmt == "jsonl":
-            rows = _write_jsonl(handle, batches)
-        elif fmt == "sharegpt":
-            rows = _write_json_array(handle, batches, sharegpt_record)
-        else:
-            rows = _write_json_array(handle, batches, alpaca_record)
+        rows = writer(handle, batches)
     return {"path": fs.unstrip_protocol(fs_path), "format": fmt, "rows": rows}

@@ -13,29 +13,24 @@ Written under ``runs/<run_id>/report/`` in the store.
 from __future__ import annotations
 
 import io
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from gleaner import layout
 from gleaner.store import Store
 from gleaner.tasks.select.selectors import REASONS, Manifest
 
-# Histogram bins per score: AlpaGasus ratings in 0.5 steps over [0, 5]; DEITA's
-# c and q live in [1, 6], s = c*q in [1, 36] (more for multi-turn).
-BINS: dict[str, np.ndarray] = {
-    "rating": np.arange(0.0, 5.5 + 1e-9, 0.5) - 0.25,
-    "complexity": np.linspace(1, 6, 21),
-    "quality": np.linspace(1, 6, 21),
-    "evol": np.linspace(1, 36, 36),
-}
-TITLES = {
-    "rating": "AlpaGasus rating",
-    "complexity": "DEITA complexity c",
-    "quality": "DEITA quality q",
-    "evol": "evol score s = c·q",
-}
+
+def bins_and_titles() -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Histogram bins and titles per selection signal, from the signal registry."""
+    from gleaner.tasks.select.signals import signals
+
+    registered = signals()
+    return {s.name: s.bins() for s in registered}, {s.name: s.title for s in registered}
 
 
 @dataclass
@@ -84,10 +79,12 @@ def build_report(
     settings = select_settings.model_dump() if hasattr(select_settings, "model_dump") else dict(
         select_settings or {})
     if settings.get("sort_by") is None and settings.get("selector"):
-        settings["sort_by"] = "rating" if settings["selector"] == "threshold" else "evol"
+        from gleaner.tasks.select.selectors import selector
+
+        settings["sort_by"] = selector(settings["selector"]).default_sort
     selected = np.asarray(manifest.selected, dtype=bool)
     histograms: dict[str, dict[str, Any]] = {}
-    for name, bins in BINS.items():
+    for name, bins in bins_and_titles()[0].items():
         values = columns.get(name)
         if values is None:
             continue
@@ -124,9 +121,10 @@ def markdown(report: Report, total: int, tau: float | None) -> str:
         )
         lines.append("")
     if report.histograms:
+        titles = bins_and_titles()[1]
         lines += ["| score | pool n | pool mean | selected mean |", "|---|---:|---:|---:|"]
         for name, h in report.histograms.items():
-            lines.append(f"| {TITLES[name]} | {h['pool']['n']:,} | {_mean(h['pool'])} | "
+            lines.append(f"| {titles.get(name, name)} | {h['pool']['n']:,} | {_mean(h['pool'])} | "
                          f"{_mean(h['selected'])} |")
     return "\n".join(lines)
 
@@ -146,18 +144,19 @@ def figure_png(columns: Mapping[str, np.ndarray], selected: np.ndarray) -> bytes
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    names = [n for n in BINS if n in columns]
+    all_bins, titles = bins_and_titles()
+    names = [n for n in all_bins if n in columns]
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         values = np.asarray(columns[name], dtype=np.float64)
-        bins = BINS[name]
+        bins = all_bins[name]
         pool = np.clip(values[np.isfinite(values)], bins[0], bins[-1])
         chosen = values[selected]
         chosen = np.clip(chosen[np.isfinite(chosen)], bins[0], bins[-1])
         ax.hist(pool, bins=bins, color="#9bb7d4", edgecolor="white", label=f"pool ({pool.size:,})")
         ax.hist(chosen, bins=bins, color="#d1495b", alpha=0.85, edgecolor="white",
                 label=f"selected ({chosen.size:,})")
-        ax.set_title(TITLES[name])
+        ax.set_title(titles[name])
         ax.set_xlabel("score")
         ax.set_ylabel("examples")
         ax.legend(fontsize=8)
@@ -170,13 +169,13 @@ def figure_png(columns: Mapping[str, np.ndarray], selected: np.ndarray) -> bytes
 
 def write_report(store: Store, run_id: str, report: Report) -> dict[str, str]:
     """report.json, report.md and scores.png under runs/<run_id>/report/."""
+    folder = layout.report_dir(store, run_id)
     paths = {
-        "json": store.write_json(store.run_path(run_id, "report", "select-report.json"),
+        "json": store.write_json(posixpath.join(folder, "select-report.json"),
                                  report.document()),
-        "markdown": store.write_bytes(store.run_path(run_id, "report", "select-report.md"),
+        "markdown": store.write_bytes(posixpath.join(folder, "select-report.md"),
                                       report.markdown.encode("utf-8")),
     }
     if report.figure:
-        paths["figure"] = store.write_bytes(store.run_path(run_id, "report", "scores.png"),
-                                            report.figure)
+        paths["figure"] = store.write_bytes(posixpath.join(folder, "scores.png"), report.figure)
     return paths

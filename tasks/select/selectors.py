@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from gleaner.registry import register, registry
 from gleaner.tasks.select.deita_walk import (
     CODE_FAILED,
     CODE_KEPT,
@@ -294,3 +296,92 @@ def chain(first: Manifest, second: Manifest) -> Manifest:
         selector[row] = f"{first.selector[row]}+{second.selector[j]}"
     return Manifest(list(first.ids), score, selected, reason, rank, selector)
 
+
+
+# ---- the registry: config, CLI and curate choose by name -------------------------------------
+@dataclass
+class Candidates:
+    """Every example's id with the signals upstream stages made for it (by id), and vectors."""
+
+    ids: list[str]
+    columns: dict[str, np.ndarray]
+    vectors: np.ndarray | None = None
+    vector_ok: np.ndarray | None = None
+
+    def subset(self, rows: np.ndarray) -> Candidates:
+        return Candidates(
+            [self.ids[i] for i in rows], {k: v[rows] for k, v in self.columns.items()},
+            None if self.vectors is None else self.vectors[rows],
+            None if self.vector_ok is None else self.vector_ok[rows])
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self.columns:
+            known = ", ".join(sorted(self.columns)) or "none (run rate or score first)"
+            raise ValueError(f"no score column {name!r} in run; available: {known}")
+        return self.columns[name]
+
+
+@dataclass
+class SelectRequest:
+    """What a selector is asked: the settings, resolved (sort column, threshold, size)."""
+
+    sort_by: str | None
+    budget: int
+    tau: float
+    threshold: float | None
+    seed: int
+    size: int | None = None  # random: as many as another selection kept
+
+
+@dataclass(frozen=True)
+class Selector:
+    """A registered selector: how to run it, what it ranks by when not told."""
+
+    run: Any  # (Candidates, SelectRequest) -> Manifest
+    default_sort: str | None = None
+    needs_vectors: bool = False
+    own_threshold: bool = False  # --threshold is its own parameter, not a filter first
+
+
+def _threshold(data: Candidates, r: SelectRequest) -> Manifest:
+    return select_threshold(data.ids, data.column(r.sort_by or "rating"), r.threshold or 0.0)
+
+
+def _topk(data: Candidates, r: SelectRequest) -> Manifest:
+    return select_topk(data.ids, data.column(r.sort_by or "evol"), r.budget)
+
+
+def _random(data: Candidates, r: SelectRequest) -> Manifest:
+    scores = data.columns.get(r.sort_by or "")
+    return select_random(data.ids, r.size if r.size is not None else r.budget, r.seed,
+                         scores=scores)
+
+
+def _deita(data: Candidates, r: SelectRequest) -> Manifest:
+    if data.vectors is None:
+        raise ValueError("the deita selector needs embeddings; run gleaner embed first")
+    return select_deita(data.ids, data.column(r.sort_by or "evol"), data.vectors,
+                        budget=r.budget, tau=r.tau, vector_ok=data.vector_ok)
+
+
+register("selector", "threshold")(Selector(_threshold, "rating", own_threshold=True))
+register("selector", "topk")(Selector(_topk, "evol"))
+register("selector", "random")(Selector(_random))
+register("selector", "deita")(Selector(_deita, "evol", needs_vectors=True))
+
+
+def selector(name: str) -> Selector:
+    return registry("selector").get(name)
+
+
+def run_selector(data: Candidates, name: str, request: SelectRequest) -> Manifest:
+    """The named selector on the candidates; after AlpaGasus' threshold when one is set."""
+    chosen = selector(name)
+    request.sort_by = request.sort_by or chosen.default_sort
+    if chosen.own_threshold or request.threshold is None:
+        return chosen.run(data, request)
+    if "rating" not in data.columns:
+        raise ValueError("--threshold filters on the AlpaGasus rating; run gleaner rate first")
+    first = select_threshold(data.ids, data.columns["rating"], request.threshold)
+    second = chosen.run(data.subset(np.flatnonzero(first.selected)), request)
+    return chain(first, second)

@@ -1,0 +1,358 @@
+"""The driver side of the engine: plan, resume, cache, submit, count, report.
+
+:func:`run_stage` runs one stage of one run, called inside a Prefect flow
+whose task runner is prefect-ray's ``RayTaskRunner`` (Ray already up):
+
+1. take the stage's lease (a second runner on the same run and stage refuses);
+2. index the input (part footers and the id column: never the rows), cut it
+   into batches, check the plan (same settings and batching, or refuse / --force);
+3. skip batches whose part exists (resume), or redo only their failed rows
+   (--retry-failed); ask the stage to resolve its settings once if work is
+   pending (a probe request: a rejected key stops the stage right here);
+4. look up the cross-run cache for the pending batches' ids;
+5. submit the batches: task stages as Prefect tasks on Ray (a bounded window in
+   flight, so a fatal error stops submission at once), actor stages on a pool of
+   Ray actors holding the model; a batch that fails after its retries becomes
+   failed rows;
+6. summarise from the parts (counts add up, or it raises), write the summary,
+   publish one markdown artifact, and fail the stage if its failed share is over
+   the failure budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow.compute as pc
+
+from gleaner import layout
+from gleaner.artifacts import artifact_key
+from gleaner.config import GleanerConfig
+from gleaner.engine import cache
+from gleaner.engine.batches import BatchSpec, InputIndex
+from gleaner.engine.failures import FatalStageError, check_budget, is_fatal
+from gleaner.engine.lease import Lease
+from gleaner.engine.plan import Plan, check_requested, check_resolved, write_plan
+from gleaner.engine.stage import COST_COLUMNS, Context, LLMStage, Stage
+from gleaner.engine.summary import estimate_cost, stage_counts
+from gleaner.engine.worker import StageActor, StageJob, batch_task
+from gleaner.progress import progress
+from gleaner.store import Store
+
+log = logging.getLogger("gleaner.engine")
+Done = Callable[[BatchSpec, "dict[str, Any] | None", "BaseException | None"], None]
+
+
+# ---- the cluster can reach the store --------------------------------------------------------
+def check_shared_store(store: Store) -> None:
+    """Workers write their own parts: a local folder only works when they all run here."""
+    if not store.is_local:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    here = ray.util.get_node_ip_address()
+    remote = [n.get("NodeManagerAddress") for n in nodes if n.get("NodeManagerAddress") != here]
+    if len(nodes) > 1 or remote:
+        raise ValueError(
+            f"the store {store.url} is a local folder, but the Ray cluster has {len(nodes)} "
+            f"node(s){' on other hosts' if remote else ''}: workers on other nodes would write "
+            "their parts to their own disks. Use a store every node reaches (s3://..., any "
+            "shared fsspec URL); see docs/operations.md"
+        )
+
+
+# ---- submission ----------------------------------------------------------------------------
+def _exception(future: Any) -> BaseException:
+    try:
+        future.result(raise_on_failure=True)
+    except BaseException as error:  # the task's own exception
+        return error
+    return RuntimeError(str(future.state.message or future.state.type))
+
+
+def run_tasks(job: StageJob, specs: list[BatchSpec], on_done: Done) -> BaseException | None:
+    """Prefect tasks on Ray, a bounded window in flight; returns the fatal error, if any."""
+    import ray
+    from prefect.futures import as_completed
+    from prefect_ray.context import remote_options
+
+    stage, res = job.stage, job.stage.resources
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // res.cpus))
+    window = max(2, 2 * slots)
+    task = batch_task.with_options(name=f"{stage.name.split('/')[0]}-batch", retries=res.retries,
+                                   retry_delay_seconds=res.retry_delay_s)
+    label = artifact_key(stage.name, "batch")
+    queue, inflight, fatal = deque(specs), {}, None
+    while queue or inflight:
+        while queue and fatal is None and len(inflight) < window:
+            spec = queue.popleft()
+            named = task.with_options(task_run_name=f"{label}-{spec.index:05d}")
+            with remote_options(num_cpus=res.cpus, num_gpus=res.gpus or None):
+                inflight[named.submit(job=job, spec=spec)] = spec
+        if not inflight:
+            break
+        future = next(as_completed(list(inflight)))
+        spec = inflight.pop(future)
+        future.wait()
+        if future.state.is_completed():
+            on_done(spec, future.result(), None)
+            continue
+        error = _exception(future)
+        on_done(spec, None, error)
+        if is_fatal(error) and fatal is None:
+            fatal = error
+            queue.clear()  # stop submitting: nothing more can succeed
+    return fatal
+
+
+def run_actors(job: StageJob, specs: list[BatchSpec], on_done: Done) -> BaseException | None:
+    """A pool of Ray actors holding the stage's model; retries a failed batch itself."""
+    import ray
+
+    res = job.stage.resources
+    actor_class = ray.remote(StageActor).options(num_cpus=res.cpus, num_gpus=res.gpus)
+
+    def start() -> Any:
+        return actor_class.remote(job, max(1, int(res.cpus)))
+
+    actors = [start() for _ in range(max(1, min(res.actors, len(specs))))]
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except Exception as error:  # the model cannot load: nothing in this stage can run
+        for actor in actors:
+            ray.kill(actor)
+        cause = getattr(error, "cause", None) or error
+        raise FatalStageError(f"{job.stage.name}: the model could not be loaded: "
+                              f"{type(cause).__name__}: {cause}", "model") from None
+    queue, idle, inflight = deque(specs), list(actors), {}
+    tries: Counter[int] = Counter()
+    fatal: BaseException | None = None
+    try:
+        while queue or inflight:
+            while queue and idle and fatal is None:
+                actor, spec = idle.pop(), queue.popleft()
+                inflight[actor.run.remote(spec)] = (actor, spec)
+            if not inflight:
+                break
+            (ref,), _ = ray.wait(list(inflight), num_returns=1)
+            actor, spec = inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:  # the actor died: a new one retries
+                ray.kill(actor)
+                actor = start()
+                result, failure = None, error
+            except ray.exceptions.RayTaskError as error:
+                result, failure = None, error.cause or error
+            else:
+                failure = None
+            idle.append(actor)
+            if failure is None:
+                on_done(spec, result, None)
+                continue
+            tries[spec.index] += 1
+            if not is_fatal(failure) and tries[spec.index] <= res.retries:
+                log.warning("%s batch %05d failed (%s); retrying", job.stage.name, spec.index,
+                            failure)
+                queue.append(spec)
+                continue
+            on_done(spec, None, failure)
+            if is_fatal(failure) and fatal is None:
+                fatal = failure
+                queue.clear()
+    finally:
+        for actor in actors + [a for a, _ in inflight.values()]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+    return fatal
+
+
+# ---- progress: one source for the terminal and the Prefect UI ---------------------------------
+@contextlib.contextmanager
+def stage_progress(stage: Stage, run_id: str, total: int, done: int) -> Iterator[Any]:
+    artifact_id = None
+    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
+        from prefect.artifacts import create_progress_artifact
+
+        artifact_id = create_progress_artifact(
+            progress=100.0 * done / max(1, total), key=artifact_key(stage.name, "progress", run_id),
+            description=f"{stage.name} batches of run {run_id}")
+
+    def tell_ui(finished: int, of: int | None) -> None:
+        if artifact_id is not None:
+            from prefect.artifacts import update_progress_artifact
+
+            with contextlib.suppress(Exception):
+                update_progress_artifact(artifact_id=artifact_id,
+                                         progress=100.0 * finished / max(1, of or total))
+
+    bar = progress(total, f"{stage.name} {run_id}", unit="batch", initial=done,
+                   on_update=tell_ui, interval_s=2.0)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+# ---- the stage run ---------------------------------------------------------------------------
+def _failed_parts(store: Store, run_id: str, stage: str) -> dict[int, str]:
+    """Finished parts that hold failed rows (for --retry-failed)."""
+    out: dict[int, str] = {}
+    for index, path in store.part_paths(store.stage_path(run_id, stage)).items():
+        status = store.dataset([path]).to_table(columns=["status"]).column("status")
+        if pc.any(pc.equal(status, "failed")).as_py():
+            out[index] = path
+    return out
+
+
+def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any]:
+    """Run ``stage`` over its input for ``run_id``; returns (and stores) its summary."""
+    started = time.perf_counter()
+    store = Store(config.store.url, config.store.options)
+    section = stage.section
+    check_shared_store(store)
+    with Lease(store, run_id, stage.name):
+        if section.force:
+            store.clear_stage(run_id, stage.name)
+        index = InputIndex.build(store, run_id, stage.input_stage)
+        size = stage.resources.batch_size
+        bounds = index.bounds(size)
+        plan = Plan(stage.name, stage.requested(), {
+            "input_stage": stage.input_stage, "rows": index.rows,
+            "input": index.fingerprint(), "batch_size": size})
+        previous = check_requested(store, run_id, plan)
+        finished = store.finished_parts(run_id, stage.name)
+        retry = _failed_parts(store, run_id, stage.name) if section.retry_failed else {}
+        pending = [i for i in range(len(bounds)) if i not in finished or i in retry]
+        ctx = Context(store, run_id, config)
+        if pending:
+            plan.resolved = stage.resolve(ctx)
+            check_resolved(previous, plan, run_id)
+        else:
+            plan.resolved = (previous or {}).get("resolved") or stage.requested()
+            stage.adopt(plan.resolved)
+        write_plan(store, run_id, plan)
+        directory = layout.cache_dir(store, stage.name.split("/")[0], plan.key)
+        use_cache = stage.cacheable and section.cache and not section.force
+        lookup = cache.lookup(store, directory, {i: index.batch_ids(*bounds[i]) for i in pending}
+                              ) if use_cache else cache.CacheLookup({}, {})
+        specs = [BatchSpec(i, index.segments(*bounds[i]), bounds[i][1] - bounds[i][0],
+                           lookup.files.get(i, []), retry.get(i)) for i in pending]
+        log.info("%s of run %s: %d rows in %d batches (%d finished earlier, %d to retry, %d rows "
+                 "from the cache)", stage.name, run_id, index.rows, len(bounds),
+                 len(finished) - len(retry), len(retry), lookup.total)
+        # fresh ok rows go to the cache whenever it is on; --force only stops reading it
+        job = StageJob(stage, run_id, config.store.url, dict(config.store.options), plan.key,
+                       directory if stage.cacheable and section.cache else None)
+        fatal, results = _execute(stage, job, specs, index, bounds, store, run_id,
+                                  done=len(bounds) - len(pending))
+        summary = summarize(stage, store, run_id, config, index, plan, ctx, results,
+                            batches=len(bounds), resumed=len(bounds) - len(pending),
+                            seconds=time.perf_counter() - started, fatal=fatal)
+    if fatal is not None:
+        raise FatalStageError(f"{stage.name} stopped: {fatal}",
+                              getattr(fatal, "kind", "fatal")) from None
+    check_budget(stage.name, summary["failed"], summary["examples"], section.failure_budget)
+    return summary
+
+
+def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIndex,
+             bounds: list[tuple[int, int]], store: Store, run_id: str, done: int
+             ) -> tuple[BaseException | None, list[dict[str, Any]]]:
+    results: list[dict[str, Any]] = []
+    if not specs:
+        return None, results
+    holder = _limiter(stage)
+    with stage_progress(stage, run_id, len(bounds), done) as bar:
+
+        def on_done(spec: BatchSpec, result: dict[str, Any] | None,
+                    error: BaseException | None) -> None:
+            bar.update(1)
+            if result is not None:
+                results.append(result)
+                return
+            retries = stage.resources.retries
+            message = f"batch failed after {retries} retries: {type(error).__name__}: {error}"
+            message = message[:1000]
+            log.error("%s batch %05d failed after its retries: %s", stage.name, spec.index,
+                      message)
+            if is_fatal(error) or spec.retry_part:
+                return  # fatal: the batch stays pending; retry: its earlier part stands
+            ids = index.batch_ids(*bounds[spec.index]).to_pylist()
+            store.write_part(run_id, stage.name, spec.index,
+                             stage.failed_rows(ids, message, "task"))
+            results.append({"index": spec.index, "failed_batch": True})
+
+        runner = run_actors if stage.kind == "actor" else run_tasks
+        fatal = runner(job, specs, on_done)
+    del holder  # every batch is done: the limiter actor may go
+    return fatal, results
+
+
+def _limiter(stage: Stage) -> list[Any]:
+    """The cluster-wide buckets of an LLM stage's endpoints+models; the driver owns them."""
+    if not isinstance(stage, LLMStage):
+        return []
+    from gleaner.llm.ratelimit import ensure_rate_limiter, limiter_name
+
+    handles, stage.limiters = [], {}
+    for endpoint in stage.endpoints():
+        if endpoint.rpm or endpoint.tpm:
+            name = limiter_name(endpoint.base_url or "", endpoint.model)
+            stage.limiters[name] = name
+            handles.append(ensure_rate_limiter(name, endpoint.rpm, endpoint.tpm))
+    return handles
+
+
+def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, index: InputIndex,
+              plan: Plan, ctx: Context, results: list[dict[str, Any]], *, batches: int,
+              resumed: int, seconds: float, fatal: BaseException | None) -> dict[str, Any]:
+    """Counts from the parts, the engine's fields, the stage's own; written and published."""
+    columns = ["id", "status", "error_kind", "cached"]
+    columns += [c for c in (*COST_COLUMNS, *stage.summary_columns)
+                if c in stage.schema.names and c not in columns]
+    table = (store.read_stage(run_id, stage.name, columns=columns, schema=stage.schema)
+             if store.has_stage(run_id, stage.name) else stage.schema.empty_table())
+    summary: dict[str, Any] = {"run_id": run_id, "stage": stage.name, "key": plan.key,
+                               "settings": plan.resolved, "input_stage": stage.input_stage}
+    if fatal is None:
+        summary.update(stage_counts(table, index.rows, stage.name))
+        summary["status"] = "completed"
+    else:
+        summary.update(stage_counts(table, table.num_rows, stage.name))
+        summary.update(status="stopped", stopped_because=str(fatal), examples=index.rows)
+    for name in ("requests", "prompt_tokens", "completion_tokens"):
+        summary[name] += ctx.usage.get(name, 0)
+    price = stage.price(config) if isinstance(stage, LLMStage) else None
+    cost = estimate_cost(price, summary["prompt_tokens"], summary["completion_tokens"])
+    nodes = Counter(r.get("node") for r in results if r.get("node"))
+    summary.update(
+        est_cost_usd=cost if cost is not None else 0.0, price_known=cost is not None,
+        batches=batches, batches_resumed=resumed, batches_submitted=len(results),
+        batches_failed=sum(1 for r in results if r.get("failed_batch")),
+        batch_seconds=round(sum(r.get("seconds", 0.0) for r in results), 3),
+        nodes=dict(nodes), seconds=round(seconds, 3))
+    if table.num_rows:
+        summary.update(stage.summarize(table))
+    store.write_json(layout.summary_path(store, run_id, stage.name), summary)
+    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(markdown=stage.markdown(summary),
+                                 key=artifact_key(stage.name, "summary", run_id),
+                                 description=stage.description or f"{stage.name} of run {run_id}")
+    return summary
+
+
+def read_summary(store: Store, run_id: str, stage: str) -> dict[str, Any] | None:
+    path = layout.summary_path(store, run_id, stage)
+    return store.read_json(path) if store.exists(path) else None
+

@@ -1,0 +1,198 @@
+"""The rating stage (AlpaGasus, SPEC §1) on the engine: one rating row per example.
+
+Reads ``ingest`` (instruction, input, output and the conversation, so a
+multi-turn example is rated in context), asks the configured rater
+(:mod:`gleaner.tasks.rate.raters`) through the shared LLM client, retries
+unparseable answers ``parse_retries`` times and then records a parse failure
+with the raw text: never a zero. The engine does the rest (plan, parts, cache,
+failed batches, limits, summary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gleaner import layout
+from gleaner.config import EndpointConfig, RateConfig
+from gleaner.engine import AsyncBatchWorker, Context, LLMStage, rows_table, stage_schema
+from gleaner.llm.client import LLMClient, LLMError
+from gleaner.tasks.rate.prompt import RatingPrompt, build_prompt
+from gleaner.tasks.rate.raters import RateOptions, rater
+
+log = logging.getLogger("gleaner.rate")
+BUCKETS = [i / 2 for i in range(11)]  # 0.0, 0.5, ..., 5.0
+
+RATING_SCHEMA = stage_schema(
+    pa.field("dimension", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("prompt_version", pa.string(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),  # the mode actually used for this row
+    pa.field("score", pa.float64()),  # null unless status == "ok"
+    pa.field("raw", pa.string()),
+    llm=True,
+)
+
+
+def histogram(scores: list[float]) -> dict[str, int]:
+    """Counts per 0.5 bucket (a score s counts in bucket floor(2s)/2), like the paper's Fig. 4."""
+    counts = {f"{b:.1f}": 0 for b in BUCKETS}
+    for score in scores:
+        bucket = min(5.0, max(0.0, math.floor(score * 2) / 2))
+        counts[f"{bucket:.1f}"] += 1
+    return counts
+
+
+async def rate_one(example: Mapping[str, Any], client: LLMClient, prompt: RatingPrompt,
+                   mode: str, options: RateOptions) -> dict[str, Any]:
+    """Rate one example; the row is ``ok`` with a score or ``failed`` with the reason.
+
+    A fatal client error (rejected key, unknown model, the local server died) is raised:
+    no other example of the stage can do better.
+    """
+    messages = prompt.messages(example)
+    row: dict[str, Any] = {"id": example["id"], "dimension": prompt.dimension,
+                           "model": client.model, "prompt_version": prompt.version,
+                           "mode": mode, "status": "failed", "raw": None, "score": None,
+                           "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                           "latency_ms": 0.0}
+    reason, tries = "not rated", 0
+    while tries <= options.parse_retries:
+        tries += 1
+        try:
+            answer = await rater(row["mode"]).ask(client, messages, options)
+        except LLMError as error:
+            if error.fatal:
+                raise
+            row["attempts"] += error.attempts
+            row.update(error=str(error), error_kind=error.kind)
+            return row
+        completion = answer.completion
+        row["attempts"] += completion.attempts
+        row["prompt_tokens"] += completion.prompt_tokens
+        row["completion_tokens"] += completion.completion_tokens
+        row["latency_ms"] += completion.latency_ms
+        if answer.no_logprobs:  # the endpoint's limitation, not a parse failure
+            row["mode"], tries = "explain", tries - 1
+            continue
+        row["raw"] = answer.raw
+        if answer.score is not None:
+            row.update(score=answer.score, status="ok")
+            return row
+        reason = answer.reason or "unparseable"
+    row.update(error=f"parse failure after {tries} answers: {reason}", error_kind="parse")
+    return row
+
+
+class RateWorker(AsyncBatchWorker):
+    stage: RateStage
+
+    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
+        stage = self.stage
+        examples = rows.to_pylist()
+        results = await asyncio.gather(*(
+            rate_one(e, client, stage.prompt, stage.mode, stage.options) for e in examples))
+        if any(r["mode"] != stage.mode for r in results):
+            log.warning("the endpoint returned no logprobs: score-only fell back to explain")
+        return rows_table(results, RATING_SCHEMA)
+
+
+class RateStage(LLMStage):
+    """AlpaGasus rating of every ingested example."""
+
+    name = layout.RATE
+    input_stage = layout.INGEST
+    input_columns = ("id", "instruction", "input", "output", "conversation")
+    summary_columns = ("score", "model", "mode")
+    description = "AlpaGasus rating"
+
+    def __init__(self, section: RateConfig):
+        super().__init__(section)
+        self.settings = section
+        self.prompt = build_prompt(section.dimension, section.template_file)
+        self.mode = section.mode or "explain"
+        self.options = RateOptions(section.parse_retries, section.explain_max_tokens,
+                                   section.top_logprobs)
+        self.mode_note: str | None = None
+
+    @property
+    def endpoint(self) -> EndpointConfig:
+        return self.settings.endpoint
+
+    @property
+    def schema(self) -> pa.Schema:
+        return RATING_SCHEMA
+
+    def requested(self) -> dict[str, Any]:
+        return {"model": self.endpoint.model, "prompt_version": self.prompt.version,
+                "dimension": self.prompt.dimension, "mode": self.settings.mode or "explain"}
+
+    async def probe(self, client: LLMClient) -> dict[str, Any]:
+        """One real rating request: the key, the model, and whether logprobs come back."""
+        example = {"instruction": "Say hello.", "input": "", "output": "Hello!"}
+        if rater(self.mode).needs_logprobs:
+            completion = await client.chat(self.prompt.messages(example), max_tokens=1,
+                                           logprobs=True, top_logprobs=self.options.top_logprobs)
+            return {"logprobs": completion.top_logprobs is not None}
+        await client.chat(self.prompt.messages(example), max_tokens=1)
+        return {}
+
+    def resolve(self, ctx: Context) -> dict[str, Any]:
+        learnt = self.run_probe(ctx)
+        if rater(self.mode).needs_logprobs and not learnt.get("logprobs"):
+            self.mode_note = (f"endpoint model {self.endpoint.model!r} returns no logprobs: "
+                              f"{self.mode} mode falls back to explain for this run")
+            log.warning(self.mode_note)
+            self.mode = "explain"
+        return {**self.requested(), "mode": self.mode}
+
+    def adopt(self, resolved: dict[str, Any]) -> None:
+        self.mode = resolved.get("mode", self.mode)
+
+    def open(self) -> RateWorker:
+        return RateWorker(self)
+
+    def row_defaults(self) -> dict[str, Any]:
+        return {"dimension": self.prompt.dimension, "model": self.endpoint.model,
+                "prompt_version": self.prompt.version, "mode": self.mode}
+
+    def summarize(self, table: pa.Table) -> dict[str, Any]:
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        scores = [s for s in ok.column("score").to_pylist() if s is not None]
+        tau = self.settings.threshold
+        kept = sum(1 for s in scores if s >= tau)
+        modes = sorted(set(ok.column("mode").to_pylist()))
+        return {"model": self.endpoint.model, "dimension": self.prompt.dimension,
+                "mode": self.mode, "modes_used": modes, "prompt_version": self.prompt.version,
+                "threshold": tau, "read": table.num_rows, "rated": ok.num_rows, "kept": kept,
+                "below": ok.num_rows - kept, "histogram": histogram(scores),
+                "mode_note": self.mode_note}
+
+    def markdown(self, summary: Mapping[str, Any]) -> str:
+        lines = [
+            f"# Rating of run `{summary['run_id']}`", "",
+            f"model `{summary['model']}`, dimension **{summary['dimension']}**, "
+            f"mode {summary['mode']}, threshold {summary['threshold']}", "",
+            "| read | kept | below | failed | from cache |", "|---:|---:|---:|---:|---:|",
+            f"| {summary['examples']} | {summary.get('kept', 0)} | {summary.get('below', 0)} | "
+            f"{summary['failed']} | {summary['cached']} |", "",
+            f"{summary['requests']} requests, {summary['prompt_tokens']} prompt + "
+            f"{summary['completion_tokens']} completion tokens, est. "
+            f"${summary['est_cost_usd']:.4f}", "",
+            "| score | examples |", "|---:|---:|",
+            *(f"| {b} | {n} |" for b, n in (summary.get("histogram") or {}).items()),
+        ]
+        if summary.get("failures"):
+            lines += ["", "Failures: " + ", ".join(f"{k} {v}"
+                                                   for k, v in summary["failures"].items())]
+        if summary.get("mode_note"):
+            lines += ["", f"Note: {summary['mode_note']}"]
+        if summary.get("status") == "stopped":
+            lines += ["", f"**Stopped**: {summary['stopped_because']}"]
+        return "\n".join(lines)
