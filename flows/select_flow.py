@@ -26,6 +26,7 @@ def select_flow(run_id: str, config: GleanerConfig, out: str | None = None,
     get_run_logger().info("selected %d of %d examples (%s)", summary["selected"],
                           summary["examples"],
                           ", ".join(f"{k} {v}" for k, v in report.counts.items()))
+    record_run(store, run_id, config, select=summary)
     return summary
 
 
@@ -33,6 +34,4 @@ def run_select(store: Store, run_id: str, config: GleanerConfig, out: str | None
                fmt: str | None = None, size_of: str | None = None) -> dict[str, Any]:
     # Selection runs in this process (numpy); it needs the Prefect API, not Ray.
     with prefect_api(resolve_prefect_api(config)):
-        summary = select_flow(run_id=run_id, config=config, out=out, fmt=fmt, size_of=size_of)
-    record_run(store, run_id, config, select=summary)
-    return summary
+        return select_flow(run_id=run_id, config=config, out=out, fmt=fmt, size_of=size_of)

@@ -304,6 +304,19 @@ class GleanerConfig(Section):
         return GleanerConfig.model_validate(data)
 
 
+def resolve_config(
+    config: str | Path | dict[str, Any] | GleanerConfig | None, store: str | None = None
+) -> GleanerConfig:
+    """A deployment passes a YAML path or a dict; the CLI passes a built config."""
+    if isinstance(config, GleanerConfig):
+        base = config
+    elif isinstance(config, dict):
+        base = GleanerConfig.model_validate(config)
+    else:
+        base = load_config(config)
+    return base.with_overrides({"store.url": store})
+
+
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> GleanerConfig:

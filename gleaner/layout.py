@@ -20,7 +20,6 @@ beside the parts start with ``_`` so a part listing never sees them.
 from __future__ import annotations
 
 import posixpath
-import re
 
 from gleaner.store import Store
 
@@ -109,13 +108,6 @@ def judge_stage(comparison: str, test_set: str) -> str:
 
 
 # ---- datasets ---------------------------------------------------------------------------------
-DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
 def dataset_dir(store: Store, name: str) -> str:
-    if not DATASET_NAME_RE.match(name):
-        raise ValueError(
-            f"dataset name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
-            "and start with a letter or digit"
-        )
+    """A published dataset's folder (the name is checked by gleaner.tasks.publish.versions)."""
     return store.path("datasets", name)

@@ -19,10 +19,11 @@ def test_example_configs_validate(path: Path) -> None:
 
 def test_cli_overrides_win_over_the_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("rate:\n  endpoint:\n    model: from-file\n  batch_size: 7\n")
-    config = load_config(path, {"rate.endpoint.model": "from-flag", "rate.batch_size": None})
+    path.write_text("rate:\n  endpoint:\n    model: from-file\n  resources:\n    batch_size: 7\n")
+    config = load_config(path, {"rate.endpoint.model": "from-flag",
+                                "rate.resources.batch_size": None})
     assert config.rate.endpoint.model == "from-flag"
-    assert config.rate.batch_size == 7  # None means "flag not given"
+    assert config.rate.resources.batch_size == 7  # None means "flag not given"
 
 
 def test_unknown_keys_are_errors_naming_the_file(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ import pytest
 from typer.testing import CliRunner
 
 from gleaner.config import GleanerConfig
+from gleaner.engine import rows_table
 from gleaner.store import Store
 from gleaner.tasks.deita.embed import Encoder, example_text, table_vectors, vectors_table
-from gleaner.tasks.deita.score import SCORE_SCHEMA
-from gleaner.tasks.rate.rating import RATING_SCHEMA
+from gleaner.tasks.deita.stages import SCORE_SCHEMA
+from gleaner.tasks.rate.stage import RATING_SCHEMA
 from tests.test_select import reference_deita
 
 RUN = "e2e-alpaca"
@@ -49,7 +50,7 @@ def precomputed_scores(ids: list[str]) -> pa.Table:
                      "complexity_turns": [c], "quality_turns": [q],
                      "complexity_model": "synthetic", "quality_model": "synthetic",
                      "status": "ok", "error": None})
-    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+    return rows_table(rows, SCORE_SCHEMA)
 
 
 def precomputed_ratings(ids: list[str]) -> pa.Table:

@@ -1,4 +1,4 @@
-"""Embeddings: the encoder matches sentence-transformers, the Ray actor pool matches the
+"""Embeddings: the encoder matches sentence-transformers, the engine's Ray actors match the
 in-process encoder, and the embed stage resumes and reuses its cross-run cache."""
 
 from __future__ import annotations
@@ -9,15 +9,7 @@ import pytest
 from gleaner.config import GleanerConfig
 from gleaner.schema import Example, Turn, examples_to_table
 from gleaner.store import Store
-from gleaner.tasks.deita.embed import (
-    STAGE,
-    Encoder,
-    actor_pool,
-    embed_on_pool,
-    example_text,
-    length_batches,
-    table_vectors,
-)
+from gleaner.tasks.deita.embed import STAGE, Encoder, example_text, table_vectors
 
 TEXTS = [
     "Give three tips for staying healthy.",
@@ -45,24 +37,6 @@ def test_encoder_equals_sentence_transformers(encoder):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
-@pytest.mark.slow  # starts Ray actors that each load the model (~15 s on 2 shared cores)
-def test_actor_pool_equals_in_process(ray_local, encoder):
-    import ray
-
-    pool, actors = actor_pool(2, None, "mean", num_cpus=1)
-    try:
-        batches = [(i, [f"id{i}-{j}" for j in range(len(TEXTS))], TEXTS) for i in range(3)]
-        results = sorted(embed_on_pool(pool, batches), key=lambda r: r[0])
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    want = encoder.encode(TEXTS)
-    assert [r[0] for r in results] == [0, 1, 2]
-    for _, ids, vectors in results:
-        assert ids[0].endswith("-0")
-        np.testing.assert_allclose(vectors, want, atol=1e-5)
-
-
 def examples(n: int) -> list[Example]:
     rows = [Example("unit", i, f"Question number {i} about {'cats' if i % 2 else 'dogs'}?",
                     output=f"Answer {i}. " * (1 + i % 5)) for i in range(n)]
@@ -73,15 +47,21 @@ def examples(n: int) -> list[Example]:
 
 @pytest.mark.slow  # three rounds of actor pools
 def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
-    from gleaner.flows.deita_flow import embed_examples
+    """Two actors (the model loaded once each) embed what the in-process encoder does."""
+    from gleaner.flows.deita_flow import run_embed
 
     store = Store(str(tmp_path / "store"))
     pool = examples(29)
     store.write_part("run-a", "ingest", 0, examples_to_table(pool))
-    config = GleanerConfig().with_overrides({"embed.batch_size": 8, "embed.actors": 1})
+    config = GleanerConfig().with_overrides({
+        "store.url": store.url, "embed.resources.batch_size": 8, "embed.resources.actors": 2})
+
+    def embed_examples(store: Store, run_id: str, config: GleanerConfig) -> dict:
+        return run_embed(store, run_id, config)
 
     first = embed_examples(store, "run-a", config)
-    assert first["embedded"] == 30 and first["batches"] == 4 and first["from_cache"] == 0
+    assert first["embedded"] == 30 and first["batches"] == 4 and first["cached"] == 0
+    assert first["ok"] == 30 and len(first["nodes"]) == 1
     assert store.finished_parts("run-a", STAGE) == {0, 1, 2, 3}
     table = store.read_stage("run-a", STAGE)
     assert table.schema.field("vector").type.list_size == 384
@@ -100,7 +80,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
     store.fs.rm(lost)
     no_cache = config.with_overrides({"embed.cache": False})
     again = embed_examples(store, "run-a", no_cache)
-    assert again["skipped_batches"] == 3 and again["embedded"] == len(expected_ids) == 8
+    assert again["batches_resumed"] == 3 and again["embedded"] == len(expected_ids) == 8
     assert store.finished_parts("run-a", STAGE) == {0, 1, 2, 3}
     assert sorted(table_vectors(store.read_stage("run-a", STAGE))[0]) == sorted(ids)
 
@@ -110,7 +90,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
     third = embed_examples(store, "run-b", config)
     new_ids = {e.id for e in bigger} - {e.id for e in pool}
     assert third["embedded"] == len(new_ids) == 4
-    assert third["from_cache"] == 30
+    assert third["cached"] == 30
     ids_b, vectors_b = table_vectors(store.read_stage("run-b", STAGE))
     got = dict(zip(ids_b, vectors_b, strict=True))
     for example_id, vector in by_id.items():
@@ -118,15 +98,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
 
     # The plan guard: other batch settings on a run with output are refused, not mixed.
     with pytest.raises(ValueError, match="batch_size"):
-        embed_examples(store, "run-a", config.with_overrides({"embed.batch_size": 5}))
-
-
-def test_length_batches_are_stable_and_sorted():
-    ids = [f"i{k}" for k in range(7)]
-    texts = ["a" * (7 - k) for k in range(7)]
-    batches = length_batches(ids, texts, 3)
-    assert [b[0] for b in batches] == [["i6", "i5", "i4"], ["i3", "i2", "i1"], ["i0"]]
-    assert length_batches(list(reversed(ids)), list(reversed(texts)), 3) == batches
+        embed_examples(store, "run-a", config.with_overrides({"embed.resources.batch_size": 5}))
 
 
 @pytest.mark.slow  # loads SmolLM2 from its GGUF (~20 s)

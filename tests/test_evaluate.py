@@ -23,6 +23,8 @@ ANSWER_RE = re.compile(r"\[The Start of Assistant ([12])'s Answer\]\n(.*?)\n\n\[
 def marker_judge(body: dict) -> Reply:
     """Scores each answer from its '[s=N]' marker, whatever position it is shown in."""
     answers = dict(ANSWER_RE.findall(body["messages"][1]["content"]))
+    if "[s=" not in answers["1"]:  # the judge stage's probe request: any valid review
+        return Reply("5 5\nA probe.")
     s1, s2 = (float(re.search(r"\[s=([\d.]+)\]", answers[k]).group(1)) for k in ("1", "2"))
     if s1 < 0 or s2 < 0:
         return Reply("I cannot decide.")
@@ -34,7 +36,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tmp_path: Path):
+def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, ray_local,
+                                                                 tmp_path: Path):
     from gleaner.flows.cli import app
 
     a = write_jsonl(tmp_path / "curated.jsonl", [
@@ -54,8 +57,12 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, tm
     store = tmp_path / "store"
     runner = CliRunner()
     with OpenAIStub(marker_judge) as stub:
+        # one of koala's two pairs is a judge failure: over the default 5 % budget
+        settings = tmp_path / "gleaner.yaml"
+        settings.write_text("evaluate:\n  failure_budget: 1.0\n")
         args = ["evaluate", "--answers-a", a, "--answers-b", b, "--judge-base-url", stub.base_url,
-                "--judge-model", "gpt-4", "--store", str(store), "--run-id", "eval-run", "--json"]
+                "--judge-model", "gpt-4", "--store", str(store), "--run-id", "eval-run", "--json",
+                "--config", str(settings)]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -96,7 +103,8 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
                                                    smol_tokenizer_dir: Path, shared_data: Path,
                                                    tmp_path: Path) -> None:
     from gleaner.config import GleanerConfig
-    from gleaner.flows.evaluate_flow import answers_path, evaluate_flow
+    from gleaner.flows.evaluate_flow import evaluate_flow
+    from gleaner.layout import answers_path
     from gleaner.store import Store
 
     other = build_tiny_model(smol_tokenizer_dir, tmp_path / "other-model", seed=1)
@@ -117,7 +125,7 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         asked = stub.count()
         rerun = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
                               model_b=str(other), test_sets=["vicuna", custom], limit=3)
-        assert stub.count() == asked  # answers and judgements came from the store
+        assert stub.count() == asked  # answers and judgements came from the store: no probe
         # B "retrained" in place: its stored answers are stale and must be regenerated.
         build_tiny_model(smol_tokenizer_dir, other, seed=2)
         store_b = Store(str(tmp_path / "store"))
@@ -127,7 +135,8 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         after = store_b.read_bytes(answers_path(store_b, "gen-run", rerun["model_b"], "mine"))
         assert after != before  # a new model version was recorded with new answers
     store = Store(str(tmp_path / "store"))
-    assert summary["prompts"] == {"vicuna": 3, "mine": 1} and asked == 2 * 4
+    # both orders of 4 pairs, and one probe per test set's judge stage
+    assert summary["prompts"] == {"vicuna": 3, "mine": 1} and asked == 2 * 4 + 2
     for test_set, count in (("vicuna", 3), ("mine", 1)):
         a = store.dataset([answers_path(store, "gen-run", summary["model_a"], test_set)]).to_table()
         b = store.dataset([answers_path(store, "gen-run", summary["model_b"], test_set)]).to_table()
@@ -145,17 +154,22 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
 
     with get_client(sync_client=True) as client:
         names = {run.name for run in client.read_task_runs()}
-    assert {"judge-vicuna", "judge-mine", f"answer-{summary['model_a']}",
-            f"answer-{summary['model_b']}"} <= names
+    assert {f"answer-{summary['model_a']}", f"answer-{summary['model_b']}"} <= names
+    assert any("judge-vicuna-batch" in n for n in names)  # the judge stages' batch task runs
+    assert any("judge-mine-batch" in n for n in names)
 
 
-def test_judging_resumes_from_finished_parts(tmp_path: Path, monkeypatch) -> None:
-    """A crash after the first part (simulated: the second judge call raises) loses only the
-    part in flight; the rerun asks the judge about the remaining pairs only."""
+def test_judging_resumes_from_parts_and_reuses_judgements(prefect_api, ray_local,
+                                                         tmp_path: Path) -> None:
+    """The judge is an engine stage: a lost part is judged again (cache off), a new run with
+    the same pairs asks the judge nothing but its probe (cache on)."""
+    from gleaner import layout
     from gleaner.config import GleanerConfig
-    from gleaner.flows.evaluate_flow import run_evaluate_answers
+    from gleaner.flows.evaluate_flow import evaluate_flow
     from gleaner.store import Store
-    from gleaner.tasks.evaluate.judge import Judge
+
+    def run_evaluate_answers(store, run_id, config, a, b):
+        return evaluate_flow(run_id=run_id, config=config, answers_a=a, answers_b=b)
 
     rows_a = [{"prompt": f"Q{i}", "answer": f"a [s={8 if i % 2 else 4}]"} for i in range(5)]
     rows_b = [{"prompt": f"Q{i}", "answer": "b [s=6]"} for i in range(5)]
@@ -164,23 +178,18 @@ def test_judging_resumes_from_finished_parts(tmp_path: Path, monkeypatch) -> Non
     store = Store(str(tmp_path / "store"))
     with OpenAIStub(marker_judge) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
-            "evaluate.judge_batch_pairs": 2})
-        real_judge = Judge.judge
-        calls = {"n": 0}
-
-        def crash_on_second_part(self, pairs, rule="alpagasus"):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt("killed")
-            return real_judge(self, pairs, rule)
-
-        monkeypatch.setattr(Judge, "judge", crash_on_second_part)
-        with pytest.raises(KeyboardInterrupt):
-            run_evaluate_answers(store, "resume-run", config, a, b)
-        assert stub.count() == 2 * 2  # one part of two pairs, both orders
-        monkeypatch.setattr(Judge, "judge", real_judge)
-        summary = run_evaluate_answers(store, "resume-run", config, a, b)
-        assert stub.count() == 2 * 5  # the rerun judged the 3 remaining pairs only
-    part = summary["test_sets"]["answers"]
-    assert (part["win"], part["tie"], part["lose"], part["failed"]) == (2, 0, 3, 0)
+            "store.url": store.url, "evaluate.judge.base_url": stub.base_url,
+            "evaluate.judge_resources.batch_size": 2})
+        first = run_evaluate_answers(store, "resume-run", config, a, b)
+        assert stub.count() == 1 + 2 * 5  # the probe, then both orders of 5 pairs
+        stage = layout.judge_stage(first["comparison"], "answers")
+        assert store.finished_parts("resume-run", stage) == {0, 1, 2}
+        store.fs.rm(store.part_paths(store.stage_path("resume-run", stage))[1])
+        no_cache = config.with_overrides({"evaluate.judge_cache": False})
+        again = run_evaluate_answers(store, "resume-run", no_cache, a, b)
+        assert stub.count() == 1 + 2 * 5 + 1 + 2 * 2  # the lost part's 2 pairs only
+        other = run_evaluate_answers(store, "other-run", config, a, b)
+        assert stub.count() == 1 + 2 * 5 + 1 + 2 * 2 + 1  # all from the cache
+    for summary in (first, again, other):
+        part = summary["test_sets"]["answers"]
+        assert (part["win"], part["tie"], part["lose"], part["failed"]) == (2, 0, 3, 0)

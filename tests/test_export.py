@@ -12,9 +12,9 @@ import pytest
 import s3fs
 
 from gleaner.config import GleanerConfig
+from gleaner.registry import registry
 from gleaner.store import Store
 from gleaner.tasks.ingest.ingest import run_ingest
-from gleaner.registry import registry
 from gleaner.tasks.publish.export import infer_format, write_dataset
 
 

@@ -184,10 +184,10 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
     import pyarrow as pa
 
     from gleaner.config import GleanerConfig
-    from gleaner.flows.finetune_flow import model_path, run_finetune
     from gleaner.store import Store
     from gleaner.tasks.evaluate.eval_sets import EvalPrompt
     from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
+    from gleaner.tasks.train.run import model_path, run_finetune
 
     rows = json.loads((shared_data / "alpaca" / "alpaca_random_9k.json").read_text())[:12]
     table = pa.Table.from_pylist(
@@ -252,8 +252,8 @@ def write_pool_and_selection(store, run_id: str, shared_data: Path, pool: int, c
 
 def test_curated_set_and_baselines_come_from_the_run(shared_data: Path, tmp_path: Path) -> None:
     from gleaner.config import GleanerConfig
-    from gleaner.flows.finetune_flow import baseline_examples, resolve_dataset
     from gleaner.store import Store
+    from gleaner.tasks.train.run import baseline_examples, resolve_dataset
 
     store = Store(str(tmp_path / "store"))
     pool = write_pool_and_selection(store, "r1", shared_data, pool=40, chosen=10)
@@ -318,8 +318,8 @@ def test_checkpoints_and_model_go_to_s3(ray_local, s3, tiny_model_dir: Path, sha
     """The store on S3 (moto's real HTTP server): Ray Train persists checkpoints through the
     store's fsspec filesystem, the final model is uploaded beside them."""
     from gleaner.config import GleanerConfig
-    from gleaner.flows.finetune_flow import run_finetune
     from gleaner.store import Store
+    from gleaner.tasks.train.run import run_finetune
 
     store = Store(s3["url"], {"endpoint_url": s3["endpoint_url"]})
     write_pool_and_selection(store, "s3-run", shared_data, pool=8, chosen=4)
@@ -344,8 +344,8 @@ def test_two_data_parallel_workers(ray_local, tiny_model_dir: Path, tmp_path: Pa
     import pyarrow as pa
 
     from gleaner.config import GleanerConfig
-    from gleaner.flows.finetune_flow import run_finetune
     from gleaner.store import Store
+    from gleaner.tasks.train.run import run_finetune
 
     table = pa.Table.from_pylist([record(f"Question {i}?", f"Answer {i}.") for i in range(10)])
     store = Store(str(tmp_path / "store"))

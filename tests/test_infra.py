@@ -203,10 +203,25 @@ def test_deployment_parameters_are_flow_parameters(flows_by_deployment):
     assert {"sources", "store", "config", "run_id", "train", "evaluate"} <= curate
 
 
-def test_curate_flow_emits_the_event_the_finetune_trigger_expects():
-    source = (ROOT / "flows" / "curate.py").read_text()
-    assert "gleaner.selection.completed" in source
-    assert "gleaner.run." in source
+def test_curate_flow_emits_the_event_the_finetune_trigger_expects(monkeypatch):
+    import fnmatch
+
+    import prefect.events
+
+    from gleaner.config import GleanerConfig
+    from gleaner.tasks.publish import release
+
+    sent = []
+    monkeypatch.setattr(prefect.events, "emit_event", lambda **event: sent.append(event))
+    version = {"uri": "x", "name": "curated", "version": 1, "counts": {"examples": 3}}
+    release.announce_selection(GleanerConfig(), "run-7", version)
+    [event] = sent
+    trigger = next(d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+                   if d["name"] == "finetune")["triggers"][0]
+    assert event["event"] in trigger["expect"]
+    assert fnmatch.fnmatch(event["resource"]["prefect.resource.id"],
+                           trigger["match"]["prefect.resource.id"])
+    assert event["payload"]["run_id"] == "run-7" and event["payload"]["config"]["store"]
 
 
 # ---- work pools -----------------------------------------------------------------

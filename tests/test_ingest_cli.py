@@ -74,7 +74,8 @@ def test_bad_format_flag_is_refused(tmp_path):
 def test_ingest_flow_runs_on_prefect_and_publishes_its_summary(tmp_path, shared_data, prefect_api):
     import httpx
 
-    from gleaner.flows.ingest_flow import artifact_key, ingest_flow
+    from gleaner.artifacts import artifact_key
+    from gleaner.flows.ingest_flow import ingest_flow
 
     config = GleanerConfig()
     config.store.url = str(tmp_path / "store")
@@ -86,7 +87,7 @@ def test_ingest_flow_runs_on_prefect_and_publishes_its_summary(tmp_path, shared_
 
     response = httpx.post(  # the REST API the UI reads artifacts from
         f"{prefect_api}/artifacts/filter",
-        json={"artifacts": {"key": {"any_": [artifact_key("Flow_Run.1")]}}, "limit": 10},
+        json={"artifacts": {"key": {"any_": [artifact_key("ingest", "Flow_Run.1")]}}, "limit": 10},
         timeout=30,
     )
     response.raise_for_status()
@@ -97,7 +98,7 @@ def test_ingest_flow_runs_on_prefect_and_publishes_its_summary(tmp_path, shared_
 
 @pytest.mark.parametrize("run_id", ["Run_2024.01", "--weird--"])
 def test_artifact_keys_are_valid(run_id):
-    from gleaner.flows.ingest_flow import artifact_key
+    from gleaner.artifacts import artifact_key
 
-    key = artifact_key(run_id)
+    key = artifact_key("ingest", run_id)
     assert key.startswith("ingest-") and set(key) <= set("abcdefghijklmnopqrstuvwxyz0123456789-")

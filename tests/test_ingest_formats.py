@@ -174,7 +174,7 @@ def test_rerun_reuses_redo_needs_force_and_interrupted_attempts_are_redone(tmp_p
     assert [r["instruction"] for r in store.read_stage("r", "ingest").to_pylist()] == ["b"]
     assert "reused" not in replaced
     # an attempt killed half-way left a part but no summary: the rerun starts clean
-    store.fs.rm(store.run_path("r", "ingest.summary.json"))
+    store.fs.rm(store.run_path("r", "ingest", "_summary.json"))
     stale = store.read_stage("r", "ingest")
     store.write_part("r", "ingest", 7, stale)
     redone, _ = ingest(tmp_path, a, store=store)

@@ -70,7 +70,7 @@ def test_store_on_s3_matches_store_on_local_disk(tmp_path, sources, s3):
     # the run record and the summary are in the bucket too
     bucket = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint_url"]},
                                skip_instance_cache=True)
-    assert bucket.exists(f"{s3['bucket']}/store/runs/same/ingest.summary.json")
+    assert bucket.exists(f"{s3['bucket']}/store/runs/same/ingest/_summary.json")
     assert read_run(remote, "same")["ingest"]["kept"] == remote_summary["kept"]
 
 

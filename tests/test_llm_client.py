@@ -103,7 +103,8 @@ def test_permanent_errors_are_not_retried_and_never_show_the_key(monkeypatch) ->
             run(call())
         assert stub.count() == 1
     error = caught.value
-    assert not error.transient and error.kind == "permanent" and "401" in str(error)
+    assert not error.transient and error.kind == "rejected_key" and "401" in str(error)
+    assert error.fatal and "rejected the API key (from $STUB_KEY)" in str(error)
     assert SECRET not in str(error) and SECRET not in repr(error.__dict__)
 
 

@@ -1,7 +1,7 @@
 """The judge gleaner starts itself (llama.cpp + SmolLM2) gets the offline settings on both paths
 (the curate flow's shared server, the evaluate flow's own), and its verdicts parse.
 
-The rule is ``flows.evaluate_flow.with_offline_judge``: the offline token cap and llama.cpp's
+The rule is ``gleaner.llm.offline.with_offline_judge``: the offline token cap and llama.cpp's
 GBNF grammar for the score line. The grammar reaches the wire only when it is on: checked on a
 loopback stub that records request bodies, and against the real llama.cpp server, whose
 constrained reviews must all parse.
@@ -10,13 +10,15 @@ constrained reviews must all parse.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
 from gleaner.config import GleanerConfig
-from gleaner.flows.curate import offline_endpoints
-from gleaner.flows.evaluate_flow import judge_endpoint, make_judge, with_offline_judge
+from gleaner.llm.offline import offline_endpoints
+from gleaner.llm.offline import with_offline_judge as offline_judge
 from gleaner.tasks.evaluate.judge import SCORE_LINE_GRAMMAR, Pair, parse_scores
+from gleaner.tasks.evaluate.stage import make_judge
 from tests.support.openai_server import OpenAIStub, Reply
 
 SCORE_LINE = re.compile(r"(10|[1-9]) (10|[1-9])")
@@ -35,6 +37,11 @@ PAIRS = [
 ]
 
 
+def with_offline_judge(cfg: GleanerConfig, base_url: str, model: str) -> GleanerConfig:
+    server = SimpleNamespace(base_url=base_url, model=model, state_path="/nonexistent.json")
+    return offline_judge(cfg, server)
+
+
 def config(**overrides: object) -> GleanerConfig:
     return GleanerConfig().with_overrides(dict(overrides))
 
@@ -45,7 +52,7 @@ def test_the_offline_rule_sets_the_token_cap_and_the_grammar() -> None:
     assert live.evaluate.judge.base_url == "http://127.0.0.1:1/v1"
     assert live.evaluate.judge_max_tokens == base.evaluate.offline_judge_max_tokens == 48
     assert live.evaluate.judge_grammar is True
-    assert live.evaluate.judge.concurrency == 2
+    assert live.evaluate.judge_resources.concurrency == 2
     # A user who turned the grammar off keeps it off, offline too.
     off = with_offline_judge(config(**{"evaluate.judge_grammar": False}), "http://x/v1", "m")
     assert off.evaluate.judge_grammar is False
@@ -99,10 +106,11 @@ def assert_offline_reviews_parse(cfg: GleanerConfig) -> None:
 @pytest.mark.timeout(600)
 def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """curate's one llama.cpp server for rater and judge: the judge still gets the offline rule."""
-    with offline_endpoints(config()) as live:
+    with offline_endpoints(config(), rater=True, judge=True) as live:
         assert live.evaluate.judge.base_url == live.rate.endpoint.base_url
         assert live.evaluate.judge.model == "smollm2-135m-instruct"
-        with judge_endpoint(live) as judging:  # a base_url now: used as it is, no new server
+        # a base_url now: used as it is, no new server
+        with offline_endpoints(live, judge=True) as judging:
             assert judging is live
         assert_offline_reviews_parse(live)
 
@@ -111,6 +119,6 @@ def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
 @pytest.mark.timeout(600)
 def test_evaluate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """The evaluate flow alone, no judge configured: it starts the server under the same rule."""
-    with judge_endpoint(config()) as judging:
+    with offline_endpoints(config(), judge=True) as judging:
         assert judging.evaluate.judge.base_url.startswith("http://127.0.0.1:")
         assert_offline_reviews_parse(judging)

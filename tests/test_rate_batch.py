@@ -9,7 +9,9 @@ import pytest
 
 from gleaner.config import EndpointConfig
 from gleaner.llm import LLMClient
-from gleaner.tasks.rate.rating import RATING_SCHEMA, RateOptions, build_prompt, rate_batch
+from gleaner.tasks.rate.prompt import build_prompt
+from gleaner.tasks.rate.raters import RateOptions
+from gleaner.tasks.rate.stage import RATING_SCHEMA, rate_batch
 from tests.support.faults import FaultyRater, examples, stable_score
 from tests.support.openai_server import OpenAIStub
 
@@ -20,10 +22,11 @@ def rows_for(keys) -> list[dict]:
 
 def rate(stub: OpenAIStub, rows, mode="explain", concurrency=16, **endpoint):
     config = {"base_url": stub.base_url, "model": "stub-model", "timeout_s": 0.4,
-              "max_retries": 2, "concurrency": concurrency, **endpoint}
+              "max_retries": 2, **endpoint}
 
     async def go():
-        async with LLMClient(EndpointConfig(**config), backoff_s=0.01) as client:
+        async with LLMClient(EndpointConfig(**config), backoff_s=0.01,
+                             concurrency=concurrency) as client:
             options = RateOptions(parse_retries=2)
             return await rate_batch(rows, client, build_prompt(), mode, options)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.flows.commands.rate import format_summary
-from gleaner import layout
 from gleaner.flows.rate_flow import run_rate
 from gleaner.runs import read_run
 from gleaner.schema import examples_to_table

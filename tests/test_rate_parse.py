@@ -7,7 +7,8 @@ import math
 import pytest
 
 from gleaner.llm.client import SCORE_TOKENS_0_5, SCORE_TOKENS_1_6, expected_score
-from gleaner.tasks.rate.rating import SYSTEM_PROMPT, build_prompt, parse_score
+from gleaner.tasks.rate.parse import parse_score
+from gleaner.tasks.rate.prompt import SYSTEM_PROMPT, build_prompt
 
 PARSED = [
     ("4.5", 4.5),

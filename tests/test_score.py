@@ -3,6 +3,7 @@ the per-turn evol score, and the HF back end on the real SmolLM2 GGUF."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from gleaner.tasks.deita.score import (
     expected_from_logits,
     quality_prompt,
     score_rows,
+    turn_prompts,
 )
 from tests.support.openai_server import OpenAIStub, Reply, request_text
 
@@ -77,7 +79,8 @@ def test_multi_turn_evol_is_sum_of_products_and_failures_are_recorded():
         quality_prompt("second question", "second answer"): 1.5,
         quality_prompt("solo\n\nctx", "out"): 2.0, quality_prompt("unscorable", "x"): 3.0,
     })
-    table = score_rows(rows, c, q).to_pylist()
+    c_prompts, q_prompts = turn_prompts(rows)
+    table = score_rows(rows, c.score(c_prompts), q.score(q_prompts), c.name, q.name)
     assert [r["id"] for r in table] == [multi.id, single.id, broken.id]
     assert table[0]["turns"] == 2
     assert table[0]["evol"] == pytest.approx(2.0 * 5.0 + 4.0 * 1.5)
@@ -100,15 +103,24 @@ def digit_logprobs(body):
     return Reply(content=next(iter(top)), top_logprobs=[top])
 
 
+def endpoint_scores(endpoint: EndpointConfig, prompts: list[str], top: int = 20):
+    from gleaner.llm.client import LLMClient
+
+    async def go():
+        async with LLMClient(endpoint) as client:
+            return await EndpointScorer(client, top_logprobs=top).ascore(prompts), client.usage
+
+    return asyncio.run(go())
+
+
 def test_endpoint_scorer_against_loopback_server():
     with OpenAIStub(digit_logprobs) as stub:
         endpoint = EndpointConfig(base_url=stub.base_url, model="deita-scorer", max_retries=1)
-        scorer = EndpointScorer(endpoint, top_logprobs=7)
-        results = scorer.score([
+        results, usage = endpoint_scores(endpoint, [
             complexity_prompt("Explain entropy."),
             quality_prompt("Q", "A"),
             complexity_prompt("UNSCORABLE"),
-        ])
+        ], top=7)
         body = stub.requests[0]
     # Renormalised over 1..6 only: (3*.5 + 4*.3 + 5*.1) / .9 and (6*.6 + 1*.2) / .8.
     assert results[0].value == pytest.approx((1.5 + 1.2 + 0.5) / 0.9)
@@ -117,21 +129,34 @@ def test_endpoint_scorer_against_loopback_server():
     # Raw-text completion, one token, temperature 0, top_logprobs requested.
     assert "messages" not in body and body["prompt"].startswith("You are a helpful assistant.")
     assert body["max_tokens"] == 1 and body["temperature"] == 0 and body["logprobs"] == 7
-    assert scorer.usage["calls"] == 3
+    assert usage.calls == 3 and all(r.attempts == 1 for r in results)
 
 
 def test_endpoint_failure_is_recorded_not_dropped():
     with OpenAIStub(lambda body: Reply(status=400)) as stub:
         endpoint = EndpointConfig(base_url=stub.base_url, model="m", max_retries=0)
         rows = [Example("t", 0, "q", output="a").to_row()]
-        table = score_rows(rows, EndpointScorer(endpoint), EndpointScorer(endpoint)).to_pylist()
-    assert table[0]["status"] == "failed" and "permanent" in table[0]["error"]
+        c_prompts, q_prompts = turn_prompts(rows)
+        c, _ = endpoint_scores(endpoint, c_prompts)
+        q, _ = endpoint_scores(endpoint, q_prompts)
+        table = score_rows(rows, c, q, "m", "m")
+    assert table[0]["status"] == "failed" and "http_error" in table[0]["error"]
+    assert table[0]["error_kind"] == "http_error" and table[0]["attempts"] == 2
+
+
+def test_a_rejected_key_is_fatal_for_the_scorer():
+    from gleaner.llm.client import LLMError
+
+    with OpenAIStub(lambda body: Reply(status=401)) as stub:
+        endpoint = EndpointConfig(base_url=stub.base_url, model="m", max_retries=0)
+        with pytest.raises(LLMError, match="rejected the API key"):
+            endpoint_scores(endpoint, [complexity_prompt("q")])
 
 
 @pytest.mark.slow
 def test_hf_scorer_on_smollm2_gguf():
     """The real offline model: two examples, values in [1, 6], batching does not change them."""
-    from gleaner.tasks.deita.score import HFScorer, build_scorers
+    from gleaner.tasks.deita.score import HFScorer
 
     scorer = HFScorer(None, device="cpu", batch_size=4)
     assert scorer.token_ids == [scorer.tokenizer.convert_tokens_to_ids(d) for d in "123456"]
@@ -143,8 +168,14 @@ def test_hf_scorer_on_smollm2_gguf():
     alone = [scorer.score([p])[0].value for p in prompts]
     assert all(1.0 <= v <= 6.0 for v in batched)
     np.testing.assert_allclose(batched, alone, atol=1e-4)  # left padding handled
-    c, q = build_scorers(ScoreConfig())
+    from gleaner.tasks.deita.stages import HFScoreWorker
+
+    worker = HFScoreWorker(ScoreConfig())
     rows = [Example("t", 0, "Name a prime.", output="7").to_row()]
-    row = score_rows(rows, c, q).to_pylist()[0]
+    import pyarrow as pa
+
+    from gleaner.schema import EXAMPLE_SCHEMA
+
+    row = worker.process(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)).to_pylist()[0]
     assert row["status"] == "ok" and 1.0 <= row["evol"] <= 36.0
     assert "SmolLM2" in row["complexity_model"]

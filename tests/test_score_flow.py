@@ -35,22 +35,23 @@ def test_score_flow_on_ray_with_resume(ray_local, prefect_api, tmp_path):
             "store.url": str(tmp_path / "store"), "score.backend": "endpoint",
             "score.endpoint": {"base_url": stub.base_url, "model": "deita-stub",
                                "max_retries": 0},
-            "score.batch_size": 16, "score.task_retries": 0,
+            "score.resources.batch_size": 16, "score.resources.retries": 0,
+            "score.cache": False,
         })
         summary = run_score(store, "run", config)
-        assert summary["scored"] == 39 and summary["failed"] == 1 and summary["rows"] == 40
+        assert summary["scored"] == 39 and summary["failed"] == 1 and summary["examples"] == 40
         assert store.finished_parts("run", "score") == {0, 1, 2}
         rows = {r["id"]: r for r in store.read_stage("run", "score").to_pylist()}
         good = rows[pool[0].id]
         assert good["complexity"] == pytest.approx(3.0) and good["quality"] == pytest.approx(5.0)
         assert good["evol"] == pytest.approx(15.0) and good["status"] == "ok"
         bad = rows[pool[7].id]
-        assert bad["status"] == "failed" and bad["evol"] is None and "permanent" in bad["error"]
-        assert stub.count() == 80
+        assert bad["status"] == "failed" and bad["evol"] is None and "http_error" in bad["error"]
+        assert stub.count() == 1 + 80  # the probe, then complexity and quality of 40
 
         # Resume: only the lost batch is scored again.
         store.fs.rm(store.part_paths(store.stage_path("run", "score"))[1])
         stub.reset()
         again = run_score(store, "run", config)
-        assert stub.count() == 2 * 16
+        assert stub.count() == 1 + 2 * 16
         assert again["scored"] == 39 and store.finished_parts("run", "score") == {0, 1, 2}

@@ -67,8 +67,9 @@ def curate(
     as_json: bool = JsonOption,
 ) -> None:
     """Ingest, rate, score, embed, select, publish a dataset version, then fine-tune and judge."""
-    from gleaner.flows.curate import check_evaluation_inputs, curate_flow
+    from gleaner.flows.curate import curate_flow
     from gleaner.runtime import execution_environment
+    from gleaner.tasks.evaluate.eval_sets import check_evaluation_inputs
 
     config = build_config(
         config_file,

@@ -136,12 +136,12 @@ def evaluate(
 
     from gleaner.flows.evaluate_flow import evaluate_flow
     from gleaner.runs import new_run_id
-    from gleaner.runtime import prefect_api, resolve_prefect_api
+    from gleaner.runtime import execution_environment
     from gleaner.tasks.evaluate.answers import AnswerFileError
     from gleaner.tasks.evaluate.eval_sets import EvalSetError
 
     try:
-        with prefect_api(resolve_prefect_api(config)):
+        with execution_environment(config):  # the judge stage's batches run on Ray
             summary = evaluate_flow(run_id=config.run_id or new_run_id(), config=config,
                                     model_a=model_a, model_b=model_b, answers_a=answers_a,
                                     answers_b=answers_b)

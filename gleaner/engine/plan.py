@@ -68,14 +68,21 @@ def write_plan(store: Store, run_id: str, plan: Plan) -> None:
     store.write_json(layout.plan_path(store, run_id, plan.stage), plan.as_json())
 
 
-def check_requested(store: Store, run_id: str, plan: Plan) -> dict[str, Any] | None:
+def check_requested(store: Store, run_id: str, plan: Plan, follows_input: bool = False
+                    ) -> dict[str, Any] | None:
     """The plan on record when it matches ``plan``'s requested settings and batching.
 
     None when the stage has no plan yet (or no parts: nothing to be consistent with).
-    Raises :class:`PlanMismatch` naming the differing fields otherwise.
+    Raises :class:`PlanMismatch` naming the differing fields otherwise. A stage that
+    ``follows_input`` (its input is rebuilt from other stages, e.g. answer pairs) starts
+    afresh when only its input changed: its cache keeps what is still the same.
     """
     previous = read_plan(store, run_id, plan.stage)
     if previous is None or not store.has_stage(run_id, plan.stage):
+        return None
+    if follows_input and not changed_fields(previous.get("requested") or {}, plan.requested) \
+            and changed_fields(previous.get("batching") or {}, plan.batching):
+        store.clear_stage(run_id, plan.stage)
         return None
     differing = [f"settings.{k}" for k in changed_fields(previous.get("requested") or {},
                                                          plan.requested)]

@@ -228,7 +228,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         plan = Plan(stage.name, stage.requested(), {
             "input_stage": stage.input_stage, "rows": index.rows,
             "input": index.fingerprint(), "batch_size": size})
-        previous = check_requested(store, run_id, plan)
+        previous = check_requested(store, run_id, plan, stage.follows_input)
         finished = store.finished_parts(run_id, stage.name)
         retry = _failed_parts(store, run_id, stage.name) if section.retry_failed else {}
         pending = [i for i in range(len(bounds)) if i not in finished or i in retry]

@@ -98,6 +98,7 @@ class Stage(abc.ABC):
     input_columns: tuple[str, ...] = ("id",)
     kind: Literal["task", "actor"] = "task"  # actor: the worker holds a model (a Ray actor)
     cacheable: ClassVar[bool] = True  # rows depend only on the input row and the settings
+    follows_input: ClassVar[bool] = False  # a changed input restarts the stage (see plan.py)
     summary_columns: tuple[str, ...] = ()  # beyond the engine's, for summarize()
     description: str = ""  # a line for people (artifacts, logs)
 
@@ -198,6 +199,10 @@ class LLMStage(Stage):
         the stage here, after one request. Returns what it learnt (for ``resolve``)."""
         await client.chat([{"role": "user", "content": "Say OK."}], max_tokens=1)
         return {}
+
+    def resolve(self, ctx: Context) -> dict[str, Any]:
+        self.run_probe(ctx)
+        return self.requested()
 
     def run_probe(self, ctx: Context) -> dict[str, Any]:
         from gleaner.llm.client import LLMClient, LLMError

@@ -189,3 +189,13 @@ def check_readable(specs: list[str], eval_sets_dir: str | None = None) -> None:
             raise EvalSetError(
                 f"{where}: {url} is not a readable file ({reason}){hint}. Evaluation needs "
                 f"it; fix the path or run with --no-eval") from None
+
+
+def check_evaluation_inputs(config: Any) -> None:
+    """Before ingesting: every test set the evaluation will read resolves to a readable file.
+
+    Checked when the curate flow runs the evaluation itself (``curate.downstream:
+    subflow``); with ``event`` the evaluate deployment reads them on its own worker.
+    """
+    if config.curate.evaluate and config.curate.downstream == "subflow":
+        check_readable(config.evaluate.test_sets, config.evaluate.eval_sets_dir)

@@ -11,12 +11,11 @@ out, the order is a failure too, with the error kept.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import pyarrow as pa
 
 from gleaner.config import EndpointConfig
 from gleaner.llm.client import LLMClient, LLMError
@@ -46,6 +45,8 @@ JUDGE_USER_TEMPLATE = (
     "[System]\n" + JUDGE_REQUEST
 )
 
+PROMPT_VERSION = hashlib.sha256(
+    f"{JUDGE_SYSTEM}\x00{JUDGE_USER_TEMPLATE}".encode()).hexdigest()[:12]
 JUDGE_TEMPERATURE = 0.0
 JUDGE_MAX_TOKENS = 1024
 
@@ -87,17 +88,6 @@ def parse_scores(review: str) -> tuple[float, float] | None:
     return scores
 
 
-_S, _F, _I = pa.string(), pa.float64(), pa.int64()
-JUDGEMENT_SCHEMA = pa.schema([
-    ("test_set", _S), ("key", _S), ("question", _S), ("answer_a", _S), ("answer_b", _S),
-    ("a_first_score_1", _F), ("a_first_score_2", _F), ("b_first_score_1", _F),
-    ("b_first_score_2", _F), ("outcome_a_first", _S), ("outcome_b_first", _S),
-    ("verdict", _S), ("rule", _S), ("review_a_first", _S), ("review_b_first", _S),
-    ("attempts", _I), ("error", _S), ("prompt_tokens", _I), ("completion_tokens", _I),
-    ("judge_model", _S),
-])
-
-
 @dataclass
 class Review:
     """One judge call (one order), after parse retries."""
@@ -108,6 +98,7 @@ class Review:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    kind: str | None = None  # why there are no scores: parse, or the client error's kind
 
 
 @dataclass
@@ -136,7 +127,10 @@ class PairJudgement:
         def scores(review: Review, index: int) -> float | None:
             return None if review.scores is None else review.scores[index]
 
+        errors = [r for r in (self.a_first, self.b_first) if r.scores is None]
         return {
+            "status": "failed" if errors else "ok",
+            "error_kind": errors[0].kind if errors else None,
             "test_set": self.pair.test_set,
             "key": self.pair.key,
             "question": self.pair.question,
@@ -148,8 +142,6 @@ class PairJudgement:
             "b_first_score_2": scores(self.b_first, 1),
             "outcome_a_first": self.outcome_a_first,
             "outcome_b_first": self.outcome_b_first,
-            "verdict": self.verdict,
-            "rule": self.rule,
             "review_a_first": self.a_first.raw,
             "review_b_first": self.b_first.raw,
             "attempts": self.a_first.attempts + self.b_first.attempts,
@@ -171,34 +163,43 @@ def judged(pair: Pair, a_first: Review, b_first: Review, rule: str) -> PairJudge
 
 class Judge:
     """AlpaGasus' question to any OpenAI-compatible chat endpoint, through the shared LLM client
-    (SDK back-off, body retries, bounded concurrency, token accounting)."""
+    (SDK back-off, body retries, bounded concurrency, cluster-wide limits, token accounting)."""
 
     def __init__(self, endpoint: EndpointConfig, parse_retries: int = 2,
                  max_tokens: int = JUDGE_MAX_TOKENS, temperature: float = JUDGE_TEMPERATURE,
-                 limiter: Any | None = None, grammar: str | None = None):
+                 grammar: str | None = None, concurrency: int = 16):
         if not endpoint.base_url:
             raise ValueError("the judge needs an endpoint base_url")
         self.endpoint = endpoint
         self.parse_retries = parse_retries
         self.max_tokens = max_tokens
         self.temperature = temperature
-        self.limiter = limiter
+        self.concurrency = concurrency
         # llama.cpp's `grammar` request field (a GBNF string); None sends no such field.
         self.grammar = grammar
 
     def __repr__(self) -> str:  # never the key
         return f"Judge(model={self.endpoint.model!r}, base_url={self.endpoint.base_url!r})"
 
+    def settings(self) -> dict[str, Any]:
+        """What changes a judgement (the cache key of the judge stage)."""
+        return {"model": self.endpoint.model, "prompt_version": PROMPT_VERSION,
+                "max_tokens": self.max_tokens, "temperature": self.temperature,
+                "grammar": bool(self.grammar), "parse_retries": self.parse_retries}
+
     async def _review(self, client: LLMClient, messages: list[dict[str, str]]) -> Review:
         raw, prompt_tokens, completion_tokens, attempts = "", 0, 0, 0
         extra = {"extra_body": {"grammar": self.grammar}} if self.grammar else {}
         for _ in range(self.parse_retries + 1):
-            attempts += 1
             try:
                 completion = await client.chat(messages, max_tokens=self.max_tokens,
                                                 temperature=self.temperature, **extra)
             except LLMError as error:  # transport retries already spent; message is key-free
-                return Review(None, raw, attempts, str(error), prompt_tokens, completion_tokens)
+                if error.fatal:
+                    raise
+                return Review(None, raw, attempts + error.attempts, str(error), prompt_tokens,
+                              completion_tokens, error.kind)
+            attempts += completion.attempts
             prompt_tokens += completion.prompt_tokens
             completion_tokens += completion.completion_tokens
             raw = completion.text
@@ -206,26 +207,30 @@ class Judge:
             if scores is not None:
                 return Review(scores, raw, attempts, None, prompt_tokens, completion_tokens)
         return Review(None, raw, attempts, "unparseable review: no two scores on the first line",
-                      prompt_tokens, completion_tokens)
+                      prompt_tokens, completion_tokens, "parse")
 
-    async def judge_async(self, pairs: Sequence[Pair], rule: str) -> list[PairJudgement]:
-        async with LLMClient(self.endpoint, limiter=self.limiter) as client:
+    async def judge_with(self, client: LLMClient, pairs: Sequence[Pair],
+                         rule: str = "alpagasus") -> list[PairJudgement]:
+        """Both orders of every pair through ``client``; results in the order of ``pairs``."""
 
-            async def one(pair: Pair) -> PairJudgement:
-                a_first, b_first = await asyncio.gather(
-                    self._review(client, judge_messages(pair.question, pair.answer_a,
-                                                        pair.answer_b)),
-                    self._review(client, judge_messages(pair.question, pair.answer_b,
-                                                        pair.answer_a)),
-                )
-                return judged(pair, a_first, b_first, rule)
+        async def one(pair: Pair) -> PairJudgement:
+            a_first, b_first = await asyncio.gather(
+                self._review(client, judge_messages(pair.question, pair.answer_a, pair.answer_b)),
+                self._review(client, judge_messages(pair.question, pair.answer_b, pair.answer_a)),
+            )
+            return judged(pair, a_first, b_first, rule)
 
-            return list(await asyncio.gather(*(one(p) for p in pairs)))
+        return list(await asyncio.gather(*(one(p) for p in pairs)))
 
     def judge(self, pairs: Sequence[Pair], rule: str = "alpagasus") -> list[PairJudgement]:
-        """Judge every pair in both orders; results in the order of ``pairs``."""
+        """Judge every pair in both orders with a client of its own (scripts, benchmarks)."""
         if rule not in RULES:
             raise ValueError(f"unknown combination rule {rule!r}; choose one of {', '.join(RULES)}")
         if not pairs:
             return []
-        return asyncio.run(self.judge_async(pairs, rule))
+
+        async def go() -> list[PairJudgement]:
+            async with LLMClient(self.endpoint, concurrency=self.concurrency) as client:
+                return await self.judge_with(client, pairs, rule)
+
+        return asyncio.run(go())

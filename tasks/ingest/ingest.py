@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+from prefect import task
 
+from gleaner import layout
 from gleaner.config import GleanerConfig, IngestConfig
 from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
@@ -37,9 +39,9 @@ from gleaner.tasks.ingest.readers import (
     sniff_kind,
 )
 
-INGEST_STAGE = "ingest"
-QUARANTINE_STAGE = "quarantine"
-DUPLICATES_STAGE = "duplicates"
+INGEST_STAGE = layout.INGEST
+QUARANTINE_STAGE = layout.QUARANTINE
+DUPLICATES_STAGE = layout.DUPLICATES
 STAGES = (INGEST_STAGE, QUARANTINE_STAGE, DUPLICATES_STAGE)
 # Where each dropped duplicate was, and the id of the example kept in its place (for audits).
 DUPLICATE_SCHEMA = pa.schema(
@@ -49,7 +51,6 @@ DUPLICATE_SCHEMA = pa.schema(
         pa.field("id", pa.string(), nullable=False),
     ]
 )
-SUMMARY_NAME = "ingest.summary.json"
 RAW_EXCERPT_CHARS = 1000
 DETECT_WINDOW = 100  # records looked at to auto-detect a file's format
 SAMPLES = 10  # quarantine rows quoted in the summary, for a person to read
@@ -334,7 +335,7 @@ class Ingestor:
 
 
 def summary_path(store: Store, run_id: str) -> str:
-    return store.run_path(run_id, SUMMARY_NAME)
+    return layout.summary_path(store, run_id, INGEST_STAGE)
 
 
 def run_ingest(
@@ -469,4 +470,37 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {where}{field_name}: {sample['reason']}")
         lines.append(f"quarantine: {summary['quarantine_output']}")
     lines.append(f"examples: {summary['output']} ({summary['parts']} parts)")
+    return "\n".join(lines)
+
+
+# ---- as a Prefect task -----------------------------------------------------------------------
+@task(name="ingest-sources", retries=0)
+def ingest_task(sources: list[str], run_id: str, config: GleanerConfig,
+                force: bool = False) -> dict[str, Any]:
+    """The whole ingest is one unit: it streams, so it is cheap to redo, and an interrupted
+    attempt is redone from scratch."""
+    store = Store(config.store.url, config.store.options)
+    return run_ingest(sources, store, run_id, config, force=force)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        f"# Ingest {summary['run_id']}",
+        "",
+        f"read **{summary['read']:,}** = kept **{summary['kept']:,}** + quarantined "
+        f"**{summary['quarantined']:,}** + duplicates **{summary['duplicates']:,}**",
+        "",
+        "| source | format | read | kept | quarantined | duplicates |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for s in summary["sources"]:
+        lines.append(
+            f"| {s['source']} | {s['format'] or '?'} | {s['read']:,} | {s['kept']:,} | "
+            f"{s['quarantined']:,} | {s['duplicates']:,} |"
+        )
+    if summary["reasons"]:
+        lines += ["", "| quarantine reason | rows |", "|---|---:|"]
+        lines += [f"| {code} | {n:,} |" for code, n in summary["reasons"].items()]
+        lines += ["", f"Quarantine rows: `{summary['quarantine_output']}`"]
+    lines += ["", f"Examples: `{summary['output']}` ({summary['parts']} parts)"]
     return "\n".join(lines)

