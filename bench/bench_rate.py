@@ -10,12 +10,13 @@ Printed:
   flight, the same prompt building and score parsing; run before and after the
   stage (the box may be shared) and compared by their mean;
 - the stage: ``rate_flow`` (Prefect flow, one task per batch through
-  RayTaskRunner, Parquet part per batch, cache writes) with the same total
+  RayTaskRunner on the stage engine: workers read their batch from the store,
+  Parquet part per batch, cache writes) with the same total
   concurrency split over the batches in flight (Ray CPUs / task_cpus);
   Ray and the Prefect API are started before the clock, and a small warm-up
   run starts the Ray workers;
 - per-batch orchestration overhead: (wall x batches in flight - time inside
-  rate_batch) / batches: Prefect task run bookkeeping, Ray dispatch, writes.
+  the batch tasks) / batches: Prefect task run bookkeeping, Ray dispatch.
 
     .venv/bin/python bench/bench_rate.py [--n 20000] [--concurrency 64] [--task-cpus 0.5]
 """
@@ -41,7 +42,8 @@ from gleaner.config import GleanerConfig  # noqa: E402
 from gleaner.runtime import free_port, prefect_api, start_prefect_server  # noqa: E402
 from gleaner.schema import Example, examples_to_table  # noqa: E402
 from gleaner.store import Store  # noqa: E402
-from gleaner.tasks.rate.rating import build_prompt, parse_score  # noqa: E402
+from gleaner.tasks.rate.parse import parse_score  # noqa: E402
+from gleaner.tasks.rate.prompt import build_prompt  # noqa: E402
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_random_9k.json"
 
@@ -109,10 +111,10 @@ def stage_config(store: Store, base_url: str, args: argparse.Namespace) -> Glean
         "store.url": store.url,
         "rate.endpoint.base_url": base_url,
         "rate.endpoint.model": "stub",
-        "rate.endpoint.concurrency": max(1, args.concurrency // slots),
+        "rate.resources.concurrency": max(1, args.concurrency // slots),
         "rate.mode": "explain",
-        "rate.batch_size": args.batch_size,
-        "rate.task_cpus": args.task_cpus,
+        "rate.resources.batch_size": args.batch_size,
+        "rate.resources.cpus": args.task_cpus,
         "rate.cache": False,
         "ray.num_cpus": args.ray_cpus,
     })
@@ -181,12 +183,12 @@ def main() -> None:
               f"({bare_after:.1f} s, after the stage)")
         bare_s = (bare_before + bare_after) / 2
         batches = summary["batches_submitted"]
-        overhead = (stage_s * slots - summary["batch_rating_s"]) / max(1, batches)
+        overhead = (stage_s * slots - summary["batch_seconds"]) / max(1, batches)
         print(f"rating stage (Prefect + Ray)  : {args.n / stage_s:8.1f} examples/s "
               f"({stage_s:.1f} s, {batches} batches)")
         print(f"stage / bare loop (mean)      : {bare_s / stage_s:8.2f} x")
         print(f"orchestration overhead        : {overhead:8.3f} s per batch "
-              f"({summary['batch_rating_s'] / max(1, batches):.2f} s inside rate_batch per batch)")
+              f"({summary['batch_seconds'] / max(1, batches):.2f} s inside a batch task per batch)")
         print(f"ideal (latency-bound)         : {args.concurrency / args.delay:8.1f} examples/s")
     finally:
         prefect_process.terminate()

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
+from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.evaluate_flow import evaluate_flow
@@ -29,7 +31,7 @@ from gleaner.tasks.evaluate.eval_sets import check_evaluation_inputs
 from gleaner.tasks.publish.release import previous_run, release
 
 
-@flow(name="curate", flow_run_name="curate-{run_id}", validate_parameters=False)
+@flow(name="curate", flow_run_name=run_name("curate"), validate_parameters=False)
 def curate_flow(
     sources: list[str],
     store: str | None = None,
@@ -50,7 +52,8 @@ def curate_flow(
     st = Store(cfg.store.url, cfg.store.options)
     before = previous_run(st, cfg.curate.dataset_name, run_id)
     record_run(st, run_id, cfg, flow="curate", sources=list(sources))
-    summary: dict[str, Any] = {"run_id": run_id, "store": cfg.store.url}
+    summary: dict[str, Any] = {"run_id": run_id, "store": cfg.store.url,
+                               "flow_run_id": str(flow_run.id)}
     summary["ingest"] = ingest_flow(list(sources), run_id=run_id, config=cfg)
     downstream = cfg.curate.downstream == "subflow"
     with offline_endpoints(cfg, rater=True, judge=downstream and cfg.curate.evaluate) as live:

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 from prefect_ray import RayTaskRunner
 
+from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import new_run_id
@@ -28,7 +29,7 @@ from gleaner.tasks.evaluate.run import (
 )
 
 
-@flow(name="evaluate", flow_run_name="evaluate-{run_id}", task_runner=RayTaskRunner(),
+@flow(name="evaluate", flow_run_name=run_name("evaluate"), task_runner=RayTaskRunner(),
       validate_parameters=False)
 def evaluate_flow(run_id: str | None = None, config: GleanerConfig | None = None,
                   model_a: str | None = None, model_b: str | None = None,

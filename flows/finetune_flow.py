@@ -12,13 +12,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from gleaner.artifacts import artifact_key
+from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
 from gleaner.runs import new_run_id
 from gleaner.tasks.train.run import finetune_task, report_markdown
 
 
-@flow(name="finetune", flow_run_name="finetune-{run_id}", validate_parameters=False)
+@flow(name="finetune", flow_run_name=run_name("finetune"), validate_parameters=False)
 def finetune_flow(run_id: str | None = None, config: GleanerConfig | None = None,
                   dataset: str | None = None, baseline: str | None = None) -> dict[str, Any]:
     """Train ``curated`` (and the configured baseline) for a run.

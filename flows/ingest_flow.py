@@ -7,13 +7,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from gleaner.artifacts import artifact_key
+from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
 from gleaner.runs import new_run_id
 from gleaner.tasks.ingest.ingest import ingest_task, summary_markdown
 
 
-@flow(name="ingest", flow_run_name="ingest-{run_id}", validate_parameters=False)
+@flow(name="ingest", flow_run_name=run_name("ingest"), validate_parameters=False)
 def ingest_flow(
     sources: list[str],
     run_id: str | None = None,

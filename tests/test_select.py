@@ -78,15 +78,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("screen", "index"),
-                         [("f32", "off"), ("bf16", "off"), ("f32", "always"), ("bf16", "always")])
+@pytest.mark.parametrize("index", ["off", "always"])
 @pytest.mark.parametrize(("n", "centres", "spread", "tau", "budget", "ties", "block"), CASES)
-def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block, screen,
-                                            index):
+def test_deita_equals_sequential_definition(n, centres, spread, tau, budget, ties, block, index):
     ids, scores, x = clustered(n, 48, centres, spread, seed=n + centres, duplicates=n // 10,
                                tie_levels=ties)
     manifest = select_deita(ids, scores, x, budget=budget, tau=tau, block_size=block,
-                            screen=screen, index=index)
+                            index=index)
     want_ids, want_reasons = reference_deita(ids, scores, x, budget, tau)
     assert manifest.selected_ids == want_ids
     assert manifest.reason == want_reasons
@@ -162,9 +160,8 @@ def test_chain_threshold_then_deita():
 
 
 @pytest.mark.parametrize("index", ["off", "always"])
-@pytest.mark.parametrize("screen", ["f32", "bf16"])
 @pytest.mark.parametrize("block", [1, 64])  # against S (separate blocks) and within a block
-def test_similarity_on_the_float32_edge_of_the_margin(screen, block, index):
+def test_similarity_on_the_float32_edge_of_the_margin(block, index):
     """Similarities one float32 ulp around tau +- margin must still be decided exactly."""
     tau = 0.9
     edges = [np.float32(tau + 1e-4), np.float32(tau - 1e-4), np.float32(tau),
@@ -177,7 +174,7 @@ def test_similarity_on_the_float32_edge_of_the_margin(screen, block, index):
         unit, _ = unit_rows(np.stack([s, x]))
         exact = float(unit[0].astype(np.float64) @ unit[1].astype(np.float64))
         m = select_deita(["a", "b"], [2.0, 1.0], np.stack([s, x]), budget=5, tau=tau,
-                         block_size=block, screen=screen, index=index)
+                         block_size=block, index=index)
         want = "too_similar:a" if exact > tau else "kept"
         assert m.reason[1] == want, (c, exact)
 

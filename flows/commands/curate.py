@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from gleaner.artifacts import flow_run_url
 from gleaner.flows.cli_app import (
     ConfigOption,
     JsonOption,
@@ -15,11 +16,41 @@ from gleaner.flows.cli_app import (
     app,
     build_config,
     emit,
-    fail,
+    run_or_fail,
 )
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def threshold_note(summary: dict[str, Any]) -> str | None:
+    """In words, when AlpaGasus' threshold keeps nothing, and what selection did instead."""
+    rate, select = summary.get("rate") or {}, summary["select"]
+    if not rate.get("rated") or rate.get("kept"):
+        return None
+    buckets = [float(b) for b, n in (rate.get("histogram") or {}).items() if n]
+    highest = f"; the highest score is about {max(buckets):g}" if buckets else ""
+    text = (f"note: the AlpaGasus threshold {rate.get('threshold')} keeps none of the "
+            f"{rate['rated']} rated examples{highest} (the offline SmolLM2 rater scores low)")
+    if select["reasons"].get("below_threshold"):
+        return text + "; selection filtered on it, so nothing was selected"
+    return (text + f"; selection did not filter on the rating: the {select['selector']} "
+            f"selector picked {select['selected']} by {select.get('sort_by')} instead")
+
+
+def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The W/T/L table per test set and overall, with the winning score (W - L) / N + 1."""
+    lines = [f"evaluate: {evaluation['model_a']} vs {evaluation['model_b']} "
+             f"({evaluation['rule']} rule, judge {evaluation['judge_model']})",
+             f"  {'test set':<14} {'win':>5} {'tie':>5} {'lose':>5} {'failed':>7} "
+             f"{'winning score':>14}"]
+    rows = [*evaluation["test_sets"].items(), ("overall", evaluation["overall"])]
+    for name, part in rows:
+        score = part.get("winning_score")
+        lines.append(f"  {name:<14} {part['win']:>5} {part['tie']:>5} {part['lose']:>5} "
+                     f"{part['failed']:>7} {'n/a' if score is None else f'{score:.3f}':>14}")
+    lines.append(f"  report: {evaluation['report']}")
+    return lines
+
+
+def format_summary(summary: dict[str, Any], api_url: str | None = None) -> str:
     ingest, select = summary["ingest"], summary["select"]
     rate = summary.get("rate") or {}
     lines = [
@@ -33,6 +64,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{rate.get('kept', 0)} at or above {rate.get('threshold')}, "
             f"{rate.get('requests', 0)} requests, est. ${rate.get('est_cost_usd') or 0:.4f}"
         )
+    note = threshold_note(summary)
+    if note:
+        lines.append(note)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(select["reasons"].items()))
     lines.append(f"select: {select['selected']} selected ({reasons})")
     version = summary.get("dataset")
@@ -45,9 +79,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, result in (summary.get("finetune") or {}).items():
         if isinstance(result, dict) and "model" in result:
             lines.append(f"finetune {name}: {result['model']} (loss {result.get('final_loss')})")
-    evaluation = summary.get("evaluate")
-    if evaluation:
-        lines.append(f"evaluate: {evaluation.get('report') or evaluation.get('overall')}")
+    if summary.get("evaluate"):
+        lines += evaluation_lines(summary["evaluate"])
+    url = flow_run_url(api_url, summary.get("flow_run_id"))
+    if url:
+        lines.append(f"Prefect run: {url}")
     return "\n".join(lines)
 
 
@@ -84,13 +120,13 @@ def curate(
     from gleaner.runs import new_run_id
 
     run_id = config.run_id or new_run_id()
-    try:
+
+    def run() -> tuple[dict[str, Any], str]:
         check_evaluation_inputs(config)  # before starting Prefect and Ray, too
         with execution_environment(config) as api_url:
             if not as_json:
                 typer.echo(f"Prefect API: {api_url}  run id: {run_id}", err=True)
-            summary = curate_flow(sources=list(sources), config=config, run_id=run_id)
-    except (FileNotFoundError, ValueError) as error:
-        fail(str(error))
-        return
-    emit(summary, as_json, format_summary(summary))
+            return curate_flow(sources=list(sources), config=config, run_id=run_id), api_url
+
+    summary, api_url = run_or_fail(run)
+    emit(summary, as_json, format_summary(summary, api_url))

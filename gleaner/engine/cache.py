@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -45,8 +46,8 @@ def lookup(store: Store, directory: str, batch_ids: dict[int, pa.Array]) -> Cach
     if not files or not batch_ids:
         return CacheLookup({}, {})
     wanted = pa.concat_arrays([a.cast(pa.string()) for a in batch_ids.values()])
-    batch_of = pa.concat_arrays(
-        [pa.array([i] * len(a), pa.int64()) for i, a in batch_ids.items()])
+    batch_of = pa.array(np.repeat(np.fromiter(batch_ids, dtype=np.int64, count=len(batch_ids)),
+                                  [len(a) for a in batch_ids.values()]))
     cached: list[pa.Table] = []
     for number, path in enumerate(files):
         ids = store.dataset([path]).to_table(columns=["id"]).column("id")
@@ -57,13 +58,16 @@ def lookup(store: Store, directory: str, batch_ids: dict[int, pa.Array]) -> Cach
         return CacheLookup({}, {})
     newest = pa.concat_tables(cached).group_by("id").aggregate([("file", "max")])
     joined = pa.table({"id": wanted, "batch": batch_of}).join(newest, "id", join_type="inner")
-    out_files: dict[int, set[int]] = {}
+    # one row per (batch, file): small whatever the pool's size
+    pairs = joined.group_by(["batch", "file_max"]).aggregate([("id", "count")])
+    out_files: dict[int, list[str]] = {}
     hits: dict[int, int] = {}
-    for batch, file in zip(joined.column("batch").to_pylist(),
-                           joined.column("file_max").to_pylist(), strict=True):
-        out_files.setdefault(batch, set()).add(file)
-        hits[batch] = hits.get(batch, 0) + 1
-    return CacheLookup({b: [files[f] for f in sorted(fs)] for b, fs in out_files.items()}, hits)
+    for batch, file, count in zip(pairs.column("batch").to_pylist(),
+                                  pairs.column("file_max").to_pylist(),
+                                  pairs.column("id_count").to_pylist(), strict=True):
+        out_files.setdefault(batch, []).append(files[file])
+        hits[batch] = hits.get(batch, 0) + count
+    return CacheLookup({b: sorted(fs) for b, fs in out_files.items()}, hits)
 
 
 def read_cached(store: Store, files: list[str], ids: pa.Array, schema: pa.Schema) -> pa.Table:

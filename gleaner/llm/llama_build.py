@@ -179,9 +179,10 @@ def rank_variants(files: list[Path]) -> tuple[list[tuple[Path, int]], dict[str, 
 
 def _describe_exit(result: subprocess.CompletedProcess[str]) -> str:
     name = signal_name(result.returncode)
+    if name:  # the signal is the cause; the child's last lines are llama.cpp's loader chatter
+        return f"died with {name}"
     tail = (result.stderr or "").strip().splitlines()[-3:]
-    what = f"died with {name}" if name else f"exited with {result.returncode}"
-    return f"{what}" + (f": {' / '.join(tail)}" if tail else "")
+    return f"exited with {result.returncode}" + (f": {' / '.join(tail)}" if tail else "")
 
 
 def probe(path: Path | None, timeout_s: float = PROBE_TIMEOUT_S) -> tuple[bool, str, float | None]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gleaner.tasks.select.similarity import best_per_group, exact_similarities
+from gleaner.tasks.select.similarity import exact_similarities
 from gleaner.tasks.select.walk_index import MIN_TAU, WitnessIndex
 
 # Walk outcome codes (input order), used by deita_walk.
@@ -29,11 +29,6 @@ CODE_KEPT, CODE_TOO_SIMILAR, CODE_OVER_BUDGET, CODE_FAILED = 0, 1, 2, 3
 # d <= ~1600 with room to spare. Anything closer than this to tau (or to a row's
 # maximum) is decided in float64 instead.
 FLOAT32_MARGIN = 1e-4
-
-# |bf16 product - exact| <= 2**-8 * sum|x_i y_i| (inputs rounded) + 2**-9 (output rounded)
-# + fp32 accumulation ~ 0.0062 for unit vectors; candidates within 0.02 of what could
-# matter are recomputed, which covers twice that error plus the float32 margin.
-BF16_MARGIN = 0.02
 
 # When the witness index (tasks/walk_index.py) is built; it never changes the result.
 INDEX_MODES = ("auto", "off", "always")
@@ -158,49 +153,6 @@ def _against_selected_f32(
         for r in todo[second[todo] >= rowmax32[todo] - 2 * eps]:  # decide in float64
             cand = np.union1d(np.flatnonzero(G[r] >= rowmax32[r] - 2 * eps), [best[r]])
             cols[r] = _refined_argmax(X[r], cand, S)
-    return rejected, cols, best_val
-
-
-def _against_selected_bf16(
-    X: np.ndarray, S_bf16: Any, S: np.ndarray, tau: float, eps: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """As _against_selected_f32, screening in bfloat16 and recomputing the band in float32."""
-    import torch
-
-    size = len(X)
-    cols = np.full(size, -1, dtype=np.int64)
-    best_val = np.full(size, -np.inf)
-    rejected = np.zeros(size, dtype=bool)
-    Gb = torch.from_numpy(X).to(torch.bfloat16) @ S_bf16.T
-    rowmax_b = Gb.amax(dim=1).float().numpy()
-    need = np.flatnonzero(rowmax_b >= tau - BF16_MARGIN)
-    if not need.size:
-        return rejected, cols, best_val
-    floor = np.minimum(rowmax_b[need], tau) - BF16_MARGIN
-    sub = Gb.index_select(0, torch.from_numpy(need)).float()
-    r_loc, c = torch.nonzero(sub >= torch.from_numpy(floor)[:, None], as_tuple=True)
-    r_loc, c = r_loc.numpy(), c.numpy()
-    rows = need[r_loc]
-    vals = np.einsum("ij,ij->i", X[rows], S[c])
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    counts = np.diff(np.r_[starts, rows.size])
-    group_rows = rows[starts]
-    gmax32, argcol, near = best_per_group(vals, c, starts, counts, eps)
-    gmax = gmax32.astype(np.float64)  # compare in float64: no gaps between the cases
-    over = gmax > tau + eps
-    hard = (~over & (gmax >= tau - eps)) | (over & (near > 1))
-    sure = over & ~hard
-    rejected[group_rows[sure]] = True
-    cols[group_rows[sure]] = argcol[sure]
-    best_val[group_rows[sure]] = gmax[sure]
-    for g in np.flatnonzero(hard):  # borderline or near-tied: decide in float64
-        cand = c[starts[g] : starts[g] + counts[g]]
-        sims = exact_similarities(S, cand, X[group_rows[g]])
-        if sims.max() > tau:
-            r = group_rows[g]
-            rejected[r] = True
-            cols[r] = int(cand[int(np.argmax(sims))])
-            best_val[r] = sims.max()
     return rejected, cols, best_val
 
 
@@ -349,7 +301,6 @@ def deita_walk(
     tau: float,
     block_size: int = 2048,
     min_block: int = 64,
-    screen: str = "f32",
     index: str = "auto",
     cells: int | None = None,
 ) -> WalkResult:
@@ -378,12 +329,6 @@ def deita_walk(
     are checked in full as before, so the result is the same. ``"off"`` never
     builds it, ``"always"`` builds it as soon as S is not empty (for tests);
     ``cells`` overrides its number of cells. It needs tau >= 0.5.
-
-    ``screen="bf16"`` does the big product against S in bfloat16 (torch) and
-    recomputes in float32 every pair within BF16_MARGIN of tau or of its row's
-    maximum: pairs outside that band cannot change a decision or a neighbour, so
-    the result is the same. It is opt-in: on the 2-core AVX-512-BF16 box it was
-    measured no faster than float32 (the screening's extra passes eat the gain).
     """
     order = np.asarray(order, dtype=np.int64)
     n, dim = len(order), vectors.shape[1]
@@ -393,14 +338,8 @@ def deita_walk(
     cap = min(budget, n)
     S = np.empty((cap, dim), dtype=np.float32)
     S_rows = np.empty(cap, dtype=np.int64)
-    if screen not in ("f32", "bf16"):
-        raise ValueError(f"screen must be 'f32' or 'bf16', not {screen!r}")
     if index not in INDEX_MODES:
         raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {index!r}")
-    if screen == "bf16":
-        import torch
-
-        S_bf16 = torch.empty((cap, dim), dtype=torch.bfloat16)
     k = 0
     pos = 0
     eps = FLOAT32_MARGIN
@@ -422,10 +361,8 @@ def deita_walk(
         cols = np.full(size, -1, dtype=np.int64)  # nearest selected row of rejected rows
         best_val = np.full(size, -np.inf)  # similarity to the current neighbour of rejected rows
         if k:
-            full_check = (
-                partial(_against_selected_bf16, S_bf16=S_bf16[:k], S=S[:k], tau=tau, eps=eps)
-                if screen == "bf16" else
-                partial(_against_selected_f32, S=S[:k], tau=tau, eps=eps, scratch=against))
+            full_check = partial(_against_selected_f32, S=S[:k], tau=tau, eps=eps,
+                                 scratch=against)
             if witness_index is not None:
                 rejected, cols, best_val, witnessed = _against_selected_indexed(
                     X, witness_index, S[:k], tau, eps, full_check)
@@ -465,8 +402,6 @@ def deita_walk(
         neighbour[pos + cut : pos + size] = -1
         m = acc_rows.size
         S[k : k + m] = X[acc_rows]
-        if screen == "bf16":
-            S_bf16[k : k + m] = torch.from_numpy(X[acc_rows]).to(torch.bfloat16)
         S_rows[k : k + m] = pos + acc_rows
         k += m
         pos += cut

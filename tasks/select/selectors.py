@@ -171,7 +171,6 @@ def select_deita(
     tau: float = 0.9,
     vector_ok: np.ndarray | None = None,
     block_size: int = 2048,
-    screen: str = "f32",
     index: str = "auto",
 ) -> Manifest:
     """DEITA's score-first, diversity-aware selection (SPEC §2), exact.
@@ -188,8 +187,7 @@ def select_deita(
         ok &= np.asarray(vector_ok, dtype=bool)
     eligible = np.flatnonzero(ok & np.isfinite(values))
     order = score_order(ids, values, eligible)
-    walk = deita_walk(vectors, order, budget, tau, block_size=block_size, screen=screen,
-                      index=index)
+    walk = deita_walk(vectors, order, budget, tau, block_size=block_size, index=index)
     n = len(ids)
     selected = np.zeros(n, dtype=bool)
     selected[order[walk.code == CODE_KEPT]] = True

@@ -1,7 +1,7 @@
-"""Exact similarities and per-group maxima: the two small steps every screen of the walk shares.
+"""Exact similarities and per-group maxima: the two small steps the walk's checks share.
 
-Both the bfloat16 screen (tasks/deita_walk.py) and the witness index
-(tasks/walk_index.py) end with a flat list of (row, selected row) pairs whose
+The walk's float32 check (tasks/select/deita_walk.py) and the witness index
+(tasks/select/walk_index.py) end with a flat list of (row, selected row) pairs whose
 float32 similarities must be reduced to each row's most similar selected row,
 with near ties decided in float64, which is the definition's arithmetic.
 """

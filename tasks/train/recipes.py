@@ -52,7 +52,6 @@ class Recipe:
     seed: int = 42
     checkpoint_every_steps: int = 100
     keep_checkpoints: int = 2
-    log_every_steps: int = 1
     # LIMA's size rule; None = keep the values above whatever the model's size.
     large_model_params: float | None = None
     small_model_effective_batch_size: int | None = None
