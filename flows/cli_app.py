@@ -34,6 +34,10 @@ NoCacheOption = typer.Option(False, "--no-cache", help="Do not reuse rows made b
 RetryFailedOption = typer.Option(
     False, "--retry-failed", help="Redo only the rows of this run that failed."
 )
+BatchAPIOption = typer.Option(
+    False, "--batch-api", help="Send the requests through the provider's Batch API: half the "
+    "price, answers within 24h (the driver polls; a rerun resumes the same batches)."
+)
 
 
 def stage_flags(section: str, force: bool, no_cache: bool, retry_failed: bool) -> dict[str, Any]:

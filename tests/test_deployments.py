@@ -243,7 +243,7 @@ def test_scheduled_refresh_rates_only_changed_rows_and_reports_the_diff(deployed
         config = write_config(tmp_path / "gleaner.yaml", str(store), llm.base_url, budget=20)
         _run_curate(client, deployed, [str(source)], store, config, "refresh-1")
         first_rating_requests = llm.count(lambda body: "messages" in body)
-        assert first_rating_requests == rows
+        assert first_rating_requests == rows + 1  # and the rate stage's one probe request
 
         # 5 % of 60 rows: one edited, one deleted, one added (from further down the real file)
         records[10]["output"] += " (revised)"
@@ -255,8 +255,8 @@ def test_scheduled_refresh_rates_only_changed_rows_and_reports_the_diff(deployed
         _run_curate(client, deployed, [str(source)], store, config, "refresh-2")
         rating_requests = llm.count(lambda body: "messages" in body)
 
-    # only the edited and the added example were rated again
-    assert rating_requests == 2
+    # only the edited and the added example were rated again (and the one probe request)
+    assert rating_requests == 2 + 1
     st = Store(str(store))
     first, second = list_versions(st, "curated")
     assert (first["run_id"], second["run_id"]) == ("refresh-1", "refresh-2")

@@ -60,7 +60,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
         return run_embed(store, run_id, config)
 
     first = embed_examples(store, "run-a", config)
-    assert first["embedded"] == 30 and first["batches"] == 4 and first["cached"] == 0
+    assert first["made"] == 30 and first["batches"] == 4 and first["cached"] == 0
     assert first["ok"] == 30 and len(first["nodes"]) == 1
     assert store.finished_parts("run-a", STAGE) == {0, 1, 2, 3}
     table = store.read_stage("run-a", STAGE)
@@ -80,7 +80,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
     store.fs.rm(lost)
     no_cache = config.with_overrides({"embed.cache": False})
     again = embed_examples(store, "run-a", no_cache)
-    assert again["batches_resumed"] == 3 and again["embedded"] == len(expected_ids) == 8
+    assert again["batches_resumed"] == 3 and again["made"] == len(expected_ids) == 8
     assert store.finished_parts("run-a", STAGE) == {0, 1, 2, 3}
     assert sorted(table_vectors(store.read_stage("run-a", STAGE))[0]) == sorted(ids)
 
@@ -89,7 +89,7 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
     store.write_part("run-b", "ingest", 0, examples_to_table(bigger))
     third = embed_examples(store, "run-b", config)
     new_ids = {e.id for e in bigger} - {e.id for e in pool}
-    assert third["embedded"] == len(new_ids) == 4
+    assert third["made"] == len(new_ids) == 4
     assert third["cached"] == 30
     ids_b, vectors_b = table_vectors(store.read_stage("run-b", STAGE))
     got = dict(zip(ids_b, vectors_b, strict=True))

@@ -204,3 +204,20 @@ def test_a_dead_runners_lease_is_taken_over(tmp_path: Path) -> None:
     taken.acquire()  # no wait for the ttl: the holder's process is gone
     taken.release()
     assert not store.exists(taken.path)
+
+
+def test_an_empty_pool_rates_and_selects_nothing_with_every_count(prefect_api, ray_local,
+                                                                  tmp_path: Path) -> None:
+    """A generator that kept nothing leaves an empty ingest: the stages still report."""
+    from gleaner.flows.select_flow import run_select
+
+    store = Store(str(tmp_path / "store"))
+    store.write_part("empty", "ingest", 0, examples_to_table([]))
+    with OpenAIStub(lambda body: "4\nFine.") as stub:
+        config = config_for(store, stub.base_url)
+        summary = run_rate(config, "empty")
+        assert stub.count() == 0  # nothing pending: not even the probe
+    assert summary["read"] == summary["rated"] == summary["kept"] == 0
+    assert sum(summary["histogram"].values()) == 0
+    selected = run_select(store, "empty", config.with_overrides({"select.selector": "topk"}))
+    assert selected["selected"] == 0 and selected["examples"] == 0

@@ -2,7 +2,7 @@
 
 The key is in the CLI's environment (named by `api_key_env`); the loopback LLM
 server confirms every request carried it, and twice echoes it back in an error
-message (a 500 that is retried, a 401 that fails one example for good), as
+message (a 500 that is retried, a 400 that fails one example for good), as
 real servers do. Then everything the run left behind is searched for it: the
 whole store (Parquet decoded), run.json, the CLI's output, and what Prefect
 keeps (flow runs, task runs, logs, artifacts, events). The deployment path
@@ -35,9 +35,9 @@ def run(prefect_api):
 
 def test_the_key_was_used_and_echoed_back(run):
     assert run.authorizations == {f"Bearer {run.key}"}
-    assert run.injected == {"500": 1, "401": 1}
+    assert run.injected == {"500": 1, "400": 1}
     rate = run.summary["rate"]
-    assert rate["failed"] == 1  # the 401 example: failed with its error, not lost
+    assert rate["failed"] == 1  # the 400 example: failed with its error, not lost
     ingest = run.summary["ingest"]
     assert rate["rated"] + rate["failed"] == ingest["kept"]
 
@@ -61,13 +61,13 @@ def test_the_key_is_in_no_store_file_output_or_prefect_record(run, prefect_api):
 
 
 def test_the_failed_example_keeps_a_scrubbed_error(run):
-    """The 401's message echoed the key: the stored error says what happened, without it."""
+    """The 400's message echoed the key: the stored error says what happened, without it."""
     store = Store(str(run.store))
     ratings = store.read_stage(run.run_id, "rate").to_pylist()
     failed = [row for row in ratings if row.get("error")]
     assert len(failed) == 1
     error = failed[0]["error"]
-    assert "401" in error and run.key not in error and run.key[-12:] not in error
+    assert "400" in error and run.key not in error and run.key[-12:] not in error
     record = read_run(store, run.run_id)
     assert KEY_ENV in str(record["config"])  # the config names the variable, never its value
     assert run.key not in str(record)

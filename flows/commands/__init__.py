@@ -4,10 +4,18 @@ Add one import line per module here.
 """
 
 from gleaner.flows.commands import (
+    compare,  # noqa: F401
     curate,  # noqa: F401
     deita,  # noqa: F401
     doctor,  # noqa: F401
+    evol,  # noqa: F401
+    experiment,  # noqa: F401
+    generate,  # noqa: F401
     ingest,  # noqa: F401
+    mt_bench,  # noqa: F401
+    plan,  # noqa: F401
     rate,  # noqa: F401
+    reward,  # noqa: F401
+    signals,  # noqa: F401
     train_eval,  # noqa: F401
 )

@@ -16,6 +16,7 @@ from gleaner.flows.cli_app import (
     app,
     build_config,
     emit,
+    fail,
     run_or_fail,
 )
 
@@ -81,10 +82,39 @@ def format_summary(summary: dict[str, Any], api_url: str | None = None) -> str:
             lines.append(f"finetune {name}: {result['model']} (loss {result.get('final_loss')})")
     if summary.get("evaluate"):
         lines += evaluation_lines(summary["evaluate"])
+    if summary.get("cost"):
+        from gleaner.cost.report import cost_lines
+
+        lines += cost_lines(summary["cost"])
     url = flow_run_url(api_url, summary.get("flow_run_id"))
     if url:
         lines.append(f"Prefect run: {url}")
     return "\n".join(lines)
+
+
+def cost_gate(sources: list[str], config: Any, run_id: str, dry_run: bool, yes: bool,
+              as_json: bool) -> dict[str, Any] | None:
+    """The cost plan before anything runs: printed (--dry-run), or checked against
+    budget.max_usd (refused unless --yes). None: no budget, the flow makes the plan."""
+    if not dry_run and config.budget.max_usd is None:
+        return None
+    from gleaner.cost.plan import plan_sources
+    from gleaner.cost.report import OverBudget, check_budget, plan_text
+    from gleaner.tasks.ingest.ingest import IngestError
+
+    try:
+        plan = run_or_fail(plan_sources, sources, config, run_id)
+    except IngestError as error:
+        fail(str(error))
+    if dry_run:
+        emit(plan, as_json, plan_text(plan))
+        return plan
+    try:
+        check_budget(plan, approved=yes)
+    except OverBudget as error:
+        typer.echo(plan_text(plan), err=True)
+        fail(str(error))
+    return plan
 
 
 @app.command("curate")
@@ -99,6 +129,12 @@ def curate(
     train: bool | None = typer.Option(None, "--train/--no-train", help="Fine-tune after select."),
     evaluate: bool | None = typer.Option(
         None, "--eval/--no-eval", help="Judge the fine-tuned model against the baseline."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the cost plan (as `gleaner plan`) and stop."
+    ),
+    yes: bool = typer.Option(
+        False, "--yes", help="Start even when the cost plan exceeds budget.max_usd."
     ),
     as_json: bool = JsonOption,
 ) -> None:
@@ -120,13 +156,17 @@ def curate(
     from gleaner.runs import new_run_id
 
     run_id = config.run_id or new_run_id()
+    plan = cost_gate(sources, config, run_id, dry_run, yes, as_json)
+    if dry_run:
+        return
 
     def run() -> tuple[dict[str, Any], str]:
         check_evaluation_inputs(config)  # before starting Prefect and Ray, too
         with execution_environment(config) as api_url:
             if not as_json:
                 typer.echo(f"Prefect API: {api_url}  run id: {run_id}", err=True)
-            return curate_flow(sources=list(sources), config=config, run_id=run_id), api_url
+            return curate_flow(sources=list(sources), config=config, run_id=run_id,
+                               cost_plan=plan, approve_cost=yes), api_url
 
     summary, api_url = run_or_fail(run)
     emit(summary, as_json, format_summary(summary, api_url))

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from gleaner.flows.cli_app import (
+    BatchAPIOption,
     ConfigOption,
     ForceOption,
     JsonOption,
@@ -49,6 +50,7 @@ def score(
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
+    batch_api: bool = BatchAPIOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -62,6 +64,8 @@ def score(
     if base_url:
         overrides["score.endpoint.base_url"] = base_url
         overrides["score.backend"] = backend or "endpoint"
+    if batch_api:
+        overrides["score.endpoint.api"] = "batch"
     config = build_config(config_file, **overrides)
     from gleaner.flows.deita_flow import run_score
 
@@ -102,7 +106,7 @@ def embed(
 
     summary = run_or_fail(run_embed, _store(config), run_id, config)
     emit(summary, as_json,
-         f"run {run_id}: {summary['examples']:,} examples, {summary['embedded']:,} embedded, "
+         f"run {run_id}: {summary['examples']:,} examples, {summary['made']:,} embedded, "
          f"{summary['cached']:,} from the cache, {summary['batches_resumed']} batches done "
          f"earlier ({summary['model']})")
 
@@ -118,6 +122,9 @@ def select(
         None, "--sort-by", help="evol | rating | complexity | quality | any score column."
     ),
     budget: int | None = typer.Option(None, "--budget", min=0, help="How many to select."),
+    fraction: float | None = typer.Option(
+        None, "--fraction", min=0.0, max=1.0,
+        help="A share of the pool instead of --budget (IFD keeps the top 0.05)."),
     tau: float | None = typer.Option(None, "--tau", help="deita: max cosine similarity."),
     threshold: float | None = typer.Option(
         None, "--threshold",
@@ -139,7 +146,8 @@ def select(
     config = build_config(config_file, **{
         "store.url": store, "select.selector": choice("selector", selector, "--selector"),
         "select.sort_by": sort_by,
-        "select.budget": budget, "select.tau": tau, "select.threshold": threshold,
+        "select.budget": budget, "select.fraction": fraction, "select.tau": tau,
+        "select.threshold": threshold,
         "select.seed": seed,
     })
     from gleaner.flows.select_flow import run_select

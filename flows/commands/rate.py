@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from gleaner.flows.cli_app import (
+    BatchAPIOption,
     ConfigOption,
     ForceOption,
     JsonOption,
@@ -39,6 +40,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion tokens, "
         f"est. cost {cost}\nscore histogram:\n{bars}"
     )
+    batch = summary.get("batch_api")
+    if batch:
+        text += (f"\nBatch API: {batch['examples']} examples in {batch['batches']} batches "
+                 f"({batch['rounds']} rounds), billed at the batch price")
     if summary.get("mode_note"):
         text += f"\nnote: {summary['mode_note']}"
     return text
@@ -72,6 +77,7 @@ def rate(
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
+    batch_api: bool = BatchAPIOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -90,6 +96,7 @@ def rate(
             "rate.template_file": str(template) if template else None,
             "rate.resources.batch_size": batch_size,
             "rate.threshold": threshold,
+            "rate.endpoint.api": "batch" if batch_api else None,
             **stage_flags("rate", force, no_cache, retry_failed),
         },
     )

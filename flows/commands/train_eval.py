@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from gleaner.flows.cli_app import (
+    BatchAPIOption,
     ConfigOption,
     JsonOption,
     StoreOption,
@@ -119,6 +120,7 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N prompts per set."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     force: bool = typer.Option(False, "--force", help="Regenerate and rejudge."),
+    batch_api: bool = BatchAPIOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -132,7 +134,8 @@ def evaluate(
         "evaluate.judge.model": judge_model, "evaluate.rule": rule,
         "evaluate.eval_sets_dir": eval_sets_dir, "evaluate.limit": limit,
         "evaluate.max_new_tokens": max_new_tokens, "evaluate.force": True if force else None,
-        "evaluate.test_sets": test_sets or None})
+        "evaluate.test_sets": test_sets or None,
+        "evaluate.judge.api": "batch" if batch_api else None})
 
     from gleaner.flows.evaluate_flow import evaluate_flow
     from gleaner.runs import new_run_id

@@ -59,8 +59,9 @@ class InputIndex:
         paths = list(parts.values())
         counts = [pq.read_metadata(store.fs.open(p)).num_rows for p in paths]
         ids = store.dataset(paths).to_table(columns=[id_column]).column(id_column)
-        return cls(stage, paths, counts, ids.combine_chunks() if ids.num_chunks else
-                   pa.array([], pa.string()))
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+        pa.default_memory_pool().release_unused()  # the scan's buffers: not the driver's to keep
+        return cls(stage, paths, counts, ids)
 
     @property
     def rows(self) -> int:

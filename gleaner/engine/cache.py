@@ -41,33 +41,30 @@ def cache_files(store: Store, directory: str) -> list[str]:
 
 
 def lookup(store: Store, directory: str, batch_ids: dict[int, pa.Array]) -> CacheLookup:
-    """Which cache files each pending batch should read (newest file wins for an id)."""
+    """Which cache files each pending batch should read, and how many of its ids they hold.
+
+    One pass per cache file over its ``id`` column (positions of its ids among the wanted
+    ones), so memory stays a few bytes per wanted id whatever the cache's size.
+    """
     files = cache_files(store, directory)
     if not files or not batch_ids:
         return CacheLookup({}, {})
     wanted = pa.concat_arrays([a.cast(pa.string()) for a in batch_ids.values()])
-    batch_of = pa.array(np.repeat(np.fromiter(batch_ids, dtype=np.int64, count=len(batch_ids)),
-                                  [len(a) for a in batch_ids.values()]))
-    cached: list[pa.Table] = []
-    for number, path in enumerate(files):
-        ids = store.dataset([path]).to_table(columns=["id"]).column("id")
-        ids = ids.filter(pc.is_in(ids, value_set=wanted))
-        if len(ids):
-            cached.append(pa.table({"id": ids, "file": pa.array([number] * len(ids), pa.int64())}))
-    if not cached:
-        return CacheLookup({}, {})
-    newest = pa.concat_tables(cached).group_by("id").aggregate([("file", "max")])
-    joined = pa.table({"id": wanted, "batch": batch_of}).join(newest, "id", join_type="inner")
-    # one row per (batch, file): small whatever the pool's size
-    pairs = joined.group_by(["batch", "file_max"]).aggregate([("id", "count")])
+    batch_of = np.repeat(np.fromiter(batch_ids, dtype=np.int64, count=len(batch_ids)),
+                         [len(a) for a in batch_ids.values()])
+    hit = np.zeros(len(wanted), dtype=bool)
     out_files: dict[int, list[str]] = {}
-    hits: dict[int, int] = {}
-    for batch, file, count in zip(pairs.column("batch").to_pylist(),
-                                  pairs.column("file_max").to_pylist(),
-                                  pairs.column("id_count").to_pylist(), strict=True):
-        out_files.setdefault(batch, []).append(files[file])
-        hits[batch] = hits.get(batch, 0) + count
-    return CacheLookup({b: sorted(fs) for b, fs in out_files.items()}, hits)
+    for path in files:
+        ids = store.dataset([path]).to_table(columns=["id"]).column("id").combine_chunks()
+        positions = pc.index_in(ids, value_set=wanted).drop_null().to_numpy()
+        if positions.size:
+            hit[positions] = True
+            for batch in np.unique(batch_of[positions]).tolist():
+                out_files.setdefault(batch, []).append(path)
+    counts = np.bincount(batch_of[hit], minlength=int(batch_of.max()) + 1) if hit.any() else []
+    hits = {b: int(counts[b]) for b in out_files}
+    pa.default_memory_pool().release_unused()
+    return CacheLookup(out_files, hits)
 
 
 def read_cached(store: Store, files: list[str], ids: pa.Array, schema: pa.Schema) -> pa.Table:

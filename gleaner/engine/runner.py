@@ -26,6 +26,7 @@ import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.compute as pc
@@ -39,13 +40,14 @@ from gleaner.engine.failures import FatalStageError, check_budget, is_fatal
 from gleaner.engine.lease import Lease
 from gleaner.engine.plan import Plan, check_requested, check_resolved, write_plan
 from gleaner.engine.stage import COST_COLUMNS, Context, LLMStage, Stage
-from gleaner.engine.summary import estimate_cost, stage_counts
+from gleaner.engine.summary import publish_summary, stage_summary
 from gleaner.engine.worker import StageActor, StageJob, batch_task
 from gleaner.progress import progress
 from gleaner.store import Store
 
 log = logging.getLogger("gleaner.engine")
 Done = Callable[[BatchSpec, "dict[str, Any] | None", "BaseException | None"], None]
+Runner = Callable[["StageJob", "list[BatchSpec]", Done], "BaseException | None"]
 
 
 # ---- the cluster can reach the store --------------------------------------------------------
@@ -67,6 +69,12 @@ def check_shared_store(store: Store) -> None:
             "their parts to their own disks. Use a store every node reaches (s3://..., any "
             "shared fsspec URL); see docs/operations.md"
         )
+
+
+def _driver_node() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 # ---- submission ----------------------------------------------------------------------------
@@ -177,7 +185,8 @@ def run_actors(job: StageJob, specs: list[BatchSpec], on_done: Done) -> BaseExce
 
 # ---- progress: one source for the terminal and the Prefect UI ---------------------------------
 @contextlib.contextmanager
-def stage_progress(stage: Stage, run_id: str, total: int, done: int) -> Iterator[Any]:
+def stage_progress(stage: Stage, run_id: str, total: int, done: int, unit: str = "batch"
+                   ) -> Iterator[Any]:
     artifact_id = None
     with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
         from prefect.artifacts import create_progress_artifact
@@ -194,7 +203,7 @@ def stage_progress(stage: Stage, run_id: str, total: int, done: int) -> Iterator
                 update_progress_artifact(artifact_id=artifact_id,
                                          progress=100.0 * finished / max(1, of or total))
 
-    bar = progress(total, f"{stage.name} {run_id}", unit="batch", initial=done,
+    bar = progress(total, f"{stage.name} {run_id}", unit=unit, initial=done,
                    on_update=tell_ui, interval_s=2.0)
     try:
         yield bar
@@ -213,6 +222,55 @@ def _failed_parts(store: Store, run_id: str, stage: str) -> dict[int, str]:
     return out
 
 
+@dataclass
+class StageWork:
+    """What a run of a stage has left: its plan, the batches, which are finished or to redo."""
+
+    plan: Plan
+    previous: dict[str, Any] | None  # the plan on record, when it matches
+    bounds: list[tuple[int, int]]
+    finished: set[int]
+    retry: dict[int, str]  # --retry-failed: finished parts holding failed rows
+    pending: list[int]
+
+
+def stage_work(stage: Stage, store: Store, run_id: str, index: InputIndex,
+               dry_run: bool = False) -> StageWork:
+    """The batches a run of ``stage`` would do (``dry_run``: the cost plan; changes nothing,
+    and a changed input of a stage that follows its input is a PlanMismatch)."""
+    size = stage.resources.batch_size
+    bounds = index.bounds(size)
+    plan = Plan(stage.name, stage.requested(), {
+        "input_stage": stage.input_stage, "rows": index.rows,
+        "input": index.fingerprint(), "batch_size": size})
+    previous = check_requested(store, run_id, plan, stage.follows_input and not dry_run)
+    finished = store.finished_parts(run_id, stage.name)
+    retry = _failed_parts(store, run_id, stage.name) if stage.section.retry_failed else {}
+    pending = [i for i in range(len(bounds)) if i not in finished or i in retry]
+    return StageWork(plan, previous, bounds, finished, retry, pending)
+
+
+def cache_hits(stage: Stage, store: Store, work: StageWork, index: InputIndex
+               ) -> cache.CacheLookup:
+    """Which cache files hold rows of the pending batches (keyed by the plan's settings)."""
+    section = stage.section
+    if not (stage.cacheable and section.cache and not section.force):
+        return cache.CacheLookup({}, {})
+    directory = layout.cache_dir(store, stage.cache_name, work.plan.key)
+    return cache.lookup(store, directory,
+                        {i: index.batch_ids(*work.bounds[i]) for i in work.pending})
+
+
+def pick_runner(stage: Stage, config: GleanerConfig) -> Runner:
+    """How the batches run: Prefect tasks on Ray, Ray actors holding a model, or the
+    provider's Batch API (an LLM stage whose endpoint says ``api: batch``)."""
+    if isinstance(stage, LLMStage) and stage.uses_batch_api():
+        from gleaner.engine.batch_api import batch_runner
+
+        return batch_runner(config.batch_api)
+    return run_actors if stage.kind == "actor" else run_tasks
+
+
 def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any]:
     """Run ``stage`` over its input for ``run_id``; returns (and stores) its summary."""
     started = time.perf_counter()
@@ -223,15 +281,9 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         if section.force:
             store.clear_stage(run_id, stage.name)
         index = InputIndex.build(store, run_id, stage.input_stage)
-        size = stage.resources.batch_size
-        bounds = index.bounds(size)
-        plan = Plan(stage.name, stage.requested(), {
-            "input_stage": stage.input_stage, "rows": index.rows,
-            "input": index.fingerprint(), "batch_size": size})
-        previous = check_requested(store, run_id, plan, stage.follows_input)
-        finished = store.finished_parts(run_id, stage.name)
-        retry = _failed_parts(store, run_id, stage.name) if section.retry_failed else {}
-        pending = [i for i in range(len(bounds)) if i not in finished or i in retry]
+        work = stage_work(stage, store, run_id, index)
+        plan, previous, bounds, pending = work.plan, work.previous, work.bounds, work.pending
+        finished, retry = work.finished, work.retry
         ctx = Context(store, run_id, config)
         if pending:
             plan.resolved = stage.resolve(ctx)
@@ -240,10 +292,8 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
             plan.resolved = (previous or {}).get("resolved") or stage.requested()
             stage.adopt(plan.resolved)
         write_plan(store, run_id, plan)
-        directory = layout.cache_dir(store, stage.name.split("/")[0], plan.key)
-        use_cache = stage.cacheable and section.cache and not section.force
-        lookup = cache.lookup(store, directory, {i: index.batch_ids(*bounds[i]) for i in pending}
-                              ) if use_cache else cache.CacheLookup({}, {})
+        directory = layout.cache_dir(store, stage.cache_name, plan.key)
+        lookup = cache_hits(stage, store, work, index)
         specs = [BatchSpec(i, index.segments(*bounds[i]), bounds[i][1] - bounds[i][0],
                            lookup.files.get(i, []), retry.get(i)) for i in pending]
         log.info("%s of run %s: %d rows in %d batches (%d finished earlier, %d to retry, %d rows "
@@ -251,9 +301,11 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
                  len(finished) - len(retry), len(retry), lookup.total)
         # fresh ok rows go to the cache whenever it is on; --force only stops reading it
         job = StageJob(stage, run_id, config.store.url, dict(config.store.options), plan.key,
-                       directory if stage.cacheable and section.cache else None)
+                       directory if stage.cacheable and section.cache else None,
+                       _driver_node() if store.is_local else None)
         fatal, results = _execute(stage, job, specs, index, bounds, store, run_id,
-                                  done=len(bounds) - len(pending))
+                                  done=len(bounds) - len(pending),
+                                  runner=pick_runner(stage, config))
         summary = summarize(stage, store, run_id, config, index, plan, ctx, results,
                             batches=len(bounds), resumed=len(bounds) - len(pending),
                             seconds=time.perf_counter() - started, fatal=fatal)
@@ -265,12 +317,13 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
 
 
 def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIndex,
-             bounds: list[tuple[int, int]], store: Store, run_id: str, done: int
+             bounds: list[tuple[int, int]], store: Store, run_id: str, done: int,
+             runner: Runner | None = None
              ) -> tuple[BaseException | None, list[dict[str, Any]]]:
     results: list[dict[str, Any]] = []
     if not specs:
         return None, results
-    holder = _limiter(stage)
+    holder = stage_limiters(stage)
     with stage_progress(stage, run_id, len(bounds), done) as bar:
 
         def on_done(spec: BatchSpec, result: dict[str, Any] | None,
@@ -291,13 +344,13 @@ def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIn
                              stage.failed_rows(ids, message, "task"))
             results.append({"index": spec.index, "failed_batch": True})
 
-        runner = run_actors if stage.kind == "actor" else run_tasks
+        runner = runner or (run_actors if stage.kind == "actor" else run_tasks)
         fatal = runner(job, specs, on_done)
     del holder  # every batch is done: the limiter actor may go
     return fatal, results
 
 
-def _limiter(stage: Stage) -> list[Any]:
+def stage_limiters(stage: Stage) -> list[Any]:
     """The cluster-wide buckets of an LLM stage's endpoints+models; the driver owns them."""
     if not isinstance(stage, LLMStage):
         return []
@@ -321,34 +374,25 @@ def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, in
                 if c in stage.schema.names and c not in columns]
     table = (store.read_stage(run_id, stage.name, columns=columns, schema=stage.schema)
              if store.has_stage(run_id, stage.name) else stage.schema.empty_table())
-    summary: dict[str, Any] = {"run_id": run_id, "stage": stage.name, "key": plan.key,
-                               "settings": plan.resolved, "input_stage": stage.input_stage}
-    if fatal is None:
-        summary.update(stage_counts(table, index.rows, stage.name))
-        summary["status"] = "completed"
-    else:
-        summary.update(stage_counts(table, table.num_rows, stage.name))
-        summary.update(status="stopped", stopped_because=str(fatal), examples=index.rows)
-    for name in ("requests", "prompt_tokens", "completion_tokens"):
-        summary[name] += ctx.usage.get(name, 0)
+    fields: dict[str, Any] = {"input_stage": stage.input_stage}
+    if isinstance(stage, LLMStage):  # rows the Batch API answered are billed at its price
+        from gleaner.engine.batch_api import batch_usage
+
+        fields["batch_api"] = batch_usage(store, run_id, stage.name)
     price = stage.price(config) if isinstance(stage, LLMStage) else None
-    cost = estimate_cost(price, summary["prompt_tokens"], summary["completion_tokens"])
+    summary = stage_summary(stage, run_id, plan, table, ctx.usage, price, examples=index.rows,
+                            fatal=fatal, **fields)
     nodes = Counter(r.get("node") for r in results if r.get("node"))
     summary.update(
-        est_cost_usd=cost if cost is not None else 0.0, price_known=cost is not None,
         batches=batches, batches_resumed=resumed, batches_submitted=len(results),
+        # rows this run made (not read back from the cache, not finished before)
+        made=sum(r.get("rows", 0) - r.get("cached", 0) for r in results),
         batches_failed=sum(1 for r in results if r.get("failed_batch")),
         batch_seconds=round(sum(r.get("seconds", 0.0) for r in results), 3),
         nodes=dict(nodes), seconds=round(seconds, 3))
-    if table.num_rows:
-        summary.update(stage.summarize(table))
+    summary.update(stage.summarize(table))  # an empty stage too: its fields are all there
     store.write_json(layout.summary_path(store, run_id, stage.name), summary)
-    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=stage.markdown(summary),
-                                 key=artifact_key(stage.name, "summary", run_id),
-                                 description=stage.description or f"{stage.name} of run {run_id}")
+    publish_summary(stage, run_id, summary)
     return summary
 
 

@@ -106,6 +106,11 @@ class Stage(abc.ABC):
         self.section = section
 
     @property
+    def cache_name(self) -> str:
+        """Which cross-run cache the stage's rows share (stages of one kind share one)."""
+        return self.name
+
+    @property
     def resources(self) -> Resources:
         return self.section.resources
 
@@ -172,6 +177,9 @@ class LLMStage(Stage):
 
     # limiter actor names by endpoint+model, set by the engine for endpoints with rpm/tpm
     limiters: dict[str, str] = {}  # noqa: RUF012 (replaced per instance by the engine)
+    # Set on the driver by the Batch API runner (gleaner.engine.batch_api) while it replays
+    # the stage's worker: clients answering from the provider's batch output.
+    client_factory: Any = None
 
     @property
     @abc.abstractmethod
@@ -184,12 +192,24 @@ class LLMStage(Stage):
     def price(self, config: GleanerConfig) -> PriceConfig | None:
         return config.prices.get(self.endpoint.model)
 
+    def uses_batch_api(self) -> bool:
+        """An endpoint says ``api: batch``: the engine runs the stage through the Batch API
+        (a stage's endpoints share one ``api``: the scorer's two models come from one
+        endpoint section)."""
+        return any(e.api == "batch" for e in self.endpoints())
+
     def client(self, endpoint: EndpointConfig | None = None) -> Any:
         """The shared LLM client for one of this stage's endpoints (call on the worker)."""
+        endpoint = endpoint or self.endpoint
+        if self.client_factory is not None:
+            return self.client_factory(endpoint)
+        return self.live_client(endpoint)
+
+    def live_client(self, endpoint: EndpointConfig) -> Any:
+        """A client that calls the endpoint: SDK back-off, the cluster-wide buckets."""
         from gleaner.llm.client import LLMClient
         from gleaner.llm.ratelimit import RayRateLimiter, limiter_name
 
-        endpoint = endpoint or self.endpoint
         name = self.limiters.get(limiter_name(endpoint.base_url or "", endpoint.model))
         limiter = RayRateLimiter(name) if name else None
         return LLMClient(endpoint, limiter=limiter, concurrency=self.resources.concurrency)

@@ -40,6 +40,8 @@ class StageJob:
     store_options: dict[str, Any]
     key: str
     cache_dir: str | None  # None: do not read or write the cross-run cache
+    # a local-folder store: the node whose disk it is (a batch elsewhere would write there)
+    store_node: str | None = None
 
     def store(self) -> Store:
         return Store(self.store_url, self.store_options)
@@ -80,6 +82,11 @@ def _all_transient(fresh: pa.Table) -> bool:
 def run_batch(job: StageJob, spec: BatchSpec, worker: BatchWorker) -> dict[str, Any]:
     """Do batch ``spec.index`` of ``job.stage``; returns its counts (never its rows)."""
     started = time.perf_counter()
+    if job.store_node and _node_id() not in (None, job.store_node):
+        raise FatalStageError(
+            f"{job.stage.name}: a batch ran on Ray node {_node_id()}, but the store "
+            f"{job.store_url} is a local folder on node {job.store_node}: a cluster that grew "
+            "needs a store every node reaches (s3://..., see docs/operations.md)", "store")
     stage, store = job.stage, job.store()
     rows = read_segments(store, spec.segments, list(stage.input_columns))
     ids = rows.column("id").combine_chunks()

@@ -258,17 +258,9 @@ class LLMClient:
         ``extra`` goes to the SDK as is: ``extra_body={...}`` adds fields the OpenAI API
         does not define (llama.cpp's ``grammar``), for servers that read them.
         """
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "messages": [dict(m) for m in messages],
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            **extra,
-        }
-        if logprobs:
-            kwargs["logprobs"] = True
-            if top_logprobs:
-                kwargs["top_logprobs"] = top_logprobs
+        kwargs = chat_request(self.model, messages, max_tokens=max_tokens,
+                              temperature=temperature, logprobs=logprobs,
+                              top_logprobs=top_logprobs, **extra)
         return await self._call(self._openai.chat.completions, kwargs, chat=True)
 
     async def complete(
@@ -281,15 +273,8 @@ class LLMClient:
         **extra: Any,
     ) -> Completion:
         """Raw-text completion (``/v1/completions``): no chat template, as DEITA's scorers need."""
-        kwargs: dict[str, Any] = {
-            "model": self.model,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            **extra,
-        }
-        if logprobs:
-            kwargs["logprobs"] = logprobs
+        kwargs = completion_request(self.model, prompt, max_tokens=max_tokens,
+                                    temperature=temperature, logprobs=logprobs, **extra)
         return await self._call(self._openai.completions, kwargs, chat=False)
 
     # ---- the retry loop for what the SDK does not retry ------------------------
@@ -330,38 +315,7 @@ class LLMClient:
 
     def classify(self, error: openai.APIError, attempts: int) -> LLMError:
         """The error with its real cause named: a dead local server is not a network problem."""
-        url = self.endpoint.base_url
-        detail = self.describe(error)
-        if isinstance(error, openai.APIConnectionError | openai.APITimeoutError):
-            death = self._local_server_death()
-            if death:
-                return LLMError(death, attempts=attempts, transient=False, kind="server_died",
-                                fatal=True)
-            what = (f"did not answer within {self.endpoint.timeout_s:g}s"
-                    if isinstance(error, openai.APITimeoutError) else "is unreachable")
-            return LLMError(f"the endpoint {url} {what} ({detail})", attempts=attempts,
-                            transient=True, kind="unreachable")
-        status = getattr(error, "status_code", None)
-        if status in (401, 403):
-            return LLMError(
-                f"the endpoint {url} rejected the API key (from ${self.endpoint.api_key_env}): "
-                f"{detail}", attempts=attempts, transient=False, kind="rejected_key", fatal=True)
-        if status == 404:
-            return LLMError(
-                f"the endpoint {url} has no model {self.model!r} (or base_url is wrong): "
-                f"{detail}", attempts=attempts, transient=False, kind="no_such_model", fatal=True)
-        if is_transient(error):
-            return LLMError(f"{detail} (from {url}, after {attempts} attempts)",
-                            attempts=attempts, transient=True, kind="transient")
-        return LLMError(f"the endpoint {url} answered with an error: {detail}",
-                        attempts=attempts, transient=False, kind="http_error")
-
-    def _local_server_death(self) -> str | None:
-        if not self.endpoint.local_server:
-            return None
-        from gleaner.llm.local_server import death_report
-
-        return death_report(self.endpoint.local_server)
+        return classify_error(self.endpoint, error, attempts)
 
     def _sdk_attempts(self, error: BaseException) -> int:
         """The SDK retries transient errors max_retries times before raising."""
@@ -369,24 +323,111 @@ class LLMClient:
 
     @staticmethod
     def _read(response: Any, chat: bool, attempts: int, started: float) -> Completion:
-        choices = getattr(response, "choices", None)
-        if not choices:
-            raise MalformedResponse("the response has no choices")
-        choice = choices[0]
-        if chat:
-            message = getattr(choice, "message", None)
-            text = (getattr(message, "content", None) or "") if message is not None else ""
-            positions = _positions_chat(getattr(choice, "logprobs", None))
-        else:
-            text = getattr(choice, "text", None) or ""
-            positions = _positions_text(getattr(choice, "logprobs", None))
-        usage = getattr(response, "usage", None)
-        return Completion(
-            text=text,
-            top_logprobs=positions,
-            prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-            attempts=attempts,
-            finish_reason=getattr(choice, "finish_reason", None),
-        )
+        return read_completion(response, chat, attempts, started)
+
+
+# ---- what the client sends and how it reads answers (the Batch API path shares them) --------
+def chat_request(model: str, messages: Sequence[Mapping[str, str]], *, max_tokens: int,
+                 temperature: float = 0.0, logprobs: bool = False,
+                 top_logprobs: int | None = None, **extra: Any) -> dict[str, Any]:
+    """The SDK arguments of a chat completion (``request_body`` turns them into the JSON)."""
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "messages": [dict(m) for m in messages],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **extra,
+    }
+    if logprobs:
+        kwargs["logprobs"] = True
+        if top_logprobs:
+            kwargs["top_logprobs"] = top_logprobs
+    return kwargs
+
+
+def completion_request(model: str, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+                       logprobs: int | None = None, **extra: Any) -> dict[str, Any]:
+    """The SDK arguments of a raw-text completion."""
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        **extra,
+    }
+    if logprobs:
+        kwargs["logprobs"] = logprobs
+    return kwargs
+
+
+SDK_ONLY_ARGUMENTS = ("extra_headers", "extra_query", "extra_body", "timeout")
+
+
+def request_body(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body the SDK sends for these arguments (``extra_body`` merged in, as it does)."""
+    body = {k: v for k, v in kwargs.items() if k not in SDK_ONLY_ARGUMENTS}
+    body.update(kwargs.get("extra_body") or {})
+    return body
+
+
+def read_completion(response: Any, chat: bool, attempts: int, started: float) -> Completion:
+    """A parsed chat/text completion (the SDK's model) as a :class:`Completion`."""
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise MalformedResponse("the response has no choices")
+    choice = choices[0]
+    if chat:
+        message = getattr(choice, "message", None)
+        text = (getattr(message, "content", None) or "") if message is not None else ""
+        positions = _positions_chat(getattr(choice, "logprobs", None))
+    else:
+        text = getattr(choice, "text", None) or ""
+        positions = _positions_text(getattr(choice, "logprobs", None))
+    usage = getattr(response, "usage", None)
+    return Completion(
+        text=text,
+        top_logprobs=positions,
+        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        latency_ms=(time.perf_counter() - started) * 1000.0,
+        attempts=attempts,
+        finish_reason=getattr(choice, "finish_reason", None),
+    )
+
+
+def local_server_death(endpoint: EndpointConfig) -> str | None:
+    if not endpoint.local_server:
+        return None
+    from gleaner.llm.local_server import death_report
+
+    return death_report(endpoint.local_server)
+
+
+def classify_error(endpoint: EndpointConfig, error: openai.APIError, attempts: int) -> LLMError:
+    """An SDK error as an :class:`LLMError` whose kind names the real cause (and whether no
+    retry can fix it for the whole run)."""
+    url = endpoint.base_url
+    detail = describe_error(error, [endpoint.api_key()])
+    if isinstance(error, openai.APIConnectionError | openai.APITimeoutError):
+        death = local_server_death(endpoint)
+        if death:
+            return LLMError(death, attempts=attempts, transient=False, kind="server_died",
+                            fatal=True)
+        what = (f"did not answer within {endpoint.timeout_s:g}s"
+                if isinstance(error, openai.APITimeoutError) else "is unreachable")
+        return LLMError(f"the endpoint {url} {what} ({detail})", attempts=attempts,
+                        transient=True, kind="unreachable")
+    status = getattr(error, "status_code", None)
+    if status in (401, 403):
+        return LLMError(
+            f"the endpoint {url} rejected the API key (from ${endpoint.api_key_env}): "
+            f"{detail}", attempts=attempts, transient=False, kind="rejected_key", fatal=True)
+    if status == 404:
+        return LLMError(
+            f"the endpoint {url} has no model {endpoint.model!r} (or base_url is wrong): "
+            f"{detail}", attempts=attempts, transient=False, kind="no_such_model", fatal=True)
+    if is_transient(error):
+        return LLMError(f"{detail} (from {url}, after {attempts} attempts)",
+                        attempts=attempts, transient=True, kind="transient")
+    return LLMError(f"the endpoint {url} answered with an error: {detail}",
+                    attempts=attempts, transient=False, kind="http_error")

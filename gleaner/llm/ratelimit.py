@@ -4,8 +4,9 @@ An API quota belongs to the account, not to a process: eight Ray workers
 each limiting themselves to the quota would send eight times too much. So
 every worker on every node asks the same named actor
 (``get_if_exists=True``) for a reservation; the actor answers how long the
-caller must wait, and the caller sleeps locally, so the actor is never
-blocked and serves thousands of callers.
+caller must wait (and when it reckoned so), and the caller sleeps locally, so
+the actor is never blocked and serves thousands of callers. Reservations are
+spaced evenly a little under the told rate (see BURST_S, HEADROOM, LATE_S).
 
 The flow creates the actor (its lifetime is the flow's: it is owned by the
 flow's driver process) and hands its name to the tasks.
@@ -16,10 +17,35 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 NAMESPACE = "gleaner"
+
+# Providers count a quota over a rolling window (often shorter than the minute they
+# quote), not as a bucket that lends a second of burst. A limiter that lets an idle
+# bucket burst ``rate * burst_s`` and then refills at the full rate sends up to
+# ``rate * (1 + burst_s)`` within one window: the excess is answered 429 (and those
+# retries take slots again). So the limiters save up no burst (one request at most:
+# requests go out evenly spaced) and pace a little under the told limit, so the
+# spacing survives the jitter between the reservation and the request's arrival
+# (the reply from the actor, the event loop, a loaded host): with 2.5 %, N requests
+# span N / (0.975 N/s) = 1.026 s, 26 ms of jitter before a 1-second window overflows.
+BURST_S = 0.0
+HEADROOM = 0.025
+# A caller that wakes up later than this after its slot (its process was stalled: the
+# host's scheduler, the GIL, a collection) gives the slot up and takes a new one: sent
+# late, it would arrive less than one window before the request N slots after it (a
+# 429 for that one), and stalls of 50-250 ms are what a loaded host has. A slot given
+# up is a slot lost, no more than the 429 it avoids would cost (a rejected request
+# takes a slot, its retry another). "Later" is beyond the caller's usual lateness
+# (see _Pacer), and the slots given up are bounded besides:
+LATE_S = 0.020  # within HEADROOM's 26 ms: late sends that would mostly pass are sent
+MAX_RESLOTS = 2  # new slots per request at most
+# slots one limiter (one client: one batch) gives up at most: a stall of one process
+# holds up to its concurrency's worth of slots at once
+RESLOT_SHARE, RESLOT_FREE = 0.05, 32
 
 
 class TokenBucket:
@@ -29,6 +55,11 @@ class TokenBucket:
     is available pushes the level below zero and waits until the refill pays the
     debt back, so callers are served in arrival order and a request bigger than
     the burst (a long prompt) still gets through.
+
+    ``burst_s`` is the credit an idle bucket saves up (in seconds of refill, at least
+    one request / one token); ``headroom`` paces that share below the told limits.
+    The plain bucket has neither (``headroom=0``); the limiters below use
+    :data:`BURST_S` and :data:`HEADROOM`, which fit a provider's quota (see there).
     """
 
     def __init__(
@@ -37,23 +68,28 @@ class TokenBucket:
         tpm: float | None,
         burst_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        headroom: float = 0.0,
     ):
-        self._clock = clock
+        if not 0.0 <= headroom < 1.0:
+            raise ValueError(f"headroom must be in [0, 1), not {headroom}")
+        self.clock = clock
         self.burst_s = burst_s
+        self.headroom = headroom
         self.configure(rpm, tpm)
 
     def configure(self, rpm: float | None, tpm: float | None) -> None:
         self.rpm, self.tpm = rpm, tpm
-        self._rate_r = rpm / 60.0 if rpm else None  # per second
-        self._rate_t = tpm / 60.0 if tpm else None
+        pace = 1.0 - self.headroom
+        self._rate_r = rpm / 60.0 * pace if rpm else None  # per second
+        self._rate_t = tpm / 60.0 * pace if tpm else None
         self._cap_r = max(1.0, self._rate_r * self.burst_s) if self._rate_r else 0.0
         self._cap_t = max(1.0, self._rate_t * self.burst_s) if self._rate_t else 0.0
         self._level_r, self._level_t = self._cap_r, self._cap_t
-        self._last = self._clock()
+        self._last = self.clock()
 
     def reserve(self, requests: int = 1, tokens: int = 0) -> float:
         """Take ``requests`` and ``tokens`` now; return the seconds the caller must wait first."""
-        now = self._clock()
+        now = self.clock()
         elapsed = max(0.0, now - self._last)
         self._last = now
         wait = 0.0
@@ -66,30 +102,94 @@ class TokenBucket:
         return max(0.0, wait)
 
 
+class _Pacer:
+    """Counts a limiter's requests and the slots it gave up (see :data:`LATE_S`).
+
+    Lateness is judged against this caller's usual lateness (the median of its last 64
+    wakes), which is what the request N slots later will most likely have: a 429 comes
+    of the difference. A host whose every wake is late by the same amount sends evenly
+    spaced all the same and needs no new slots; a stall makes a few wakes much later
+    than the usual ones, all at once, and those would go out in a burst.
+    """
+
+    def __init__(self) -> None:
+        self.acquired = 0
+        self.reslots = 0
+        self._recent: deque[float] = deque(maxlen=64)
+
+    def usual(self) -> float:
+        if len(self._recent) < 8:
+            return 0.0
+        return sorted(self._recent)[len(self._recent) // 2]
+
+    def give_up(self, late: float, uncertainty: float, attempt: int) -> bool:
+        """Whether a caller ``late`` seconds past its slot should take a new one.
+
+        ``uncertainty``: how far the slot's moment itself may be off (the round trip to
+        the actor); when that is as large as the threshold, lateness cannot be told.
+        """
+        usual = self.usual()
+        self._recent.append(late)
+        if (late - usual <= LATE_S or uncertainty > LATE_S or attempt >= MAX_RESLOTS
+                or self.reslots >= RESLOT_FREE + RESLOT_SHARE * self.acquired):
+            return False
+        self.reslots += 1
+        return True
+
+    async def sleep_until(self, deadline: float, clock: Callable[[], float]) -> float:
+        """Sleep until ``deadline`` on ``clock``; returns how late the caller woke."""
+        delay = deadline - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return clock() - deadline
+
+
 class LocalRateLimiter:
     """The same bucket inside one process: for single-process use (a script, a judge run)."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = 1.0):
-        self.bucket = TokenBucket(rpm, tpm, burst_s)
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
+                 headroom: float = HEADROOM):
+        self.bucket = TokenBucket(rpm, tpm, burst_s, headroom=headroom)
+        self.pacer = _Pacer()
 
     async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
-        wait = self.bucket.reserve(requests, tokens)
-        if wait > 0:
-            await asyncio.sleep(wait)
+        clock = self.bucket.clock
+        for attempt in range(MAX_RESLOTS + 1):
+            deadline = clock() + self.bucket.reserve(requests, tokens)
+            late = await self.pacer.sleep_until(deadline, clock)
+            if not self.pacer.give_up(late, 0.0, attempt):
+                break
+        self.pacer.acquired += 1
 
 
 class _BucketActor:
     """The Ray actor holding the one bucket of an endpoint+model (made remote lazily)."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = 1.0):
-        self.bucket = TokenBucket(rpm, tpm, burst_s)
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
+                 headroom: float = HEADROOM):
+        self.bucket = TokenBucket(rpm, tpm, burst_s, headroom=headroom)
+        self.reserved = 0  # requests reserved (slots given up included)
 
     def configure(self, rpm: float | None, tpm: float | None) -> None:
         if (rpm, tpm) != (self.bucket.rpm, self.bucket.tpm):
             self.bucket.configure(rpm, tpm)
 
     def reserve(self, requests: int = 1, tokens: int = 0) -> float:
+        self.reserved += requests
         return self.bucket.reserve(requests, tokens)
+
+    def reserve_at(self, requests: int = 1, tokens: int = 0) -> tuple[float, float]:
+        """The wait and this process's wall clock when it was reckoned (see RayRateLimiter)."""
+        return self.reserve(requests, tokens), time.time()
+
+    def counts(self) -> dict[str, int]:
+        """Requests reserved so far: those sent plus the slots late callers gave up."""
+        return {"reserved": self.reserved}
+
+    def node(self) -> str | None:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def limits(self) -> tuple[float | None, float | None]:
         return self.bucket.rpm, self.bucket.tpm
@@ -102,32 +202,65 @@ def limiter_name(base_url: str, model: str) -> str:
 
 
 def ensure_rate_limiter(
-    name: str, rpm: float | None, tpm: float | None, burst_s: float = 1.0
+    name: str, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
+    headroom: float = HEADROOM,
 ) -> Any:
-    """Create (or find) the named bucket actor; call from the flow so the flow owns it."""
+    """Create (or find) the named bucket actor; call from the flow so the flow owns it.
+
+    The name is registered at once (``get_if_exists`` asks the GCS), but a new actor
+    needs a worker process of its own: seconds on a busy host. Without ``wait`` the
+    caller goes on (the stage submits its batches, which take as long to start) and
+    the workers' first reservations wait for the actor instead. An existing actor is
+    told the limits now, seconds before any batch of this stage can ask.
+    """
     import ray
 
     actor_class = ray.remote(num_cpus=0, max_restarts=-1)(_BucketActor)
     handle = actor_class.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        rpm, tpm, burst_s
+        rpm, tpm, burst_s, headroom
     )
-    ray.get(handle.configure.remote(rpm, tpm))
+    handle.configure.remote(rpm, tpm)
     return handle
 
 
 class RayRateLimiter:
-    """What a worker holds: the name of the cluster-wide bucket, resolved on first use."""
+    """What a worker holds: the name of the cluster-wide bucket, resolved on first use.
+
+    The bucket spaces the reservations evenly; what the endpoint sees is when the
+    requests arrive. A caller that slept the returned wait from the moment the answer
+    reached it would add the actor's reply latency (a few ms, tens of ms on a loaded
+    host) to every request, unevenly. So the actor also says when (on its wall clock)
+    it reckoned the wait, and the caller sleeps until that moment plus the wait. The
+    actor's moment lies between the call and the answer; clamped to them, a clock of
+    another node that is off by more than the round trip costs nothing worse than
+    the reply latency. A caller that wakes too late for its slot takes a new one
+    (:data:`LATE_S`): on the actor's node the slot's moment is exact (one clock), on
+    another node it is known to within the round trip, so lateness is judged only when
+    that is shorter than the threshold.
+    """
 
     def __init__(self, name: str, namespace: str = NAMESPACE):
         self.name = name
         self.namespace = namespace
         self._handle: Any = None
+        self._same_node = False  # the actor runs on this node: its clock is this one
+        self.pacer = _Pacer()
 
     async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
         if self._handle is None:
             import ray
 
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
-        wait = await self._handle.reserve.remote(requests, tokens)
-        if wait > 0:
-            await asyncio.sleep(wait)
+            handle = ray.get_actor(self.name, namespace=self.namespace)
+            here = ray.get_runtime_context().get_node_id()
+            self._same_node = here is not None and await handle.node.remote() == here
+            self._handle = handle
+        for attempt in range(MAX_RESLOTS + 1):
+            called = time.time()
+            wait, reckoned = await self._handle.reserve_at.remote(requests, tokens)
+            answered = time.time()
+            deadline = min(max(reckoned, called), answered) + wait
+            late = await self.pacer.sleep_until(deadline, time.time)
+            uncertainty = 0.0 if self._same_node else answered - called
+            if not self.pacer.give_up(late, uncertainty, attempt):
+                break
+        self.pacer.acquired += 1

@@ -225,5 +225,4 @@ class EmbedStage(Stage):
         return EmbedWorker(self.settings)
 
     def summarize(self, table: pa.Table) -> dict[str, Any]:
-        return {"model": self.model, "dim": self.dim,
-                "embedded": int(pc.sum(pc.invert(table["cached"])).as_py() or 0)}
+        return {"model": self.model, "dim": self.dim}

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt
-from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, generation_prompt, stop_token_ids
+from gleaner.tasks.train.sft_data import (
+    FORMAT_FILE,
+    SftFormat,
+    conversation_prompt,
+    generation_prompt,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +89,17 @@ class Generator:
                 self._model = model.to(device).eval()
         return self._model
 
+    def conversation_prompts(self, conversations: Sequence[Sequence[dict[str, str]]]
+                             ) -> list[str]:
+        """Prompts for each conversation's next assistant turn, in the model's format."""
+        return [conversation_prompt(c, self.tokenizer, self.format) for c in conversations]
+
     def answer(self, items: Sequence[EvalPrompt]) -> list[str]:
-        texts = self.prompts(items)
+        return self.answer_prompts(self.prompts(items))
+
+    def answer_prompts(self, texts: Sequence[str]) -> list[str]:
+        """Answers to rendered prompts (``prompts`` / ``conversation_prompts``), in order."""
+        texts = list(texts)
         if not texts:
             return []
         model = self._load()

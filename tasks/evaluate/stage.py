@@ -104,6 +104,10 @@ class JudgeStage(LLMStage):
         self.input_stage = layout.pairs_stage(comparison, test_set)
 
     @property
+    def cache_name(self) -> str:
+        return "judge"  # one cache for every comparison and test set: keyed by pair content
+
+    @property
     def endpoint(self) -> EndpointConfig:
         return self.judge.endpoint
 

@@ -115,7 +115,7 @@ def id_diff(previous: pa.Array, current: pa.Array) -> dict[str, int]:
     }
 
 
-def _ids_digest(ids: pa.Array) -> str:
+def ids_digest(ids: pa.Array) -> str:
     """A fingerprint of the id set: equal digests mean the same examples."""
     digest = hashlib.sha256()
     for value in sorted(ids.to_pylist()):
@@ -171,7 +171,7 @@ def publish_dataset_version(
         "path": data_path,
         "uri": store.uri(data_path),
         "counts": {"examples": selected.num_rows, "unique_ids": len(ids)},
-        "ids_sha256": _ids_digest(ids),
+        "ids_sha256": ids_digest(ids),
         "stats": stats,
         "diff": diff,
     }

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,13 +40,12 @@ RATING_SCHEMA = stage_schema(
 )
 
 
-def histogram(scores: list[float]) -> dict[str, int]:
+def histogram(scores: Sequence[float] | np.ndarray) -> dict[str, int]:
     """Counts per 0.5 bucket (a score s counts in bucket floor(2s)/2), like the paper's Fig. 4."""
-    counts = {f"{b:.1f}": 0 for b in BUCKETS}
-    for score in scores:
-        bucket = min(5.0, max(0.0, math.floor(score * 2) / 2))
-        counts[f"{bucket:.1f}"] += 1
-    return counts
+    values = np.asarray(scores, dtype=np.float64)
+    buckets = np.clip(np.floor(values * 2), 0, 10).astype(np.int64)
+    counts = np.bincount(buckets, minlength=len(BUCKETS))
+    return {f"{b:.1f}": int(n) for b, n in zip(BUCKETS, counts, strict=True)}
 
 
 async def rate_one(example: Mapping[str, Any], client: LLMClient, prompt: RatingPrompt,
@@ -172,10 +171,10 @@ class RateStage(LLMStage):
 
     def summarize(self, table: pa.Table) -> dict[str, Any]:
         ok = table.filter(pc.equal(table["status"], "ok"))
-        scores = [s for s in ok.column("score").to_pylist() if s is not None]
+        scores = ok.column("score").drop_null().to_numpy()
         tau = self.settings.threshold
-        kept = sum(1 for s in scores if s >= tau)
-        modes = sorted(set(ok.column("mode").to_pylist()))
+        kept = int(np.sum(scores >= tau))
+        modes = sorted(pc.unique(ok.column("mode")).to_pylist())
         return {"model": self.endpoint.model, "dimension": self.prompt.dimension,
                 "mode": self.mode, "modes_used": modes, "prompt_version": self.prompt.version,
                 "threshold": tau, "read": table.num_rows, "rated": ok.num_rows, "kept": kept,

@@ -2,8 +2,9 @@
 
 Every selector returns a :class:`Manifest` with one row per candidate example:
 ``selected`` and a ``reason`` drawn from a closed vocabulary (``kept``,
-``below_threshold``, ``too_similar:<id of the selected neighbour>``,
-``over_budget``, ``failed_upstream``), so the counts always add up to the pool.
+``below_threshold``, ``above_threshold``, ``too_similar:<id of the selected
+neighbour>``, ``over_budget``, ``failed_upstream``), so the counts always add up
+to the pool.
 
 The ``deita`` selector implements DEITA's score-first, diversity-aware walk
 (SPEC §2) exactly: sort by score descending (ties by id), add an example only
@@ -35,10 +36,11 @@ from gleaner.tasks.select.deita_walk import (
 
 KEPT = "kept"
 BELOW_THRESHOLD = "below_threshold"
+ABOVE_THRESHOLD = "above_threshold"  # over a ceiling (IFD > 1: the question does not help)
 TOO_SIMILAR = "too_similar"
 OVER_BUDGET = "over_budget"
 FAILED_UPSTREAM = "failed_upstream"
-REASONS = (KEPT, BELOW_THRESHOLD, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM)
+REASONS = (KEPT, BELOW_THRESHOLD, ABOVE_THRESHOLD, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM)
 _WALK_LABELS = np.empty(4, dtype=object)  # indexed by the walk's CODE_* values
 _WALK_LABELS[[CODE_KEPT, CODE_TOO_SIMILAR, CODE_OVER_BUDGET, CODE_FAILED]] = [
     KEPT, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM]
@@ -238,6 +240,34 @@ def select_topk(ids: Sequence[str], scores: Sequence[float] | np.ndarray, k: int
     return Manifest(ids, values, selected, reason, rank, ["topk"] * len(ids))
 
 
+def select_ifd(ids: Sequence[str], ifd: Sequence[float] | np.ndarray, budget: int,
+               ceiling: float = 1.0) -> Manifest:
+    """Cherry LLM (SPEC §9): drop IFD > ``ceiling`` (1: the question does not help), rank the
+    rest by IFD descending (ties by id), keep the first ``budget``."""
+    ids = list(ids)
+    values = _as_scores(ifd)
+    finite = np.isfinite(values)
+    over = finite & (values > ceiling)
+    order = score_order(ids, values, np.flatnonzero(finite & ~over))
+    selected = np.zeros(len(ids), dtype=bool)
+    selected[order[: max(0, int(budget))]] = True
+    rank = np.full(len(ids), -1, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    reason = [
+        KEPT if s else ABOVE_THRESHOLD if o else OVER_BUDGET if r >= 0 else FAILED_UPSTREAM
+        for s, o, r in zip(selected, over, rank, strict=True)
+    ]
+    return Manifest(ids, values, selected, reason, rank, ["ifd"] * len(ids))
+
+
+def select_full(ids: Sequence[str]) -> Manifest:
+    """Every example (AlpaGasus' "all 52k" arm); the rank is the pool's order."""
+    ids = list(ids)
+    n = len(ids)
+    return Manifest(ids, np.full(n, np.nan), np.ones(n, dtype=bool), [KEPT] * n,
+                    np.arange(n, dtype=np.int64), ["full"] * n)
+
+
 def select_random(
     ids: Sequence[str],
     size: int,
@@ -313,6 +343,8 @@ class Candidates:
             None if self.vector_ok is None else self.vector_ok[rows])
 
     def column(self, name: str) -> np.ndarray:
+        if not self.ids:  # an empty pool has every column, empty
+            return np.empty(0, dtype=np.float64)
         if name not in self.columns:
             known = ", ".join(sorted(self.columns)) or "none (run rate or score first)"
             raise ValueError(f"no score column {name!r} in run; available: {known}")
@@ -329,6 +361,7 @@ class SelectRequest:
     threshold: float | None
     seed: int
     size: int | None = None  # random: as many as another selection kept
+    fraction: float | None = None  # a share of the pool instead of the budget
 
 
 @dataclass(frozen=True)
@@ -339,6 +372,7 @@ class Selector:
     default_sort: str | None = None
     needs_vectors: bool = False
     own_threshold: bool = False  # --threshold is its own parameter, not a filter first
+    budgeted: bool = True  # keeps a budget (or a fraction of the pool); False: a rule decides
 
 
 def _threshold(data: Candidates, r: SelectRequest) -> Manifest:
@@ -362,10 +396,29 @@ def _deita(data: Candidates, r: SelectRequest) -> Manifest:
                         budget=r.budget, tau=r.tau, vector_ok=data.vector_ok)
 
 
-register("selector", "threshold")(Selector(_threshold, "rating", own_threshold=True))
+def _ifd(data: Candidates, r: SelectRequest) -> Manifest:
+    return select_ifd(data.ids, data.column(r.sort_by or "ifd"), r.budget)
+
+
+def _longest(data: Candidates, r: SelectRequest) -> Manifest:
+    """Long-is-more: the ``budget`` longest responses (tokens; ``response_chars`` for chars)."""
+    manifest = select_topk(data.ids, data.column(r.sort_by or "response_tokens"), r.budget)
+    manifest.selector = ["longest"] * len(manifest)
+    return manifest
+
+
+def _full(data: Candidates, r: SelectRequest) -> Manifest:
+    return select_full(data.ids)
+
+
+register("selector", "threshold")(Selector(_threshold, "rating", own_threshold=True,
+                                           budgeted=False))
 register("selector", "topk")(Selector(_topk, "evol"))
 register("selector", "random")(Selector(_random))
 register("selector", "deita")(Selector(_deita, "evol", needs_vectors=True))
+register("selector", "ifd")(Selector(_ifd, "ifd"))
+register("selector", "longest")(Selector(_longest, "response_tokens"))
+register("selector", "full")(Selector(_full, budgeted=False))
 
 
 def selector(name: str) -> Selector:
@@ -376,6 +429,8 @@ def run_selector(data: Candidates, name: str, request: SelectRequest) -> Manifes
     """The named selector on the candidates; after AlpaGasus' threshold when one is set."""
     chosen = selector(name)
     request.sort_by = request.sort_by or chosen.default_sort
+    if request.fraction is not None:  # a share of the whole pool (IFD's "top 5 %")
+        request.budget = int(round(request.fraction * len(data.ids)))
     if chosen.own_threshold or request.threshold is None:
         return chosen.run(data, request)
     if "rating" not in data.columns:

@@ -42,6 +42,19 @@ register("signal", "quality")(Signal("quality", layout.SCORE, "quality", "DEITA 
                                      _edges(np.linspace(1, 6, 21))))
 register("signal", "evol")(Signal("evol", layout.SCORE, "evol", "evol score s = c·q",
                                   _edges(np.linspace(1, 36, 36))))
+# A reward model's scalar is unbounded; MoDS keeps reward > 0.0 (threshold selector, --sort-by
+# reward --threshold 0.0). Values outside the bins count in the end bins.
+register("signal", "reward")(Signal("reward", layout.REWARD, "reward", "reward-model score r",
+                                    _edges(np.linspace(-6, 6, 25))))
+# IFD = L(A|Q) / L(A): around 1 (above 1, the question does not help); Long-is-more's lengths.
+register("signal", "ifd")(Signal("ifd", layout.IFD, "ifd", "IFD = L(A|Q) / L(A)",
+                                 _edges(np.linspace(0.0, 1.5, 31))))
+register("signal", "response_tokens")(Signal("response_tokens", layout.LENGTH,
+                                             "response_tokens", "response length (tokens)",
+                                             _edges(np.linspace(0, 2048, 33))))
+register("signal", "response_chars")(Signal("response_chars", layout.LENGTH, "response_chars",
+                                            "response length (characters)",
+                                            _edges(np.linspace(0, 8192, 33))))
 
 
 def signals() -> list[Signal]:

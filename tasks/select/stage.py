@@ -60,7 +60,9 @@ def load_candidates(store: Store, run_id: str, need_vectors: bool) -> Candidates
                 values[row] = value
         columns[signal.name] = values
     data = Candidates(ids, columns)
-    if need_vectors:
+    if need_vectors and not ids:  # an empty pool (a generator that kept nothing)
+        data.vectors, data.vector_ok = np.zeros((0, 1), np.float32), np.zeros(0, dtype=bool)
+    elif need_vectors:
         if not store.has_stage(run_id, layout.EMBED):
             raise FileNotFoundError(f"run {run_id!r} has no embeddings; run gleaner embed first")
         table = store.read_stage(run_id, layout.EMBED)
@@ -88,7 +90,7 @@ def select_manifest(data: Candidates, config: GleanerConfig, size: int | None = 
     if threshold is None and chosen.own_threshold:
         threshold = config.rate.threshold
     return run_selector(data, s.selector, SelectRequest(s.sort_by, s.budget, s.tau, threshold,
-                                                        s.seed, size))
+                                                        s.seed, size, s.fraction))
 
 
 def write_curated(store: Store, run_id: str, manifest: Manifest) -> int:

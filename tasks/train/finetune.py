@@ -10,6 +10,10 @@ its fsspec filesystem); a rerun with the same storage path and name restores
 the latest one (Ray Train V2's run-level restore) and continues from the very
 micro-batch it stopped at.
 
+What is optimised is an objective (tasks/train/objectives.py): supervised fine-tuning of a
+causal LM by default, the pairwise reward-model loss for ``gleaner reward train``; the loop,
+its checkpoints and its resume are the same for both.
+
 LIMA's residual dropout is applied with forward hooks on each decoder layer's
 attention and MLP sub-modules: their outputs are exactly the residual branches
 added back to the stream, which is where "residual dropout" (Vaswani et al.)
@@ -33,6 +37,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from gleaner.tasks.train.objectives import CausalLM, Objective
 from gleaner.tasks.train.recipes import (
     Recipe,
     build_optimizer,
@@ -40,7 +45,7 @@ from gleaner.tasks.train.recipes import (
     gradient_accumulation,
     total_steps,
 )
-from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, collate
+from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +177,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from transformers import AutoModelForCausalLM
 
     recipe = Recipe(**config["recipe"])
+    objective: Objective = config.get("objective") or CausalLM()
     fmt = SftFormat(**config["format"])
     tokenizer = config["tokenizer"]
     context = ray.train.get_context()
@@ -183,9 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(recipe.seed)
 
     table: pa.Table = ray.get(config["data"])
-    sequences = [{"input_ids": i, "labels": lab} for i, lab in
-                 zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist(),
-                     strict=True)]
+    sequences = objective.rows(table)
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "history": [],
                              "tokens": 0, "train_seconds": 0.0, "resumed_from_step": None}
@@ -197,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = json.loads((Path(restore_dir) / STATE_FILE).read_text())
             state["resumed_from_step"] = state["step"]
         source = str(Path(restore_dir) / MODEL_DIR) if restore_dir else config["base_model"]
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = objective.load_model(source)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -233,6 +236,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["gpu_max_memory_bytes"] = gpu_bytes
         state.update(total_steps=steps, accumulation=accumulation, world_size=world,
                      residual_dropout_rates=rates, bf16=use_bf16, device=device.type)
+        if final and rank == 0:  # held-out metrics of the final model (rank 0 alone)
+            heldout = ray.get(config["heldout"]) if config.get("heldout") is not None else None
+            model.eval()
+            state["eval"] = objective.evaluate(getattr(model, "module", model), heldout,
+                                               tokenizer.pad_token_id, device)
+            model.train()
         if rank == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 save_checkpoint(Path(tmp), model, tokenizer, fmt, optimizer, scheduler, state)
@@ -248,14 +257,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         order = epoch_order(len(sequences), state["epoch"], recipe.seed, rank, world)
         batches = [order[i:i + micro] for i in range(0, len(order), micro)]
         for index in range(state["micro_in_epoch"], len(batches)):
-            batch = collate([sequences[i] for i in batches[index]], pad)
+            batch = objective.collate([sequences[i] for i in batches[index]], pad)
             batch = {k: v.to(device) for k, v in batch.items()}
             boundary = (index + 1) % accumulation == 0 or index + 1 == len(batches)
             sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") \
                 else model.no_sync()
             with sync:
                 with autocast():
-                    loss = model(**batch).loss / accumulation
+                    loss = objective.loss(model, batch) / accumulation
                 loss.backward()  # outside autocast, as PyTorch's AMP recipe says
             window_loss += loss.item()
             window_micro += 1
@@ -310,8 +319,12 @@ class TrainOutcome:
 def train(*, sequences: pa.Table, tokenizer: Any, fmt: SftFormat, base_model: str, recipe: Recipe,
           num_workers: int, use_gpu: bool, storage_path: str, storage_filesystem: Any | None,
           run_name: str, local_dir: str | Path, cpus_per_worker: float | None = None,
-          max_failures: int = 0) -> TrainOutcome:
-    """Fit on Ray Train and bring the final checkpoint to ``local_dir``."""
+          max_failures: int = 0, objective: Objective | None = None,
+          heldout: pa.Table | None = None) -> TrainOutcome:
+    """Fit on Ray Train and bring the final checkpoint to ``local_dir``.
+
+    ``objective`` (default: SFT of a causal LM) says what is optimised; ``heldout`` rows are
+    evaluated by it after the last step (``state["eval"]``)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -325,6 +338,8 @@ def train(*, sequences: pa.Table, tokenizer: Any, fmt: SftFormat, base_model: st
             "tokenizer": tokenizer,
             "base_model": base_model,
             "data": ray.put(sequences),
+            "objective": objective,
+            "heldout": ray.put(heldout) if heldout is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),

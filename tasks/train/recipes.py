@@ -13,6 +13,10 @@ A recipe is a flat dataclass so every field can be overridden from the config
   and dropout 0.2 "for smaller models"; here a model is "large" from
   ``large_model_params`` (60e9) parameters on, decided when the model is loaded.
 
+- ``reward`` (``gleaner reward train``): InstructGPT's reward-model settings (Ouyang et al.
+  2022, App. C.2; GPT-4-LLM does not state its own): one epoch, lr 9e-6 on a cosine
+  schedule, batch 64 pairs; Alpaca's template for the (prompt, response) text.
+
 Weight decay skips biases and normalisation weights (every parameter with fewer
 than two dimensions), as the HF Trainer does.
 """
@@ -23,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-PRESETS = ("alpaca", "lima")
+PRESETS = ("alpaca", "lima", "reward")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,17 @@ LIMA = Recipe(
 )
 
 
+REWARD = Recipe(
+    preset="reward",
+    learning_rate=9e-6,
+    epochs=1.0,
+    effective_batch_size=64,
+    per_device_batch_size=4,
+    max_length=512,
+)
+RECIPES = {"alpaca": ALPACA, "lima": LIMA, "reward": REWARD}
+
+
 def recipe_fields() -> set[str]:
     return {f.name for f in fields(Recipe)}
 
@@ -94,7 +109,7 @@ def build_recipe(preset: str, overrides: dict[str, Any] | None = None,
     """The preset, adjusted for the model's size (LIMA), then the user's overrides on top."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    recipe = ALPACA if preset == "alpaca" else LIMA
+    recipe = RECIPES[preset]
     overrides = dict(overrides or {})
     unknown = set(overrides) - recipe_fields()
     if unknown:

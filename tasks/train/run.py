@@ -35,13 +35,14 @@ from gleaner.runtime import STATE_DIR, init_ray
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.train.finetune import (
+    TrainOutcome,
     count_parameters,
     dequantise_gguf,
     load_tokenizer,
     sequences_table,
     train,
 )
-from gleaner.tasks.train.recipes import build_recipe
+from gleaner.tasks.train.recipes import Recipe, build_recipe
 from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
 
 log = logging.getLogger("gleaner.finetune")
@@ -139,6 +140,49 @@ def ray_storage(store: Store, run_id: str, name: str) -> tuple[str, Any]:
 
 
 # ---- the callable ----------------------------------------------------------------------------
+def training_metrics(outcome: TrainOutcome) -> dict[str, Any]:
+    """metrics.json of a trained model: the loss curve, throughput, memory, device, resume."""
+    state = outcome.state
+    seconds = state.get("train_seconds") or 0.0
+    return {
+        "history": state["history"],
+        "steps": state["step"],
+        "total_steps": state.get("total_steps"),
+        "tokens": state["tokens"],
+        "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None,
+        "train_seconds": round(seconds, 3),
+        "wall_seconds": round(outcome.wall_seconds, 3),
+        "gpu_max_memory_bytes": state.get("gpu_max_memory_bytes"),
+        "device": state.get("device"),
+        "bf16": state.get("bf16"),
+        "world_size": state.get("world_size"),
+        "gradient_accumulation": state.get("accumulation"),
+        "residual_dropout_rates": state.get("residual_dropout_rates"),
+        "resumed_from_step": state.get("resumed_from_step"),
+        **({"eval": state["eval"]} if state.get("eval") else {}),
+    }
+
+
+def finished_model(store: Store, run_id: str, name: str, force: bool) -> dict[str, Any] | None:
+    """The summary of a model the store holds in full (``skipped``), or None: train it."""
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
+    if force or not (store.exists(summary_path) and store.exists(
+            posixpath.join(model_path(store, run_id, name), "config.json"))):
+        return None
+    return {**store.read_json(summary_path), "skipped": True}
+
+
+def load_base(base_model: str | None, preset: str, overrides: dict[str, Any]
+              ) -> tuple[str, Any, Recipe, SftFormat]:
+    """The base model's path, its tokenizer ready for the template, the recipe, the format."""
+    base = resolve_base_model(base_model)
+    tokenizer = load_tokenizer(base)
+    recipe = build_recipe(preset, overrides, count_parameters(base))
+    fmt = SftFormat(recipe.template, recipe.end_of_turn_token)
+    prepare_tokenizer(tokenizer, fmt)
+    return base, tokenizer, recipe, fmt
+
+
 def run_finetune(store: Store, run_id: str, config: GleanerConfig,
                  dataset: pa.Table | str | None = None, name: str = "curated") -> dict[str, Any]:
     """Fine-tune the base model on ``dataset`` with the configured recipe; returns the summary.
@@ -149,20 +193,15 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
     if not NAME_RE.match(name):
         raise ValueError(f"model name {name!r}: lowercase letters, digits, '-' and '_' only")
     summary_path = layout.finetune_file(store, run_id, name, "summary.json")
-    if not config.finetune.force and store.exists(summary_path) and store.exists(
-            posixpath.join(model_path(store, run_id, name), "config.json")):
-        summary = store.read_json(summary_path)
-        summary["skipped"] = True
-        return summary
+    finished = finished_model(store, run_id, name, config.finetune.force)
+    if finished is not None:
+        return finished
 
     table = resolve_dataset(store, run_id, config, dataset)
     if table.num_rows == 0:
         raise ValueError(f"fine-tuning {name!r}: the dataset is empty")
-    base = resolve_base_model(config.finetune.base_model)
-    tokenizer = load_tokenizer(base)
-    recipe = build_recipe(config.finetune.preset, config.finetune.overrides, count_parameters(base))
-    fmt = SftFormat(recipe.template, recipe.end_of_turn_token)
-    prepare_tokenizer(tokenizer, fmt)
+    base, tokenizer, recipe, fmt = load_base(config.finetune.base_model, config.finetune.preset,
+                                             config.finetune.overrides)
     tokenised = tokenise_all(table.to_pylist(), tokenizer, fmt, recipe.max_length, recipe.packing)
     if not tokenised.sequences:
         raise ValueError(f"fine-tuning {name!r}: no example has a response token within "
@@ -182,23 +221,7 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
 
     state = outcome.state
-    seconds = state.get("train_seconds") or 0.0
-    metrics = {
-        "history": state["history"],
-        "steps": state["step"],
-        "total_steps": state.get("total_steps"),
-        "tokens": state["tokens"],
-        "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None,
-        "train_seconds": round(seconds, 3),
-        "wall_seconds": round(outcome.wall_seconds, 3),
-        "gpu_max_memory_bytes": state.get("gpu_max_memory_bytes"),
-        "device": state.get("device"),
-        "bf16": state.get("bf16"),
-        "world_size": state.get("world_size"),
-        "gradient_accumulation": state.get("accumulation"),
-        "residual_dropout_rates": state.get("residual_dropout_rates"),
-        "resumed_from_step": state.get("resumed_from_step"),
-    }
+    metrics = training_metrics(outcome)
     store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
     summary = {
         "run_id": run_id,

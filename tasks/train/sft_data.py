@@ -11,6 +11,10 @@ not to repeat prompts. Three templates:
 - ``chat``: the model's chat template for everything.
 - ``eot``: LIMA's format: the utterances in order, each closed by a dedicated
   end-of-turn token (added to the vocabulary when missing) rather than EOS.
+- ``raw``: the instruction is the whole prompt, as is (no template), and the response
+  follows it directly: what DEITA's scorers are trained on (their prompt, then the score
+  token). Prompt and response are tokenised separately, so the response's first token is
+  the one a scorer reads after the prompt; an over-long prompt loses its start, not its end.
 
 The same renderer builds the generation prompt, so a fine-tuned model is asked
 questions in exactly the format it was trained on (recorded in ``gleaner_sft.json``).
@@ -37,7 +41,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "chat", "eot")
+TEMPLATES = ("alpaca", "chat", "eot", "raw")
 DEFAULT_EOT_TOKEN = "<|end_of_turn|>"
 
 
@@ -129,8 +133,17 @@ def _chat_spans(tokenizer: Any, turns: Sequence[dict[str, str]]) -> tuple[str, S
     return text, spans
 
 
+def raw_prompt(record: dict[str, Any]) -> str:
+    """The ``raw`` template's prompt: the instruction (and its input) exactly as given."""
+    given = record.get("input") or ""
+    return f"{record['instruction']}\n\n{given}" if given else record["instruction"]
+
+
 def render(record: dict[str, Any], tokenizer: Any, fmt: SftFormat) -> tuple[str, Spans]:
     """The training text of one example and the character spans that carry the loss."""
+    if fmt.template == "raw":
+        prompt, response = raw_prompt(record), record["output"] + (tokenizer.eos_token or "")
+        return prompt + response, [(len(prompt), len(prompt) + len(response))]
     turns = turns_of(record)
     if fmt.template == "eot":
         eot = fmt.end_of_turn_token or DEFAULT_EOT_TOKEN
@@ -155,10 +168,29 @@ def generation_prompt(instruction: str, input: str, tokenizer: Any, fmt: SftForm
     """The prompt a trained model answers: the training format up to where the response begins."""
     if fmt.template == "alpaca":
         return alpaca_prompt(instruction, input)
+    if fmt.template == "raw":
+        return raw_prompt({"instruction": instruction, "input": input})
     user = instruction if not input else f"{instruction}\n\n{input}"
     if fmt.template == "eot":
         return user + (fmt.end_of_turn_token or DEFAULT_EOT_TOKEN)
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def conversation_prompt(turns: Sequence[dict[str, str]], tokenizer: Any, fmt: SftFormat) -> str:
+    """The prompt for a conversation's next assistant turn, rendered as ``render`` trains it:
+    a single user turn as ``generation_prompt``; longer conversations through the chat
+    template (``alpaca`` and ``chat``) or each utterance closed by the end-of-turn token
+    (``eot``). MT-Bench's second turn is asked this way, after the model's own first answer."""
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return generation_prompt(turns[0]["content"], "", tokenizer, fmt)
+    if fmt.template == "eot":
+        eot = fmt.end_of_turn_token or DEFAULT_EOT_TOKEN
+        return "".join(turn["content"] + eot for turn in turns)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a multi-turn prompt needs the tokenizer's chat template (template "
+                         f"{fmt.template!r}); this tokenizer has none")
+    return tokenizer.apply_chat_template([dict(t) for t in turns], tokenize=False,
                                          add_generation_prompt=True)
 
 
@@ -171,6 +203,8 @@ class Tokenised:
 
 def tokenise(record: dict[str, Any], tokenizer: Any, fmt: SftFormat, max_length: int) -> Tokenised:
     """Token ids and labels (-100 outside responses), trimmed to ``max_length`` tokens."""
+    if fmt.template == "raw":
+        return tokenise_raw(record, tokenizer, max_length)
     text, spans = render(record, tokenizer, fmt)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -180,6 +214,20 @@ def tokenise(record: dict[str, Any], tokenizer: Any, fmt: SftFormat, max_length:
         labels.append(token if inside else IGNORE_INDEX)
     trimmed = len(ids) > max_length
     return Tokenised(ids[:max_length], labels[:max_length], trimmed)
+
+
+def tokenise_raw(record: dict[str, Any], tokenizer: Any, max_length: int) -> Tokenised:
+    """Prompt ids then response ids (+ EOS), tokenised apart; the prompt's end is kept."""
+    prompt = tokenizer(raw_prompt(record), add_special_tokens=True)["input_ids"]
+    answer = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer = answer + [tokenizer.eos_token_id]
+    trimmed = len(prompt) + len(answer) > max_length
+    if trimmed:
+        keep = max(0, max_length - len(answer))
+        prompt = prompt[len(prompt) - keep:] if keep else []
+        answer = answer[:max_length - len(prompt)]
+    return Tokenised(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, trimmed)
 
 
 @dataclass

@@ -119,7 +119,7 @@ def run_cluster(spec: dict[str, Any], env: dict[str, str], workdir: Path,
 
 
 # ---- the driver's watch ----------------------------------------------------------------------
-def _found(blob: bytes, needles: list[str]) -> list[str]:
+def found_texts(blob: bytes, needles: list[str]) -> list[str]:
     return [n for n in needles if n.encode("utf-8") in blob]
 
 
@@ -224,14 +224,14 @@ class DriverSpy:
                     "runner": original.__name__, "bytes": len(payload), "batches": len(specs),
                     "segments": [[s.path, s.start, s.stop] for spec in specs
                                  for s in spec.segments],
-                    "texts_found": _found(payload, spy.needles)})
+                    "texts_found": found_texts(payload, spy.needles)})
 
                 def done(spec: Any, result: Any, error: BaseException | None) -> None:
                     blob = cloudpickle.dumps(result)
                     spy.results.append({
                         "index": spec.index, "result": result,
                         "error": None if error is None else f"{type(error).__name__}: {error}",
-                        "bytes": len(blob), "texts_found": _found(blob, spy.needles)})
+                        "bytes": len(blob), "texts_found": found_texts(blob, spy.needles)})
                     on_done(spec, result, error)
 
                 return original(job, specs, done)

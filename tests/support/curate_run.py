@@ -4,7 +4,7 @@ The browser test and the secret-leak test both look at a finished run: one
 through the Prefect UI, one by grepping everything the run left behind. The run
 is the user's path: the `gleaner` command in a subprocess, a distinctive API key
 in its environment, every LLM call to a loopback server that also injects a
-500 and a 401 whose messages echo the key (as careless servers do). It runs
+500 and a 400 whose messages echo the key (as careless servers do). It runs
 once per test session, on the first request.
 """
 
@@ -52,12 +52,14 @@ class CliRun:
 
 
 class LeakyServerResponder:
-    """pipeline_responder, plus one 500 and one permanent 401 whose messages echo the key."""
+    """pipeline_responder, plus one 500 and one permanent 400 whose messages echo the key.
+
+    (Not a 401: a rejected key stops the whole stage, by design; a 400 fails one example.)"""
 
     def __init__(self, key: str):
         self.key = key
         self.lock = threading.Lock()
-        self.injected = {"500": 0, "401": 0}
+        self.injected = {"500": 0, "400": 0}
         self.first_prompt: str | None = None
         self.second_prompt: str | None = None
 
@@ -73,9 +75,9 @@ class LeakyServerResponder:
                     self.injected["500"] += 1  # transient: the client retries and succeeds
                     return Reply(status=500, error_message=f"upstream failed for key {self.key}")
                 if text == self.second_prompt:
-                    self.injected["401"] += 1  # permanent: this example's rating fails
-                    return Reply(status=401,
-                                 error_message=f"Incorrect API key provided: {self.key}")
+                    self.injected["400"] += 1  # permanent: this example's rating fails
+                    return Reply(status=400,
+                                 error_message=f"Invalid request from key {self.key}")
         return pipeline_responder(body)
 
 

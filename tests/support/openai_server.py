@@ -37,6 +37,7 @@ class Reply:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error_message: str | None = None  # a non-200 answer's message (default "injected <status>")
+    finish_reason: str = "stop"  # "length": the answer was cut at max_tokens
 
 
 Responder = Callable[[dict[str, Any]], "Reply | str"]
@@ -107,7 +108,7 @@ class OpenAIStub:
     def _body(self, body: dict[str, Any], reply: Reply, chat: bool) -> dict[str, Any]:
         prompt_tokens = reply.prompt_tokens or max(1, len(request_text(body)) // 4)
         completion_tokens = reply.completion_tokens or max(1, len(reply.content) // 4)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": reply.finish_reason}
         want_logprobs = bool(body.get("logprobs"))
         if chat:
             choice["message"] = {"role": "assistant", "content": reply.content}
@@ -155,14 +156,16 @@ class OpenAIStub:
         )
 
     # ---- lifecycle --------------------------------------------------------
+    def routes(self) -> list[Route]:
+        """What the server serves (a subclass adds its own: tests/support/batch_server.py)."""
+        return [
+            Route("/v1/chat/completions", self._completion, methods=["POST"]),
+            Route("/v1/completions", self._completion, methods=["POST"]),
+            Route("/v1/models", self._models, methods=["GET"]),
+        ]
+
     def start(self) -> OpenAIStub:
-        app = Starlette(
-            routes=[
-                Route("/v1/chat/completions", self._completion, methods=["POST"]),
-                Route("/v1/completions", self._completion, methods=["POST"]),
-                Route("/v1/models", self._models, methods=["GET"]),
-            ]
-        )
+        app = Starlette(routes=self.routes())
         config = uvicorn.Config(
             app,
             host="127.0.0.1",

@@ -1,0 +1,132 @@
+"""The cluster-wide rate limit on every LLM stage, against a server that enforces a quota.
+
+Rating, DEITA scoring through an endpoint and judging each run as their real
+flows (real Prefect API, real Ray with 2 CPUs: two batches in flight, in two worker
+processes sharing the limiter actor, ``CONCURRENCY`` requests each) against
+:class:`tests.support.quota_server.QuotaServer` in a process of its own: a loopback
+OpenAI-compatible server admitting ``QUOTA`` requests per rolling 1-second window and
+answering 429 with Retry-After beyond it, 50 ms per answer. The stages are told the
+quota (``rpm = 60 * QUOTA``); without the limiter the same concurrency offers several
+times the quota (the last test).
+
+Asserted per stage:
+- at most 2 % of the requests are answered 429 (the issue's goal, unchanged);
+- the quota is used: admitted requests/s over the request window (the first to the
+  last batch request; the probe each stage sends before its batches is left out) is at
+  least ``MIN_USE`` of the quota. The issue's 95 % is the benchmark's goal
+  (bench/bench_quota.py, 40 req/s, thousands of requests). Here a run lasts ~12 s on a
+  shared 2-core box (load averages of 5-14 from other work were seen while this was
+  written), where the limiter's own headroom (2.5 %), a slot given up by a stalled
+  process and the start and end of a short window each cost a few percent, so the
+  bound is 85 %: it still fails a limiter that paces well under the told rate, and the
+  429 bound fails one that does not pace (or bursts) at all.
+The two fast tests check the bucket against the same rolling window with a fake clock
+(the old one-second burst overflows it) and the bounds on giving up late slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gleaner.llm import ratelimit
+from gleaner.llm.ratelimit import TokenBucket
+from tests.support.quota_server import REQUESTS_PER_ROW, Quota, QuotaServer, run_stage_against
+
+QUOTA = 20  # requests/s the server admits (rolling 1-second window)
+RPM = 60 * QUOTA  # what the stages are told
+MIN_USE = 0.85
+MAX_429 = 0.02
+CONCURRENCY = 16
+REQUESTS = 240  # per stage: ~12 s at the quota
+# two batches, one per Ray CPU, in flight together: the test is about the limiter shared
+# by two processes; the cost of batch boundaries (both slots between batches) is the
+# benchmark's figure, with thousands of requests
+BATCH_SIZE = REQUESTS // 2
+
+
+def _sent_by(bucket: TokenBucket, now: list[float], callers: int, rounds: int) -> list[float]:
+    """When ``callers`` coroutines, each waiting out its reservation and then asking again,
+    send: the reservation times of a saturated limiter (fake clock)."""
+    sent: list[float] = []
+    free_at = [now[0]] * callers
+    for _ in range(rounds):
+        for i in range(callers):
+            now[0] = max(now[0], free_at[i])
+            free_at[i] = now[0] + bucket.reserve(1, 0)
+            sent.append(free_at[i])
+    return sorted(sent)
+
+
+@pytest.mark.parametrize(("burst_s", "headroom", "rejected"), [
+    (1.0, 0.0, True),  # the old bucket: a full second of burst, then the full rate
+    (ratelimit.BURST_S, ratelimit.HEADROOM, False),  # what the limiters use now
+])
+def test_the_bucket_fits_a_rolling_window(burst_s, headroom, rejected) -> None:
+    """After an idle spell, callers that the limiter lets through all fit a rolling 1-second
+    window of the told rate; a bucket that saved a second of burst sends up to twice it."""
+    now = [100.0]
+    bucket = TokenBucket(rpm=RPM, tpm=None, burst_s=burst_s, clock=lambda: now[0],
+                         headroom=headroom)
+    quota = Quota(QUOTA, clock=lambda: now[0])
+    sent = _sent_by(bucket, now, callers=32, rounds=10)
+    answers = [quota.admit(t)[0] for t in sent]
+    assert (not all(answers)) is rejected
+    if not rejected:
+        span = sent[-1] - sent[0]
+        assert len(sent) / span == pytest.approx(QUOTA * (1 - headroom), rel=0.01)
+
+
+def test_a_caller_that_wakes_late_gives_its_slot_up_within_bounds() -> None:
+    pacer = ratelimit._Pacer()
+    late = ratelimit.LATE_S * 2
+    assert not pacer.give_up(ratelimit.LATE_S / 2, 0.0, 0)  # on time: send
+    assert pacer.give_up(late, 0.0, 0)  # stalled past the slot: take a new one
+    assert not pacer.give_up(late, ratelimit.LATE_S * 2, 0)  # the slot's moment is unsure
+    assert not pacer.give_up(late, 0.0, ratelimit.MAX_RESLOTS)  # new slots per request
+    # a stall: a burst of wakes far later than the usual ones all take new slots
+    for _ in range(20):
+        pacer.give_up(0.002, 0.0, 0)
+    given = pacer.reslots
+    assert all(pacer.give_up(0.3 - i * 0.02, 0.0, 0) for i in range(12))
+    assert pacer.reslots == given + 12
+    # a host whose every wake is late by the same 50 ms: once that is usual, it sends
+    steady = ratelimit._Pacer()
+    answers = [steady.give_up(0.05, 0.0, 0) for _ in range(40)]
+    assert not any(answers[16:]) and sum(answers) <= 8
+    # and whatever the wakes, the slots given up are bounded
+    bounded = ratelimit._Pacer()
+    while bounded.give_up(10.0 * (1 + bounded.reslots), 0.0, 0):
+        pass
+    assert bounded.reslots == ratelimit.RESLOT_FREE
+
+
+@pytest.mark.parametrize("stage", ["rate", "score", "judge"])
+def test_stage_uses_the_quota_without_429s(stage, prefect_api, ray_local, tmp_path) -> None:
+    rows = REQUESTS // REQUESTS_PER_ROW[stage]
+    with QuotaServer(rate=QUOTA, latency_s=0.05) as server:
+        run = run_stage_against(stage, server, str(tmp_path / "store"), f"quota-{stage}", rows,
+                                rpm=RPM, batch_size=BATCH_SIZE // REQUESTS_PER_ROW[stage],
+                                concurrency=CONCURRENCY, workdir=str(tmp_path / "answers"))
+        stats = server.stats()
+        everything = server.stats(include_probes=True)
+    print(f"\n{stage}: {stats.line()}; stage {run.stage_seconds:.1f} s, "
+          f"flow {run.flow_seconds:.1f} s")
+    assert run.summary["failed"] == 0 and run.summary["examples"] == rows
+    assert stats.admitted == REQUESTS  # every row answered, each request admitted once
+    assert everything.requests - stats.requests == 1  # the stage's probe
+    assert stats.share_429 <= MAX_429, stats.line()
+    assert stats.use >= MIN_USE, stats.line()
+    assert stats.use <= 1.0 + 1.0 / stats.window_s  # nobody got more than the quota
+
+
+def test_without_the_limiter_most_requests_are_answered_429(prefect_api, ray_local,
+                                                           tmp_path) -> None:
+    with QuotaServer(rate=QUOTA, latency_s=0.05) as server:
+        run = run_stage_against("rate", server, str(tmp_path / "store"), "quota-none", 120,
+                                rpm=None, batch_size=BATCH_SIZE, concurrency=CONCURRENCY,
+                                **{"rate.endpoint.max_retries": 20, "rate.failure_budget": 1.0})
+        stats = server.stats()
+    print(f"\nrate without rpm: {stats.line()}")
+    assert run.summary["examples"] == 120
+    assert stats.share_429 > 0.3, stats.line()
+    assert stats.peak_offered > 2 * QUOTA
