@@ -1,0 +1,100 @@
+"""The grading stage on the engine: every (prompt, response) row graded 1-10 by the judge.
+
+Its input (``compare/responses``) is rebuilt from the sources on every run, with ids that
+hash the prompt and the response: a grade is cached across runs per (prompt, response,
+judge settings), a rerun grades only what it lacks, and new responses to a known prompt
+cost one call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gleaner import layout
+from gleaner.config import CompareConfig, EndpointConfig
+from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
+from gleaner.llm.client import LLMClient
+from gleaner.tasks.compare.grading import GradingSettings, grade, grading_messages
+
+GRADE_SCHEMA = stage_schema(
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),  # 1-10; null unless status == "ok"
+    pa.field("raw", pa.string()),
+    pa.field("judge_model", pa.string(), nullable=False),
+    llm=True,
+)
+
+
+class GradeWorker(AsyncBatchWorker):
+    stage: GradeStage
+
+    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
+        stage = self.stage
+        items = rows.to_pylist()
+        grades = await asyncio.gather(*(grade(client, r["question"], r["response"],
+                                              stage.grading) for r in items))
+        out = [{**g.as_row(), "id": r["id"], "prompt_id": r["prompt_id"],
+                "judge_model": client.model} for r, g in zip(items, grades, strict=True)]
+        return rows_table(out, GRADE_SCHEMA)
+
+
+class GradeStage(LLMStage):
+    """GPT-4-LLM's judge: each response to each prompt scored 1-10 (single-answer grading)."""
+
+    name = layout.COMPARE_JUDGE
+    input_stage = layout.COMPARE_RESPONSES
+    input_columns = ("id", "prompt_id", "question", "response")
+    follows_input = True  # other sources: grade what is new, reuse the rest from the cache
+    summary_columns = ("score",)
+    description = "single-answer grading of every response (GPT-4-LLM comparison data)"
+
+    def __init__(self, section: CompareConfig):
+        super().__init__(section)
+        self.settings = section
+        self.grading = GradingSettings(section.max_tokens, section.temperature,
+                                       section.parse_retries, bool(section.grammar))
+
+    @property
+    def cache_name(self) -> str:
+        return "compare-judge"
+
+    @property
+    def endpoint(self) -> EndpointConfig:
+        return self.settings.judge
+
+    @property
+    def schema(self) -> pa.Schema:
+        return GRADE_SCHEMA
+
+    def requested(self) -> dict[str, Any]:
+        return self.grading.as_dict(self.endpoint.model)
+
+    async def probe(self, client: LLMClient) -> dict[str, Any]:
+        """One real grading request: key, model and endpoint, before any batch."""
+        await client.chat(grading_messages("Say OK.", "OK."), max_tokens=1)
+        return {}
+
+    def open(self) -> GradeWorker:
+        return GradeWorker(self)
+
+    def row_defaults(self) -> dict[str, Any]:
+        return {"prompt_id": "", "judge_model": self.endpoint.model}
+
+    def summarize(self, table: pa.Table) -> dict[str, Any]:
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        scores = [s for s in ok.column("score").to_pylist() if s is not None]
+        return {"judge_model": self.endpoint.model, "scored": ok.num_rows,
+                "histogram": {str(k): sum(1 for s in scores if round(s) == k)
+                              for k in range(1, 11)}}
+
+    def markdown(self, summary: Mapping[str, Any]) -> str:
+        from gleaner.engine.summary import counts_markdown
+
+        bars = " ".join(f"{k}:{v}" for k, v in (summary.get("histogram") or {}).items())
+        return (f"judge `{summary['judge_model']}`: {summary.get('scored', 0):,} responses "
+                f"graded 1-10 ({bars})\n\n" + counts_markdown(summary))

