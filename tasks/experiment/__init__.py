@@ -1,0 +1,1 @@
+"""The experiment grid: arms selected from one pool, fine-tuned alike, judged against a baseline."""

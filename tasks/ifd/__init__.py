@@ -1,0 +1,1 @@
+"""IFD (Cherry LLM) and Superfiltering: instruction-following difficulty from one causal LM."""

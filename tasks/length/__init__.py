@@ -1,0 +1,1 @@
+"""Response lengths (Long-is-more): characters and tokens of a named tokenizer."""

@@ -1,0 +1,109 @@
+"""MT-Bench's 80 two-turn questions and GPT-4's reference answers, as FastChat ships them.
+
+``question.jsonl`` rows: ``question_id``, ``category``, ``turns`` (two user
+turns). ``reference_answer/gpt-4.jsonl`` rows: ``question_id``,
+``choices[0].turns`` (two reference answers), for the categories graded
+against a reference (math, reasoning, coding). Which questions are asked:
+all, the ones named (``mt_bench.question_ids``), or the first N of every
+category (``per_category``). A reference-graded question without a
+reference answer stops the load, naming the file and the question.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from gleaner.config import GleanerConfig
+from gleaner.tasks.evaluate.eval_sets import EVAL_SETS_ENV, EvalSetError
+from gleaner.tasks.mtbench.prompts import NEED_REF_CATS
+
+QUESTIONS_FILE = "mt_bench_question.jsonl"
+REFERENCES_FILE = posixpath.join("mt_bench", "reference_answer_gpt-4.jsonl")
+
+
+@dataclass(frozen=True)
+class MTQuestion:
+    question_id: int
+    category: str
+    turns: tuple[str, str]
+    references: tuple[str, str] | None = None  # GPT-4's answers (reference-graded categories)
+
+
+def _jsonl(url: str) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as handle:
+            rows = []
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise EvalSetError(f"{url}, line {number}: not valid JSON ({error.msg})"
+                                       ) from None
+                if not isinstance(row, dict):
+                    raise EvalSetError(f"{url}, line {number}: expected a JSON object")
+                rows.append((number, row))
+            return rows
+    except FileNotFoundError:
+        raise EvalSetError(f"MT-Bench: file not found: {url}") from None
+
+
+def files(config: GleanerConfig) -> tuple[str, str]:
+    """(questions, references) URLs: configured, else in the eval-sets folder."""
+    settings = config.mt_bench
+    folder = config.evaluate.eval_sets_dir or os.environ.get(EVAL_SETS_ENV)
+    if (settings.questions_file is None or settings.references_file is None) and not folder:
+        raise EvalSetError(f"MT-Bench: set mt_bench.questions_file and references_file, or "
+                           f"evaluate.eval_sets_dir / ${EVAL_SETS_ENV} to the folder holding "
+                           f"{QUESTIONS_FILE} and {REFERENCES_FILE}")
+    base = (folder or "").rstrip("/")
+    return (settings.questions_file or posixpath.join(base, QUESTIONS_FILE),
+            settings.references_file or posixpath.join(base, REFERENCES_FILE))
+
+
+def _two(value: Any, where: str, field: str) -> tuple[str, str]:
+    if not (isinstance(value, list) and len(value) >= 2 and all(isinstance(t, str)
+                                                                for t in value[:2])):
+        raise EvalSetError(f"{where}: field {field!r} must hold two strings")
+    return value[0], value[1]
+
+
+def load_questions(config: GleanerConfig) -> list[MTQuestion]:
+    """The questions to ask, in file order, each with its references where it needs them."""
+    questions_url, references_url = files(config)
+    settings = config.mt_bench
+    references: dict[int, tuple[str, str]] = {}
+    for number, row in _jsonl(references_url):
+        choices = row.get("choices") or [{}]
+        references[int(row["question_id"])] = _two(choices[0].get("turns"),
+                                                   f"{references_url}, line {number}",
+                                                   "choices[0].turns")
+    wanted = set(settings.question_ids) if settings.question_ids is not None else None
+    taken: dict[str, int] = {}
+    out: list[MTQuestion] = []
+    for number, row in _jsonl(questions_url):
+        where = f"{questions_url}, line {number}"
+        qid, category = int(row.get("question_id", number)), str(row.get("category", ""))
+        if wanted is not None and qid not in wanted:
+            continue
+        if settings.per_category is not None and taken.get(category, 0) >= settings.per_category:
+            continue
+        taken[category] = taken.get(category, 0) + 1
+        reference = None
+        if category in NEED_REF_CATS:
+            reference = references.get(qid)
+            if reference is None:
+                raise EvalSetError(f"{where}: question {qid} ({category}) is graded against a "
+                                   f"reference answer, and {references_url} has none for it")
+        out.append(MTQuestion(qid, category, _two(row.get("turns"), where, "turns"), reference))
+    if wanted is not None and len(out) != len(wanted):
+        missing = sorted(wanted - {q.question_id for q in out})
+        raise EvalSetError(f"MT-Bench: question ids {missing} are not in {questions_url}")
+    return out
