@@ -34,6 +34,10 @@ NoCacheOption = typer.Option(False, "--no-cache", help="Do not reuse rows made b
 RetryFailedOption = typer.Option(
     False, "--retry-failed", help="Redo only the rows of this run that failed."
 )
+InputRunOption = typer.Option(..., "--run-id", help="The run whose ingested examples to use.")
+RowsPerBatchOption = typer.Option(None, "--batch-size", min=1, help="Examples per batch.")
+ActorsOption = typer.Option(None, "--actors", min=1, help="Ray actors in the pool.")
+NumGpusOption = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor.")
 BatchAPIOption = typer.Option(
     False, "--batch-api", help="Send the requests through the provider's Batch API: half the "
     "price, answers within 24h (the driver polls; a rerun resumes the same batches)."

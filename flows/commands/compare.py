@@ -13,6 +13,7 @@ from gleaner.flows.cli_app import (
     JsonOption,
     NoCacheOption,
     RetryFailedOption,
+    RowsPerBatchOption,
     StoreOption,
     app,
     build_config,
@@ -46,13 +47,14 @@ def compare(
     run_id: str = typer.Option(..., "--run-id", help="The run whose prompts to compare."),
     responses: list[str] | None = typer.Option(
         None, "--responses", help="Response sources: original, teacher, evaluate:<model>, or an "
-        "answer file (JSONL prompt/answer[/id]); repeatable. Default: original teacher."),
+        "answer file (JSONL with prompt, answer and optional id); repeatable. Default: "
+        "original teacher."),
     store: str | None = StoreOption,
     judge_base_url: str | None = typer.Option(
         None, "--judge-base-url", help="OpenAI-compatible judge (default: offline llama.cpp)."),
     judge_model: str | None = typer.Option(None, "--judge-model", help="Default gpt-4."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="The first N prompts."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    batch_size: int | None = RowsPerBatchOption,
     concurrency: int | None = typer.Option(None, "--concurrency", min=1),
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,

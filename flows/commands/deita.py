@@ -8,12 +8,16 @@ from typing import Any
 import typer
 
 from gleaner.flows.cli_app import (
+    ActorsOption,
     BatchAPIOption,
     ConfigOption,
     ForceOption,
+    InputRunOption,
     JsonOption,
     NoCacheOption,
+    NumGpusOption,
     RetryFailedOption,
+    RowsPerBatchOption,
     StoreOption,
     app,
     build_config,
@@ -24,8 +28,6 @@ from gleaner.flows.cli_app import (
     stage_flags,
 )
 
-RunOption = typer.Option(..., "--run-id", help="The run whose ingested examples to use.")
-
 
 def _store(config: Any) -> Any:
     from gleaner.store import Store
@@ -35,7 +37,7 @@ def _store(config: Any) -> Any:
 
 @app.command("score")
 def score(
-    run_id: str = RunOption,
+    run_id: str = InputRunOption,
     store: str | None = StoreOption,
     backend: str | None = typer.Option(None, "--backend", help="hf (default) or endpoint."),
     complexity_model: str | None = typer.Option(
@@ -46,7 +48,7 @@ def score(
     base_url: str | None = typer.Option(
         None, "--base-url", help="OpenAI-compatible endpoint returning top_logprobs."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    batch_size: int | None = RowsPerBatchOption,
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
@@ -77,7 +79,7 @@ def score(
 
 @app.command("embed")
 def embed(
-    run_id: str = RunOption,
+    run_id: str = InputRunOption,
     store: str | None = StoreOption,
     model: str | None = typer.Option(
         None, "--model", help="HF encoder id/path (default: all-MiniLM-L6-v2, offline)."
@@ -85,9 +87,9 @@ def embed(
     pooling: str | None = typer.Option(
         None, "--pooling", help="mean (sentence encoders) or last (causal LM, DEITA's)."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
-    actors: int | None = typer.Option(None, "--actors", min=1, help="Ray actors in the pool."),
-    num_gpus: float | None = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor."),
+    batch_size: int | None = RowsPerBatchOption,
+    actors: int | None = ActorsOption,
+    num_gpus: float | None = NumGpusOption,
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
@@ -113,7 +115,7 @@ def embed(
 
 @app.command("select")
 def select(
-    run_id: str = RunOption,
+    run_id: str = InputRunOption,
     store: str | None = StoreOption,
     selector: str | None = typer.Option(
         None, "--selector", help="deita (default), threshold, topk, random, or any registered."

@@ -13,6 +13,7 @@ from gleaner.flows.cli_app import (
     JsonOption,
     NoCacheOption,
     RetryFailedOption,
+    RowsPerBatchOption,
     StoreOption,
     app,
     build_config,
@@ -66,7 +67,7 @@ def evol(
     base_url: str | None = typer.Option(
         None, "--base-url", help="OpenAI-compatible rewriter (default: offline llama.cpp)."),
     model: str | None = typer.Option(None, "--model", help="Model name at the endpoint."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    batch_size: int | None = RowsPerBatchOption,
     concurrency: int | None = typer.Option(None, "--concurrency", min=1),
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,

@@ -14,6 +14,7 @@ from gleaner.flows.cli_app import (
     JsonOption,
     NoCacheOption,
     RetryFailedOption,
+    RowsPerBatchOption,
     StoreOption,
     app,
     build_config,
@@ -67,7 +68,7 @@ def rate(
     template: Path | None = typer.Option(
         None, "--template", exists=True, dir_okay=False, help="User prompt template file."
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
+    batch_size: int | None = RowsPerBatchOption,
     concurrency: int | None = typer.Option(
         None, "--concurrency", min=1, help="Requests in flight per batch."
     ),

@@ -8,11 +8,14 @@ from typing import Any
 import typer
 
 from gleaner.flows.cli_app import (
+    ActorsOption,
     ConfigOption,
     ForceOption,
     JsonOption,
     NoCacheOption,
+    NumGpusOption,
     RetryFailedOption,
+    RowsPerBatchOption,
     StoreOption,
     app,
     build_config,
@@ -105,9 +108,9 @@ def score(
     store: str | None = StoreOption,
     model: str | None = typer.Option(
         None, "--model", help="A reward-model folder (default: the run's trained one)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1),
-    actors: int | None = typer.Option(None, "--actors", min=1, help="Ray actors in the pool."),
-    num_gpus: float | None = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor."),
+    batch_size: int | None = RowsPerBatchOption,
+    actors: int | None = ActorsOption,
+    num_gpus: float | None = NumGpusOption,
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
