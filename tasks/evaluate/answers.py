@@ -11,13 +11,11 @@ and name them instead of dropping them.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
+from gleaner.jsonl import json_lines
 from gleaner.tasks.evaluate.judge import Pair
 
 
@@ -49,29 +47,14 @@ def _field(row: dict[str, Any], names: tuple[str, ...], where: str, required: bo
 
 def load_answers(url: str, storage_options: dict[str, Any] | None = None) -> list[AnswerRow]:
     rows: list[AnswerRow] = []
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{url}, line {number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise AnswerFileError(f"{where}: not valid JSON ({error.msg})") from error
-                if not isinstance(row, dict):
-                    raise AnswerFileError(f"{where}: expected a JSON object")
-                rows.append(AnswerRow(
-                    line=number,
-                    prompt=_field(row, ("prompt", "instruction", "question"), where, True) or "",
-                    answer=_field(row, ("answer", "output", "response"), where, True) or "",
-                    id=_field(row, ("id", "question_id"), where, False),
-                    test_set=_field(row, ("test_set", "dataset"), where, False),
-                ))
-    except FileNotFoundError as error:
-        raise AnswerFileError(f"answer file not found: {url}") from error
-    except UnicodeDecodeError as error:
-        raise AnswerFileError(f"answer file {url} is not UTF-8 text ({error.reason})") from error
+    for number, where, row in json_lines(url, AnswerFileError, "answer file", storage_options):
+        rows.append(AnswerRow(
+            line=number,
+            prompt=_field(row, ("prompt", "instruction", "question"), where, True) or "",
+            answer=_field(row, ("answer", "output", "response"), where, True) or "",
+            id=_field(row, ("id", "question_id"), where, False),
+            test_set=_field(row, ("test_set", "dataset"), where, False),
+        ))
     return rows
 
 

@@ -10,7 +10,6 @@ optional). Bad rows stop the load with the file, line and field named.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 import fsspec
 
+from gleaner.jsonl import json_lines
 from gleaner.registry import register, registry
 
 EVAL_SETS_ENV = "GLEANER_EVAL_SETS"
@@ -132,28 +132,12 @@ def load_eval_set(spec: str, eval_sets_dir: str | None = None, limit: int | None
     """Read one test set (all rows, or the first ``limit``)."""
     name, url, reader = resolve(spec, eval_sets_dir)
     prompts: list[EvalPrompt] = []
-    try:
-        handle = fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {}))
-        with handle as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{url}, line {number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise EvalSetError(f"{where}: not valid JSON ({error.msg})") from error
-                if not isinstance(row, dict):
-                    raise EvalSetError(f"{where}: expected a JSON object")
-                key, instruction, instance_input = reader(row, number, where)
-                prompts.append(EvalPrompt(name, key, instruction, instance_input))
-                if limit is not None and len(prompts) >= limit:
-                    break
-    except FileNotFoundError as error:
-        raise EvalSetError(f"test set {spec!r}: file not found: {url}") from error
-    except UnicodeDecodeError as error:
-        raise EvalSetError(
-            f"test set {spec!r}: {url} is not UTF-8 text ({error.reason})") from error
+    for number, where, row in json_lines(url, EvalSetError, f"test set {spec!r}",
+                                         storage_options):
+        key, instruction, instance_input = reader(row, number, where)
+        prompts.append(EvalPrompt(name, key, instruction, instance_input))
+        if limit is not None and len(prompts) >= limit:
+            break
     return prompts
 
 

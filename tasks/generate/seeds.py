@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
+from gleaner.jsonl import json_lines
 
 
 class SeedError(ValueError):
@@ -48,22 +48,8 @@ def _task(document: Any, where: str) -> Task:
 def load_seed_tasks(url: str, storage_options: dict[str, Any] | None = None,
                     minimum: int = 1) -> list[Task]:
     """The seed tasks of a JSONL file (any fsspec URL), in file order."""
-    tasks: list[Task] = []
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8", **(storage_options or {})) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{url}, line {number}"
-                try:
-                    document = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise SeedError(f"{where}: not valid JSON ({error.msg})") from None
-                tasks.append(_task(document, where))
-    except FileNotFoundError:
-        raise SeedError(f"seed file not found: {url}") from None
-    except UnicodeDecodeError as error:
-        raise SeedError(f"seed file {url} is not UTF-8 text ({error.reason})") from None
+    tasks = [_task(document, where) for _, where, document in
+             json_lines(url, SeedError, "seed file", storage_options)]
     if len(tasks) < minimum:
         raise SeedError(f"{url} holds {len(tasks)} seed task(s); each request shows {minimum}")
     return tasks

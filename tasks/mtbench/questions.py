@@ -11,15 +11,13 @@ reference answer stops the load, naming the file and the question.
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-
 from gleaner.config import GleanerConfig
+from gleaner.jsonl import json_lines
 from gleaner.tasks.evaluate.eval_sets import EVAL_SETS_ENV, EvalSetError
 from gleaner.tasks.mtbench.prompts import NEED_REF_CATS
 
@@ -33,26 +31,6 @@ class MTQuestion:
     category: str
     turns: tuple[str, str]
     references: tuple[str, str] | None = None  # GPT-4's answers (reference-graded categories)
-
-
-def _jsonl(url: str) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as handle:
-            rows = []
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise EvalSetError(f"{url}, line {number}: not valid JSON ({error.msg})"
-                                       ) from None
-                if not isinstance(row, dict):
-                    raise EvalSetError(f"{url}, line {number}: expected a JSON object")
-                rows.append((number, row))
-            return rows
-    except FileNotFoundError:
-        raise EvalSetError(f"MT-Bench: file not found: {url}") from None
 
 
 def files(config: GleanerConfig) -> tuple[str, str]:
@@ -80,16 +58,14 @@ def load_questions(config: GleanerConfig) -> list[MTQuestion]:
     questions_url, references_url = files(config)
     settings = config.mt_bench
     references: dict[int, tuple[str, str]] = {}
-    for number, row in _jsonl(references_url):
+    for _, where, row in json_lines(references_url, EvalSetError, "MT-Bench references"):
         choices = row.get("choices") or [{}]
-        references[int(row["question_id"])] = _two(choices[0].get("turns"),
-                                                   f"{references_url}, line {number}",
+        references[int(row["question_id"])] = _two(choices[0].get("turns"), where,
                                                    "choices[0].turns")
     wanted = set(settings.question_ids) if settings.question_ids is not None else None
     taken: dict[str, int] = {}
     out: list[MTQuestion] = []
-    for number, row in _jsonl(questions_url):
-        where = f"{questions_url}, line {number}"
+    for number, where, row in json_lines(questions_url, EvalSetError, "MT-Bench questions"):
         qid, category = int(row.get("question_id", number)), str(row.get("category", ""))
         if wanted is not None and qid not in wanted:
             continue
