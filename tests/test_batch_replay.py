@@ -308,3 +308,29 @@ def test_a_missing_file_or_batch_is_named_as_such_not_as_a_missing_model() -> No
         assert error.kind == "batch_not_found" and error.fatal
         assert f"Batch API {what}:" in str(error) and "no such object" in str(error)
         assert "has no model" not in str(error)
+
+
+def test_a_rejected_batch_left_uncollected_is_collected_not_created_again(
+        tmp_path: Path) -> None:
+    from gleaner.engine.batch_api import _advance
+
+    store = Store(str(tmp_path / "store"))
+    with BatchServer(answer, complete_after_s=0.0) as server:
+        endpoint = EndpointConfig(base_url=server.base_url, model="m", max_retries=0)
+        state = BatchState("r", "rate")
+        requests = [BatchRequest(f"e{i}-{i:016d}", f"e{i}", 0, "/v1/chat/completions",
+                                 {"model": "m", "messages": MESSAGES, "max_tokens": 1},
+                                 endpoint) for i in range(3)]
+        [record] = prepare(store, state, requests, BatchAPIConfig())
+        # what a driver killed after the provider refused the file left behind
+        record.status, record.errors = "rejected", ["HTTP 400: the file is too large"]
+        state.save(store)
+        state = BatchState.load(store, "r", "rate")
+        api = BatchAPI(endpoint)
+        try:
+            _advance(store, state, state.batches[0], api, BatchAPIConfig())
+        finally:
+            api.close()
+        record = state.batches[0]
+    assert server.calls.get("batches.create", 0) == 0 and server.calls.get("files.create", 0) == 0
+    assert (record.answered, record.lost) == (0, 3) and not state.uncollected()

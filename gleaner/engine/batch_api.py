@@ -221,7 +221,7 @@ def _advance(store: Store, state: BatchState, record: BatchRecord, api: BatchAPI
                 raise
             record.status, record.errors = "rejected", [str(error)]  # its requests are lost
             state.save(store)
-    elif record.status not in TERMINAL:
+    elif record.status not in (*TERMINAL, "rejected"):
         update(record, api.retrieve(record.batch_id))
         state.save(store)
     if record.status in (*TERMINAL, "rejected"):
