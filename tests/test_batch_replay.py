@@ -101,6 +101,13 @@ def _client(lines: dict[str, list[Answer]], policy: Policy, live=None) -> Replay
                         policy, live, sent={k: len(v) for k, v in lines.items()})
 
 
+def chat_requests(endpoint: EndpointConfig, count: int) -> list[BatchRequest]:
+    """``count`` one-token chat requests, one per example ``e0``, ``e1``, ..."""
+    return [BatchRequest(f"e{i}-{i:016d}", f"e{i}", 0, "/v1/chat/completions",
+                         {"model": "m", "messages": MESSAGES, "max_tokens": 1}, endpoint)
+            for i in range(count)]
+
+
 def _first_key(example: str = "ex") -> str:
     row, _ = replay(_client({}, Policy()), example)
     return row.pending[0].key
@@ -243,9 +250,7 @@ def test_a_driver_killed_after_creating_a_batch_finds_it_instead_of_paying_twice
     with BatchServer(answer, complete_after_s=0.0) as server:
         endpoint = EndpointConfig(base_url=server.base_url, model="m", max_retries=0)
         state = BatchState("r", "rate")
-        requests = [BatchRequest(f"e{i}-{i:016d}", f"e{i}", 0, "/v1/chat/completions",
-                                 {"model": "m", "messages": MESSAGES, "max_tokens": 1},
-                                 endpoint) for i in range(5)]
+        requests = chat_requests(endpoint, 5)
         [record] = prepare(store, state, requests, BatchAPIConfig())
         api = BatchAPI(endpoint)
         # what the killed driver did: upload, mark "creating", create, and die before saving
@@ -275,9 +280,7 @@ def test_a_batch_that_ended_half_done_loses_the_rest(tmp_path: Path, status: str
         server.shuffle = True
         endpoint = EndpointConfig(base_url=server.base_url, model="m", max_retries=0)
         state = BatchState("r", "rate")
-        requests = [BatchRequest(f"e{i}-{i:016d}", f"e{i}", 0, "/v1/chat/completions",
-                                 {"model": "m", "messages": MESSAGES, "max_tokens": 1},
-                                 endpoint) for i in range(10)]
+        requests = chat_requests(endpoint, 10)
         [record] = prepare(store, state, requests, BatchAPIConfig())
         api = BatchAPI(endpoint)
         submit(store, state, record, api, "24h")
@@ -318,9 +321,7 @@ def test_a_rejected_batch_left_uncollected_is_collected_not_created_again(
     with BatchServer(answer, complete_after_s=0.0) as server:
         endpoint = EndpointConfig(base_url=server.base_url, model="m", max_retries=0)
         state = BatchState("r", "rate")
-        requests = [BatchRequest(f"e{i}-{i:016d}", f"e{i}", 0, "/v1/chat/completions",
-                                 {"model": "m", "messages": MESSAGES, "max_tokens": 1},
-                                 endpoint) for i in range(3)]
+        requests = chat_requests(endpoint, 3)
         [record] = prepare(store, state, requests, BatchAPIConfig())
         # what a driver killed after the provider refused the file left behind
         record.status, record.errors = "rejected", ["HTTP 400: the file is too large"]
