@@ -10,8 +10,7 @@ import time
 import pytest
 
 from gleaner.config import EndpointConfig
-from gleaner.llm import LLMClient, LLMError
-from gleaner.llm.client import SCORE_TOKENS_1_6, expected_score
+from gleaner.llm.client import SCORE_TOKENS_1_6, LLMClient, LLMError, expected_score
 from gleaner.llm.ratelimit import LocalRateLimiter, TokenBucket
 from tests.support.openai_server import OpenAIStub, Reply
 

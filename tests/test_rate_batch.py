@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from gleaner.config import EndpointConfig
-from gleaner.llm import LLMClient
+from gleaner.llm.client import LLMClient
 from gleaner.tasks.rate.prompt import build_prompt
 from gleaner.tasks.rate.raters import RateOptions
 from gleaner.tasks.rate.stage import RATING_SCHEMA, rate_batch

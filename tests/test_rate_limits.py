@@ -26,6 +26,9 @@ The two fast tests check the bucket against the same rolling window with a fake 
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from gleaner.llm import ratelimit
@@ -98,6 +101,82 @@ def test_a_caller_that_wakes_late_gives_its_slot_up_within_bounds() -> None:
     while bounded.give_up(10.0 * (1 + bounded.reslots), 0.0, 0):
         pass
     assert bounded.reslots == ratelimit.RESLOT_FREE
+
+
+def test_the_earliest_batch_gets_the_slots_and_none_is_left_unused() -> None:
+    """Two batches asking together: batch 0 gets every slot while it has a request waiting,
+    batch 1 takes over the moment it ends (no slot lost at the turnover), and a batch that
+    cannot use the whole quota (a slow model) leaves the rest to the next one."""
+    rate = 50.0
+
+    async def batch(actor, priority: int, callers: int, each: int, latency: float,
+                    sent: list) -> None:
+        async def caller() -> None:
+            for _ in range(each):
+                wait, reckoned = await actor.reserve_at(1, 0, priority)
+                await asyncio.sleep(max(0.0, reckoned + wait - time.time()))
+                sent.append((time.time(), priority))
+                await asyncio.sleep(latency)  # the answer
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+
+    async def go(first: tuple[int, int, float]) -> list[tuple[float, int]]:
+        actor = ratelimit._BucketActor(rpm=60 * rate, tpm=None)
+        sent: list[tuple[float, int]] = []
+        await asyncio.gather(batch(actor, 1, 8, 8, 0.02, sent),  # batch 1 asks first
+                             batch(actor, 0, *first, sent))
+        return sorted(sent)
+
+    def use(sent: list[tuple[float, int]]) -> float:
+        return (len(sent) - 1) / (sent[-1][0] - sent[0][0]) / rate
+
+    sent = asyncio.run(go((8, 8, 0.02)))
+    order = [priority for _, priority in sent]
+    assert max(i for i, p in enumerate(order) if p == 0) < 64 + 4  # batch 0 went first
+    assert use(sent) == pytest.approx(1 - ratelimit.HEADROOM, rel=0.04)
+
+    # batch 0 sends 2 requests per 0.6 s: batch 1 gets the rest of the quota meanwhile
+    sent = asyncio.run(go((2, 5, 0.5)))
+    ends = {p: max(t for t, q in sent if q == p) for p in (0, 1)}
+    assert ends[1] < ends[0] - 0.8  # batch 1 (64 requests) was done before batch 0 (10)
+    while_both = [t for t, _ in sent if t <= ends[1]]
+    assert use([(t, 0) for t in while_both]) == pytest.approx(1 - ratelimit.HEADROOM, rel=0.04)
+
+
+def test_a_batch_asks_for_slots_at_its_own_index(tmp_path) -> None:
+    """The engine runs a batch's worker at the batch's priority, down to the requests its
+    coroutines make (asyncio.run and gather carry the context)."""
+    from gleaner.config import StageSection
+    from gleaner.engine.batches import BatchSpec, InputIndex
+    from gleaner.engine.worker import StageJob, run_batch
+    from gleaner.schema import Example, examples_to_table
+    from gleaner.store import Store
+    from tests.support.toy_stage import ToyStage, ToyWorker
+
+    store = Store(str(tmp_path / "store"))
+    store.write_part("r", "ingest", 0, examples_to_table(
+        [Example("toy", i, f"instruction {i}") for i in range(6)]))
+    stage = ToyStage(StageSection(), control=str(tmp_path))
+    seen: list[int] = []
+
+    class Recording(ToyWorker):
+        def process(self, rows):
+            async def request() -> None:
+                seen.append(ratelimit._priority.get())
+
+            async def go() -> None:
+                await asyncio.gather(request(), request())
+
+            asyncio.run(go())
+            return super().process(rows)
+
+    index = InputIndex.build(store, "r", "ingest")
+    job = StageJob(stage, "r", store.url, {}, "key", None)
+    for number, (start, stop) in enumerate(index.bounds(3)):
+        run_batch(job, BatchSpec(number + 7, index.segments(start, stop), stop - start),
+                  Recording(stage))
+    assert seen == [7, 7, 8, 8]
+    assert ratelimit._priority.get() == 0  # and only inside the batch
 
 
 @pytest.mark.parametrize("stage", ["rate", "score", "judge"])

@@ -277,6 +277,9 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
     store = Store(config.store.url, config.store.options)
     section = stage.section
     check_shared_store(store)
+    # the buckets' actors start (a process each: a second or more) while the plan is made
+    # and the probe is sent, not while the first batches wait for them
+    holder = stage_limiters(stage)
     with Lease(store, run_id, stage.name):
         if section.force:
             store.clear_stage(run_id, stage.name)
@@ -309,6 +312,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         summary = summarize(stage, store, run_id, config, index, plan, ctx, results,
                             batches=len(bounds), resumed=len(bounds) - len(pending),
                             seconds=time.perf_counter() - started, fatal=fatal)
+    del holder  # every batch is done: the limiter actors may go
     if fatal is not None:
         raise FatalStageError(f"{stage.name} stopped: {fatal}",
                               getattr(fatal, "kind", "fatal")) from None
@@ -323,7 +327,6 @@ def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIn
     results: list[dict[str, Any]] = []
     if not specs:
         return None, results
-    holder = stage_limiters(stage)
     with stage_progress(stage, run_id, len(bounds), done) as bar:
 
         def on_done(spec: BatchSpec, result: dict[str, Any] | None,
@@ -346,7 +349,6 @@ def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIn
 
         runner = runner or (run_actors if stage.kind == "actor" else run_tasks)
         fatal = runner(job, specs, on_done)
-    del holder  # every batch is done: the limiter actor may go
     return fatal, results
 
 

@@ -27,6 +27,7 @@ from gleaner.engine import cache
 from gleaner.engine.batches import BatchSpec, read_segments
 from gleaner.engine.failures import BatchUnavailable, FatalStageError, retry_unless_fatal
 from gleaner.engine.stage import COST_COLUMNS, BatchWorker, Stage
+from gleaner.llm.ratelimit import request_priority
 from gleaner.store import Store
 
 
@@ -105,7 +106,8 @@ def run_batch(job: StageJob, spec: BatchSpec, worker: BatchWorker) -> dict[str, 
     fresh = stage.schema.empty_table()
     if todo.num_rows:
         try:
-            fresh = worker.process(todo)
+            with request_priority(spec.index):  # a shared quota serves earlier batches first
+                fresh = worker.process(todo)
         except FatalStageError:
             raise
         except Exception as error:

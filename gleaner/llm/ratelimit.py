@@ -3,10 +3,20 @@
 An API quota belongs to the account, not to a process: eight Ray workers
 each limiting themselves to the quota would send eight times too much. So
 every worker on every node asks the same named actor
-(``get_if_exists=True``) for a reservation; the actor answers how long the
-caller must wait (and when it reckoned so), and the caller sleeps locally, so
-the actor is never blocked and serves thousands of callers. Reservations are
-spaced evenly a little under the told rate (see BURST_S, HEADROOM, LATE_S).
+(``get_if_exists=True``) for a slot; the actor grants slots a little ahead
+of their moment (:data:`LEAD_S`), answering how long the caller must wait and
+when it reckoned so, and the caller sleeps locally, so the actor never sleeps
+for anyone and serves thousands of callers. Slots are spaced evenly a little
+under the told rate (see BURST_S, HEADROOM, LATE_S).
+
+Slots go to the earliest batch first (the caller's ``priority``, the batch
+index; arrival order among equals). A stage runs several batches at once; shared
+fairly, they would all end together, and the quota would lie idle while every
+slot of the cluster turns over to its next batch (a Prefect task run, the rows
+read, a client opened: tenths of a second each time). Served earliest first, one
+batch takes what it can use and the next one already waits with its requests
+when it ends; a batch that cannot use the whole quota (a slow model) leaves the
+rest to the next, so no slot is ever left unused for priority's sake.
 
 The flow creates the actor (its lifetime is the flow's: it is owned by the
 flow's driver process) and hands its name to the tasks.
@@ -15,10 +25,14 @@ flow's driver process) and hands its name to the tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
+import heapq
+import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 NAMESPACE = "gleaner"
@@ -46,6 +60,25 @@ MAX_RESLOTS = 2  # new slots per request at most
 # slots one limiter (one client: one batch) gives up at most: a stall of one process
 # holds up to its concurrency's worth of slots at once
 RESLOT_SHARE, RESLOT_FREE = 0.05, 32
+# How far ahead of its moment a slot is granted: longer than the actor's reply takes to
+# reach a caller on a loaded host (a few ms, tens at worst), so the caller still sleeps
+# until the exact moment; short, so the earliest batch is chosen close to the slot.
+LEAD_S = 0.1
+
+# the priority of this context's requests (the engine sets the batch index; lower first)
+_priority: contextvars.ContextVar[int] = contextvars.ContextVar("gleaner_rate_priority",
+                                                                default=0)
+
+
+@contextlib.contextmanager
+def request_priority(priority: int) -> Iterator[None]:
+    """Requests made inside (by any client, in any task started inside) get slots before
+    those of a higher ``priority`` number: the engine passes a batch's index."""
+    token = _priority.set(priority)
+    try:
+        yield
+    finally:
+        _priority.reset(token)
 
 
 class TokenBucket:
@@ -87,19 +120,37 @@ class TokenBucket:
         self._level_r, self._level_t = self._cap_r, self._cap_t
         self._last = self.clock()
 
-    def reserve(self, requests: int = 1, tokens: int = 0) -> float:
-        """Take ``requests`` and ``tokens`` now; return the seconds the caller must wait first."""
+    def _refill(self) -> None:
         now = self.clock()
         elapsed = max(0.0, now - self._last)
         self._last = now
+        if self._rate_r:
+            self._level_r = min(self._cap_r, self._level_r + elapsed * self._rate_r)
+        if self._rate_t:
+            self._level_t = min(self._cap_t, self._level_t + elapsed * self._rate_t)
+
+    def _wait(self, requests: int, tokens: int) -> float:
         wait = 0.0
         if self._rate_r:
-            self._level_r = min(self._cap_r, self._level_r + elapsed * self._rate_r) - requests
-            wait = max(wait, -self._level_r / self._rate_r)
+            wait = max(wait, (requests - self._level_r) / self._rate_r)
         if self._rate_t:
-            self._level_t = min(self._cap_t, self._level_t + elapsed * self._rate_t) - tokens
-            wait = max(wait, -self._level_t / self._rate_t)
+            wait = max(wait, (tokens - self._level_t) / self._rate_t)
         return max(0.0, wait)
+
+    def wait_for(self, requests: int = 1, tokens: int = 0) -> float:
+        """The seconds a reservation made now would wait; takes nothing."""
+        self._refill()
+        return self._wait(requests, tokens)
+
+    def reserve(self, requests: int = 1, tokens: int = 0) -> float:
+        """Take ``requests`` and ``tokens`` now; return the seconds the caller must wait first."""
+        self._refill()
+        wait = self._wait(requests, tokens)
+        if self._rate_r:
+            self._level_r -= requests
+        if self._rate_t:
+            self._level_t -= tokens
+        return wait
 
 
 class _Pacer:
@@ -163,35 +214,59 @@ class LocalRateLimiter:
 
 
 class _BucketActor:
-    """The Ray actor holding the one bucket of an endpoint+model (made remote lazily)."""
+    """The Ray actor holding the one bucket of an endpoint+model (made remote lazily).
+
+    An async actor: a caller's ``reserve_at`` waits in a heap (priority, arrival) until
+    the granting loop gives it the next slot, :data:`LEAD_S` before that slot's moment.
+    """
 
     def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
-                 headroom: float = HEADROOM):
+                 headroom: float = HEADROOM, lead_s: float = LEAD_S):
         self.bucket = TokenBucket(rpm, tpm, burst_s, headroom=headroom)
+        self.lead_s = lead_s
         self.reserved = 0  # requests reserved (slots given up included)
+        self._waiting: list[tuple[int, int, int, int, asyncio.Future]] = []
+        self._arrival = itertools.count()
+        self._granting: asyncio.Task | None = None
 
-    def configure(self, rpm: float | None, tpm: float | None) -> None:
+    async def configure(self, rpm: float | None, tpm: float | None) -> None:
         if (rpm, tpm) != (self.bucket.rpm, self.bucket.tpm):
             self.bucket.configure(rpm, tpm)
 
-    def reserve(self, requests: int = 1, tokens: int = 0) -> float:
-        self.reserved += requests
-        return self.bucket.reserve(requests, tokens)
-
-    def reserve_at(self, requests: int = 1, tokens: int = 0) -> tuple[float, float]:
+    async def reserve_at(self, requests: int = 1, tokens: int = 0, priority: int = 0
+                         ) -> tuple[float, float]:
         """The wait and this process's wall clock when it was reckoned (see RayRateLimiter)."""
-        return self.reserve(requests, tokens), time.time()
+        granted: asyncio.Future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._arrival), requests, tokens, granted))
+        if self._granting is None or self._granting.done():
+            self._granting = asyncio.create_task(self._grant())
+        return await granted
 
-    def counts(self) -> dict[str, int]:
+    async def _grant(self) -> None:
+        """Hand out slots, earliest batch first, while anyone waits."""
+        while self._waiting:
+            _, _, requests, tokens, granted = self._waiting[0]
+            if granted.done():  # the caller is gone
+                heapq.heappop(self._waiting)
+                continue
+            early = self.bucket.wait_for(requests, tokens) - self.lead_s
+            if early > 0:  # whoever is first when the slot comes near gets it
+                await asyncio.sleep(early)
+                continue
+            heapq.heappop(self._waiting)
+            self.reserved += requests
+            granted.set_result((self.bucket.reserve(requests, tokens), time.time()))
+
+    async def counts(self) -> dict[str, int]:
         """Requests reserved so far: those sent plus the slots late callers gave up."""
-        return {"reserved": self.reserved}
+        return {"reserved": self.reserved, "waiting": len(self._waiting)}
 
-    def node(self) -> str | None:
+    async def node(self) -> str | None:
         import ray
 
         return ray.get_runtime_context().get_node_id()
 
-    def limits(self) -> tuple[float | None, float | None]:
+    async def limits(self) -> tuple[float | None, float | None]:
         return self.bucket.rpm, self.bucket.tpm
 
 
@@ -215,7 +290,8 @@ def ensure_rate_limiter(
     """
     import ray
 
-    actor_class = ray.remote(num_cpus=0, max_restarts=-1)(_BucketActor)
+    # every request in flight on the cluster may wait in the actor at once
+    actor_class = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)(_BucketActor)
     handle = actor_class.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
         rpm, tpm, burst_s, headroom
     )
@@ -256,7 +332,8 @@ class RayRateLimiter:
             self._handle = handle
         for attempt in range(MAX_RESLOTS + 1):
             called = time.time()
-            wait, reckoned = await self._handle.reserve_at.remote(requests, tokens)
+            wait, reckoned = await self._handle.reserve_at.remote(requests, tokens,
+                                                                  _priority.get())
             answered = time.time()
             deadline = min(max(reckoned, called), answered) + wait
             late = await self.pacer.sleep_until(deadline, time.time)
