@@ -143,6 +143,23 @@ def test_the_earliest_batch_gets_the_slots_and_none_is_left_unused() -> None:
     assert use([(t, 0) for t in while_both]) == pytest.approx(1 - ratelimit.HEADROOM, rel=0.04)
 
 
+def test_a_request_bigger_than_the_burst_is_granted_and_waits_for_its_tokens() -> None:
+    """Under a tokens/min limit a long prompt exceeds what the bucket ever holds: it is
+    granted at once and told to wait until its tokens have refilled, as before."""
+    actor = ratelimit._BucketActor(rpm=None, tpm=60 * 1000 / (1 - ratelimit.HEADROOM))
+
+    async def go() -> list[float]:
+        started = time.time()
+        slots = []
+        for _ in range(3):
+            wait, reckoned = await asyncio.wait_for(actor.reserve_at(1, 500), 5.0)
+            slots.append(reckoned + wait - started)
+        return slots
+
+    slots = asyncio.run(go())  # 1,000 tokens/s: 500 tokens are half a second each
+    assert slots == pytest.approx([0.5, 1.0, 1.5], abs=0.05)  # each pays its own tokens
+
+
 def test_a_batch_asks_for_slots_at_its_own_index(tmp_path) -> None:
     """The engine runs a batch's worker at the batch's priority, down to the requests its
     coroutines make (asyncio.run and gather carry the context)."""

@@ -138,9 +138,16 @@ class TokenBucket:
         return max(0.0, wait)
 
     def wait_for(self, requests: int = 1, tokens: int = 0) -> float:
-        """The seconds a reservation made now would wait; takes nothing."""
+        """How much longer than it ever must a reservation made now would wait; takes
+        nothing. A request bigger than the burst (a long prompt under a tokens/min limit)
+        always waits for its excess to refill: that part of its wait is not counted."""
         self._refill()
-        return self._wait(requests, tokens)
+        least = 0.0
+        if self._rate_r:
+            least = max(least, (requests - self._cap_r) / self._rate_r)
+        if self._rate_t:
+            least = max(least, (tokens - self._cap_t) / self._rate_t)
+        return max(0.0, self._wait(requests, tokens) - least)
 
     def reserve(self, requests: int = 1, tokens: int = 0) -> float:
         """Take ``requests`` and ``tokens`` now; return the seconds the caller must wait first."""
@@ -250,6 +257,7 @@ class _BucketActor:
                 heapq.heappop(self._waiting)
                 continue
             early = self.bucket.wait_for(requests, tokens) - self.lead_s
+            # (the wait it then gets may be longer: a request bigger than the burst)
             if early > 0:  # whoever is first when the slot comes near gets it
                 await asyncio.sleep(early)
                 continue
