@@ -137,7 +137,7 @@ class TokenBucket:
             wait = max(wait, (tokens - self._level_t) / self._rate_t)
         return max(0.0, wait)
 
-    def wait_for(self, requests: int = 1, tokens: int = 0) -> float:
+    def avoidable_wait(self, requests: int = 1, tokens: int = 0) -> float:
         """How much longer than it ever must a reservation made now would wait; takes
         nothing. A request bigger than the burst (a long prompt under a tokens/min limit)
         always waits for its excess to refill: that part of its wait is not counted."""
@@ -228,9 +228,8 @@ class _BucketActor:
     """
 
     def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
-                 headroom: float = HEADROOM, lead_s: float = LEAD_S):
+                 headroom: float = HEADROOM):
         self.bucket = TokenBucket(rpm, tpm, burst_s, headroom=headroom)
-        self.lead_s = lead_s
         self.reserved = 0  # requests reserved (slots given up included)
         self._waiting: list[tuple[int, int, int, int, asyncio.Future]] = []
         self._arrival = itertools.count()
@@ -256,8 +255,7 @@ class _BucketActor:
             if granted.done():  # the caller is gone
                 heapq.heappop(self._waiting)
                 continue
-            early = self.bucket.wait_for(requests, tokens) - self.lead_s
-            # (the wait it then gets may be longer: a request bigger than the burst)
+            early = self.bucket.avoidable_wait(requests, tokens) - LEAD_S
             if early > 0:  # whoever is first when the slot comes near gets it
                 await asyncio.sleep(early)
                 continue
@@ -267,7 +265,7 @@ class _BucketActor:
 
     async def counts(self) -> dict[str, int]:
         """Requests reserved so far: those sent plus the slots late callers gave up."""
-        return {"reserved": self.reserved, "waiting": len(self._waiting)}
+        return {"reserved": self.reserved}
 
     async def node(self) -> str | None:
         import ray
