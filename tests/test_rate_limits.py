@@ -79,6 +79,47 @@ def test_the_bucket_fits_a_rolling_window(burst_s, headroom, rejected) -> None:
         assert len(sent) / span == pytest.approx(QUOTA * (1 - headroom), rel=0.01)
 
 
+@pytest.mark.parametrize("shares", [1, 2, 3, 5, 8])
+def test_the_handover_from_the_workers_shares_to_the_actor_fits_the_window(shares) -> None:
+    """Workers pace at their shares, each with its own phase, while the actor starts; the
+    worst handover has every worker's last request just before the actor's first slot.
+    No rolling second, that one included, gets more than the quota; the shares use most
+    of theirs."""
+    rate, handover = 40, 102.0
+    now = [100.0]
+    quota = Quota(rate, clock=lambda: now[0])
+    limits = ratelimit.share_limits(60 * rate, None, shares)
+    assert limits is not None
+    paced = limits[0] / 60 * (1 - ratelimit.HEADROOM)
+    sent: list[float] = []
+    for worker in range(shares):
+        # the phase that puts this worker's last share slot 1-8 ms before the handover
+        now[0] = handover - 0.001 * (worker + 1) - int((handover - 100.5) * paced) / paced
+        share = TokenBucket(*limits, ratelimit.BURST_S, lambda: now[0], ratelimit.HEADROOM)
+        share.reserve(1)  # starts empty, as a worker's share does
+        while (at := now[0] + share.reserve(1)) < handover:
+            sent.append(at)
+            now[0] = at
+    now[0] = handover
+    actor = ratelimit._BucketActor(60 * rate, None, shares=shares, clock=lambda: now[0])
+
+    async def ask_the_actor() -> None:
+        for _ in range(3 * rate):
+            wait, _ = await actor.reserve_at(1, 0, 0)
+            now[0] += wait
+            sent.append(now[0])
+
+    asyncio.run(ask_the_actor())
+    sent.sort()
+    assert all(quota.admit(t)[0] for t in sent)
+    def in_second(start: float) -> int:
+        return sum(1 for t in sent if start <= t < start + 1.0)
+
+    # the shares' second before the handover went out at their pace, the actor's after
+    assert in_second(handover - 1.0) >= (rate - shares) * (1 - ratelimit.HEADROOM) - shares
+    assert in_second(handover + 1.0) >= rate * (1 - ratelimit.HEADROOM) - 1
+
+
 def test_a_caller_that_wakes_late_gives_its_slot_up_within_bounds() -> None:
     pacer = ratelimit._Pacer()
     late = ratelimit.LATE_S * 2
@@ -194,6 +235,54 @@ def test_a_batch_asks_for_slots_at_its_own_index(tmp_path) -> None:
                   Recording(stage))
     assert seen == [7, 7, 8, 8]
     assert ratelimit._priority.get() == 0  # and only inside the batch
+
+
+def test_workers_share_the_limits_while_the_actor_starts(ray_local) -> None:
+    """A new bucket's actor takes a Ray process of its own (a second or more) to answer.
+    Meanwhile two workers (two Ray tasks, as two batches) each pace at their share of
+    the limits; then both go over to the actor, and no rolling second, the handover's
+    included, gets more than the quota."""
+    import ray
+
+    name = f"test-share-{time.time_ns()}"
+
+    def worker(callers: int, each: int) -> list[float]:
+        async def go() -> list[float]:
+            limiter = ratelimit.RayRateLimiter(name, rpm=RPM, shares=2)
+            sent: list[float] = []
+
+            async def caller() -> None:
+                for _ in range(each):
+                    await limiter.acquire()
+                    sent.append(time.time())
+                    await asyncio.sleep(0.02)  # the answer
+
+            await asyncio.gather(*(caller() for _ in range(callers)))
+            return sent
+
+        return asyncio.run(go())
+
+    task = ray.remote(num_cpus=1)(worker)
+    ray.get([task.remote(0, 0) for _ in range(2)])  # both worker processes up, as in a stage
+    holder = ratelimit.ensure_rate_limiter(name, RPM, None, shares=2)
+    created = time.time()
+    futures = [task.remote(8, 5) for _ in range(2)]
+    ray.get(holder.node.remote())
+    answered = time.time()
+    sent = sorted(t for times in ray.get(futures) for t in times)
+    counts = ray.get(holder.counts.remote())
+    ray.kill(holder)
+
+    early = [t for t in sent if t < answered]
+    print(f"\nactor answered after {answered - created:.2f} s; {len(early)} of {len(sent)} "
+          f"requests sent before; counts {counts}")
+    assert len(sent) == 80
+    assert counts["shared"] > 0 and len(early) > 0  # work started before the actor was up
+    assert counts["shared"] + counts["reserved"] >= len(sent)
+    busiest = max(sum(1 for u in sent if t <= u < t + 1.0) for t in sent)
+    assert busiest <= QUOTA, f"{busiest} requests in one second, quota {QUOTA}"
+    # and the quota was used: 80 requests at 97.5 % of 20/s span about 4 s
+    assert (len(sent) - 1) / (sent[-1] - sent[0]) >= 0.85 * QUOTA
 
 
 @pytest.mark.parametrize("stage", ["rate", "score", "judge"])

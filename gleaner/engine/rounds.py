@@ -169,7 +169,7 @@ def run_rounds(stage: RoundStage, config: GleanerConfig, run_id: str) -> dict[st
             plan.resolved = stage.resolve(ctx)
             check_resolved(previous, plan, run_id)
             write_plan(store, run_id, plan)
-            holder = stage_limiters(stage)  # the cluster-wide buckets live while the rounds run
+            holder = stage_limiters(stage, shares=1)  # the buckets live while the rounds run
             try:
                 with _progress(stage, run_id) as bar:
                     asyncio.run(_run(stage, store, run_id, resumed, bar))

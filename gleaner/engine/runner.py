@@ -86,15 +86,20 @@ def _exception(future: Any) -> BaseException:
     return RuntimeError(str(future.state.message or future.state.type))
 
 
+def task_slots(stage: Stage) -> int:
+    """How many batches of a task stage Ray runs at once: its CPUs over a batch's."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // stage.resources.cpus))
+
+
 def run_tasks(job: StageJob, specs: list[BatchSpec], on_done: Done) -> BaseException | None:
     """Prefect tasks on Ray, a bounded window in flight; returns the fatal error, if any."""
-    import ray
     from prefect.futures import as_completed
     from prefect_ray.context import remote_options
 
     stage, res = job.stage, job.stage.resources
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // res.cpus))
-    window = max(2, 2 * slots)
+    window = max(2, 2 * task_slots(stage))
     task = batch_task.with_options(name=f"{stage.name.split('/')[0]}-batch", retries=res.retries,
                                    retry_delay_seconds=res.retry_delay_s)
     label = artifact_key(stage.name, "batch")
@@ -302,6 +307,9 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         log.info("%s of run %s: %d rows in %d batches (%d finished earlier, %d to retry, %d rows "
                  "from the cache)", stage.name, run_id, index.rows, len(bounds),
                  len(finished) - len(retry), len(retry), lookup.total)
+        # while a bucket's actor starts, the batches running at once share its limits
+        stage.limiters = {name: min(shares, max(1, len(specs)))
+                          for name, shares in stage.limiters.items()}
         # fresh ok rows go to the cache whenever it is on; --force only stops reading it
         job = StageJob(stage, run_id, config.store.url, dict(config.store.options), plan.key,
                        directory if stage.cacheable and section.cache else None,
@@ -352,8 +360,11 @@ def _execute(stage: Stage, job: StageJob, specs: list[BatchSpec], index: InputIn
     return fatal, results
 
 
-def stage_limiters(stage: Stage) -> list[Any]:
-    """The cluster-wide buckets of an LLM stage's endpoints+models; the driver owns them."""
+def stage_limiters(stage: Stage, shares: int | None = None) -> list[Any]:
+    """The cluster-wide buckets of an LLM stage's endpoints+models; the driver owns them.
+
+    ``shares``: how many workers pace themselves at an even share of the limits until a
+    new bucket's actor answers (default: the batches Ray runs at once)."""
     if not isinstance(stage, LLMStage):
         return []
     from gleaner.llm.ratelimit import ensure_rate_limiter, limiter_name
@@ -362,8 +373,10 @@ def stage_limiters(stage: Stage) -> list[Any]:
     for endpoint in stage.endpoints():
         if endpoint.rpm or endpoint.tpm:
             name = limiter_name(endpoint.base_url or "", endpoint.model)
-            stage.limiters[name] = name
-            handles.append(ensure_rate_limiter(name, endpoint.rpm, endpoint.tpm))
+            if shares is None:
+                shares = task_slots(stage) if stage.kind == "task" else 1
+            stage.limiters[name] = shares
+            handles.append(ensure_rate_limiter(name, endpoint.rpm, endpoint.tpm, shares=shares))
     return handles
 
 

@@ -175,8 +175,9 @@ class LLMStage(Stage):
     SDK back-off, the cluster-wide RPM/TPM limiter (one named Ray actor per endpoint and
     model), per-batch concurrency, fatal errors that stop the stage, token accounting."""
 
-    # limiter actor names by endpoint+model, set by the engine for endpoints with rpm/tpm
-    limiters: dict[str, str] = {}  # noqa: RUF012 (replaced per instance by the engine)
+    # limiter actor names (by endpoint+model) of the endpoints with rpm/tpm, each with how
+    # many workers share its limits while its actor starts; set by the engine
+    limiters: dict[str, int] = {}  # noqa: RUF012 (replaced per instance by the engine)
     # Set on the driver by the Batch API runner (gleaner.engine.batch_api) while it replays
     # the stage's worker: clients answering from the provider's batch output.
     client_factory: Any = None
@@ -210,8 +211,9 @@ class LLMStage(Stage):
         from gleaner.llm.client import LLMClient
         from gleaner.llm.ratelimit import RayRateLimiter, limiter_name
 
-        name = self.limiters.get(limiter_name(endpoint.base_url or "", endpoint.model))
-        limiter = RayRateLimiter(name) if name else None
+        name = limiter_name(endpoint.base_url or "", endpoint.model)
+        limiter = RayRateLimiter(name, rpm=endpoint.rpm, tpm=endpoint.tpm,
+                                 shares=self.limiters[name]) if name in self.limiters else None
         return LLMClient(endpoint, limiter=limiter, concurrency=self.resources.concurrency)
 
     async def probe(self, client: Any) -> dict[str, Any]:

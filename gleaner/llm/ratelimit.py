@@ -20,6 +20,16 @@ rest to the next, so no slot is ever left unused for priority's sake.
 
 The flow creates the actor (its lifetime is the flow's: it is owned by the
 flow's driver process) and hands its name to the tasks.
+
+A new actor needs a Ray process of its own: a second or two before it answers.
+Meanwhile each of the S workers (the stage's batches running at once) paces
+itself at its share of the requests limit, and when the actor answers every
+worker goes over to it. The shares are uncoordinated, so each leaves room for
+one request of phase (a share of r requests/s can put r + 1 in a second): each
+paces at (rpm/S - 60)/min, which keeps their sum within the limit in every
+second; and the actor's first slot comes S + 1 slots after its first request,
+so a second straddling the handover holds no more than the limit either (the
+workers' last S requests, one each, are paid back). See :func:`share_limits`.
 """
 
 from __future__ import annotations
@@ -220,6 +230,57 @@ class LocalRateLimiter:
         self.pacer.acquired += 1
 
 
+# per process, by bucket name: the shares paced while a bucket's actor starts, and the
+# buckets whose actor has answered (a later client goes straight to it)
+_starting: dict[str, LocalRateLimiter] = {}
+_answered: set[str] = set()
+
+
+def share_limits(rpm: float | None, tpm: float | None, shares: int
+                 ) -> tuple[float, float | None] | None:
+    """One worker's (rpm, tpm) while a bucket's actor starts, or None: wait for the actor.
+
+    A share paced at r requests/s may send r + 1 in a second (its phase is its own), so
+    each gives one request/s up: S shares send at most S(rpm/60/S - 1) + S = rpm/60 in
+    any second. Shares need a requests limit (under tokens alone one request's size is
+    unknown) and one of at least two requests/s per worker.
+    """
+    if not rpm or rpm / shares - 60.0 < 60.0:
+        return None
+    share = rpm / shares - 60.0
+    return share, tpm * share / rpm if tpm else None
+
+
+def _share_of(name: str, rpm: float | None, tpm: float | None, shares: int
+              ) -> LocalRateLimiter | None:
+    """This process's share of a starting bucket: every client of the process uses one.
+    It starts empty (its first slot one interval on), so a worker that meets an actor
+    already running sends nothing the actor does not know of."""
+    if name in _answered:
+        return None
+    if name not in _starting:
+        limits = share_limits(rpm, tpm, shares)
+        if limits is None:
+            return None
+        share = LocalRateLimiter(*limits)
+        share.bucket.reserve(1)
+        _starting[name] = share
+    return _starting[name]
+
+
+async def _slot_unless(share: LocalRateLimiter, answered: asyncio.Future, requests: int,
+                       tokens: int) -> bool:
+    """Wait for a slot of ``share``, unless the actor answers first: True when it came."""
+    delay = share.bucket.reserve(requests, tokens)
+    if delay > 0:
+        sleep = asyncio.ensure_future(asyncio.sleep(delay))
+        await asyncio.wait({sleep, answered}, return_when=asyncio.FIRST_COMPLETED)
+        if not sleep.done():  # the slot is abandoned: the share is not used again
+            sleep.cancel()
+            return False
+    return True
+
+
 class _BucketActor:
     """The Ray actor holding the one bucket of an endpoint+model (made remote lazily).
 
@@ -228,16 +289,28 @@ class _BucketActor:
     """
 
     def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
-                 headroom: float = HEADROOM):
-        self.bucket = TokenBucket(rpm, tpm, burst_s, headroom=headroom)
+                 headroom: float = HEADROOM, shares: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
+        self.bucket = TokenBucket(rpm, tpm, burst_s, clock, headroom)
         self.reserved = 0  # requests reserved (slots given up included)
+        self.shared = 0  # requests sent on the workers' shares before this actor answered
+        self._first_after = 0  # the first slot comes this many slots on (see configure)
+        self._granted = False
+        self._owe(shares)
         self._waiting: list[tuple[int, int, int, int, asyncio.Future]] = []
         self._arrival = itertools.count()
         self._granting: asyncio.Task | None = None
 
-    async def configure(self, rpm: float | None, tpm: float | None) -> None:
+    def _owe(self, shares: int) -> None:
+        """Before the first slot, pay back the last share request of each of ``shares``
+        workers (they may come just before the handover)."""
+        if not self._granted and share_limits(self.bucket.rpm, self.bucket.tpm, shares):
+            self._first_after = max(self._first_after, shares + 1)
+
+    async def configure(self, rpm: float | None, tpm: float | None, shares: int = 1) -> None:
         if (rpm, tpm) != (self.bucket.rpm, self.bucket.tpm):
             self.bucket.configure(rpm, tpm)
+        self._owe(shares)
 
     async def reserve_at(self, requests: int = 1, tokens: int = 0, priority: int = 0
                          ) -> tuple[float, float]:
@@ -260,12 +333,20 @@ class _BucketActor:
                 await asyncio.sleep(early)
                 continue
             heapq.heappop(self._waiting)
+            if not self._granted:
+                self._granted = True
+                self.bucket.reserve(self._first_after)
             self.reserved += requests
             granted.set_result((self.bucket.reserve(requests, tokens), time.time()))
 
+    async def count_shared(self, requests: int) -> None:
+        """A worker sent ``requests`` on its share while this actor was starting."""
+        self.shared += requests
+
     async def counts(self) -> dict[str, int]:
-        """Requests reserved so far: those sent plus the slots late callers gave up."""
-        return {"reserved": self.reserved}
+        """Requests reserved so far (those sent plus the slots late callers gave up), and
+        those sent on the workers' shares before this actor answered."""
+        return {"reserved": self.reserved, "shared": self.shared}
 
     async def node(self) -> str | None:
         import ray
@@ -284,9 +365,12 @@ def limiter_name(base_url: str, model: str) -> str:
 
 def ensure_rate_limiter(
     name: str, rpm: float | None, tpm: float | None, burst_s: float = BURST_S,
-    headroom: float = HEADROOM,
+    headroom: float = HEADROOM, shares: int = 1,
 ) -> Any:
     """Create (or find) the named bucket actor; call from the flow so the flow owns it.
+
+    ``shares``: how many workers pace themselves at a share of the limits until a new
+    actor answers (see :func:`share_limits`).
 
     The name is registered at once (``get_if_exists`` asks the GCS), but a new actor
     needs a worker process of its own: seconds on a busy host. Without ``wait`` the
@@ -299,9 +383,9 @@ def ensure_rate_limiter(
     # every request in flight on the cluster may wait in the actor at once
     actor_class = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)(_BucketActor)
     handle = actor_class.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        rpm, tpm, burst_s, headroom
+        rpm, tpm, burst_s, headroom, shares
     )
-    handle.configure.remote(rpm, tpm)
+    handle.configure.remote(rpm, tpm, shares)
     return handle
 
 
@@ -321,21 +405,39 @@ class RayRateLimiter:
     that is shorter than the threshold.
     """
 
-    def __init__(self, name: str, namespace: str = NAMESPACE):
+    def __init__(self, name: str, namespace: str = NAMESPACE, *, rpm: float | None = None,
+                 tpm: float | None = None, shares: int = 1):
         self.name = name
         self.namespace = namespace
+        # the limits and how many workers share them while the actor starts (see the module)
+        self.rpm, self.tpm, self.shares = rpm, tpm, max(1, shares)
         self._handle: Any = None
+        self._met: asyncio.Task | None = None  # done once the actor has answered
         self._same_node = False  # the actor runs on this node: its clock is this one
         self.pacer = _Pacer()
 
+    async def _meet_actor(self) -> None:
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        node = await self._handle.node.remote()  # answers once the actor is up
+        self._same_node = here is not None and node == here
+        _answered.add(self.name)
+        _starting.pop(self.name, None)
+
     async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
-        if self._handle is None:
+        if self._met is None:
             import ray
 
-            handle = ray.get_actor(self.name, namespace=self.namespace)
-            here = ray.get_runtime_context().get_node_id()
-            self._same_node = here is not None and await handle.node.remote() == here
-            self._handle = handle
+            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+            self._met = asyncio.ensure_future(self._meet_actor())
+        if not self._met.done():
+            share = _share_of(self.name, self.rpm, self.tpm, self.shares)
+            if share is not None and await _slot_unless(share, self._met, requests, tokens):
+                self._handle.count_shared.remote(requests)  # for the actor's counts
+                self.pacer.acquired += 1
+                return
+        await self._met
         for attempt in range(MAX_RESLOTS + 1):
             called = time.time()
             wait, reckoned = await self._handle.reserve_at.remote(requests, tokens,
