@@ -16,7 +16,7 @@ Asserted per stage:
   least ``MIN_USE`` of the quota. The issue's 95 % is the benchmark's goal
   (bench/bench_quota.py, 40 req/s, thousands of requests). Here a run lasts ~12 s on a
   shared 2-core box (load averages of 5-14 from other work were seen while this was
-  written), where the limiter's own headroom (2.5 %), a slot given up by a stalled
+  written), where the limiter's own headroom (1.5 %), a slot given up by a stalled
   process and the start and end of a short window each cost a few percent, so the
   bound is 85 %: it still fails a limiter that paces well under the told rate, and the
   429 bound fails one that does not pace (or bursts) at all.
@@ -281,7 +281,7 @@ def test_workers_share_the_limits_while_the_actor_starts(ray_local) -> None:
     assert counts["shared"] + counts["reserved"] >= len(sent)
     busiest = max(sum(1 for u in sent if t <= u < t + 1.0) for t in sent)
     assert busiest <= QUOTA, f"{busiest} requests in one second, quota {QUOTA}"
-    # and the quota was used: 80 requests at 97.5 % of 20/s span about 4 s
+    # and the quota was used: 80 requests at 98.5 % of 20/s span about 4 s
     assert (len(sent) - 1) / (sent[-1] - sent[0]) >= 0.85 * QUOTA
 
 

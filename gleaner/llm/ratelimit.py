@@ -54,10 +54,10 @@ NAMESPACE = "gleaner"
 # retries take slots again). So the limiters save up no burst (one request at most:
 # requests go out evenly spaced) and pace a little under the told limit, so the
 # spacing survives the jitter between the reservation and the request's arrival
-# (the reply from the actor, the event loop, a loaded host): with 2.5 %, N requests
-# span N / (0.975 N/s) = 1.026 s, 26 ms of jitter before a 1-second window overflows.
+# (the reply from the actor, the event loop, a loaded host): with 1.5 %, N requests
+# span N / (0.985 N/s) = 1.015 s, 15 ms of jitter before a 1-second window overflows.
 BURST_S = 0.0
-HEADROOM = 0.025
+HEADROOM = 0.015
 # A caller that wakes up later than this after its slot (its process was stalled: the
 # host's scheduler, the GIL, a collection) gives the slot up and takes a new one: sent
 # late, it would arrive less than one window before the request N slots after it (a
@@ -65,7 +65,7 @@ HEADROOM = 0.025
 # up is a slot lost, no more than the 429 it avoids would cost (a rejected request
 # takes a slot, its retry another). "Later" is beyond the caller's usual lateness
 # (see _Pacer), and the slots given up are bounded besides:
-LATE_S = 0.020  # within HEADROOM's 26 ms: late sends that would mostly pass are sent
+LATE_S = 0.015  # HEADROOM's 15 ms: late sends that would mostly pass are sent
 MAX_RESLOTS = 2  # new slots per request at most
 # slots one limiter (one client: one batch) gives up at most: a stall of one process
 # holds up to its concurrency's worth of slots at once
