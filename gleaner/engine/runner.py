@@ -307,9 +307,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         log.info("%s of run %s: %d rows in %d batches (%d finished earlier, %d to retry, %d rows "
                  "from the cache)", stage.name, run_id, index.rows, len(bounds),
                  len(finished) - len(retry), len(retry), lookup.total)
-        # while a bucket's actor starts, the batches running at once share its limits
-        stage.limiters = {name: min(shares, max(1, len(specs)))
-                          for name, shares in stage.limiters.items()}
+        cap_limiter_shares(stage, len(specs))
         # fresh ok rows go to the cache whenever it is on; --force only stops reading it
         job = StageJob(stage, run_id, config.store.url, dict(config.store.options), plan.key,
                        directory if stage.cacheable and section.cache else None,
@@ -378,6 +376,14 @@ def stage_limiters(stage: Stage, shares: int | None = None) -> list[Any]:
             stage.limiters[name] = shares
             handles.append(ensure_rate_limiter(name, endpoint.rpm, endpoint.tpm, shares=shares))
     return handles
+
+
+def cap_limiter_shares(stage: Stage, batches: int) -> None:
+    """While a bucket's actor starts, the batches running at once share its limits: no
+    more of them than there are batches to run (fewer shares pace faster each)."""
+    if isinstance(stage, LLMStage):
+        stage.limiters = {name: min(shares, max(1, batches))
+                          for name, shares in stage.limiters.items()}
 
 
 def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, index: InputIndex,
