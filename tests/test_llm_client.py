@@ -70,6 +70,51 @@ def test_5xx_and_broken_json_are_retried_and_counted() -> None:
     assert completion.prompt_tokens > 0 and completion.completion_tokens > 0
 
 
+@pytest.mark.parametrize("raw_body", [
+    '{"choices": []}',
+    '{"object": "error"}',
+    '{"choices": [{"message": {"content": 5}}]}',
+    '{"choices": [{"message": {"content": "4"}, "logprobs": {"content": [{"logprob": -1}]}}]}',
+    '[1, 2]',
+])
+def test_json_that_is_no_completion_is_retried_then_fails_as_malformed(raw_body) -> None:
+    with OpenAIStub(lambda body: Reply(raw_body=raw_body)) as stub:
+
+        async def call():
+            async with LLMClient(endpoint(stub), backoff_s=0.01, body_retries=1) as client:
+                await client.chat([{"role": "user", "content": "x"}], max_tokens=4)
+
+        with pytest.raises(LLMError) as caught:
+            run(call())
+        assert stub.count() == 2  # the answer, then one body retry
+    assert caught.value.kind == "transient" and caught.value.attempts == 2
+    assert "malformed response" in str(caught.value) and "not a completion" in str(caught.value)
+
+
+def test_the_body_sent_is_the_request_builders_and_sdk_options_reach_the_server() -> None:
+    """What goes over the wire is request_body's JSON (the Batch API files hold the same):
+    extra_body merged in, extra_headers and extra_query as HTTP, nothing else added."""
+    from gleaner.llm.client import chat_request, request_body
+
+    with OpenAIStub(lambda body: Reply(content="4")) as stub:
+        messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+        extra = {"extra_body": {"grammar": "root ::= [0-9]"}, "top_p": 0.5,
+                 "extra_headers": {"X-Gleaner-Test": "yes"}}
+
+        async def call():
+            async with LLMClient(endpoint(stub)) as client:
+                return await client.chat(messages, max_tokens=3, logprobs=True, top_logprobs=5,
+                                         **extra)
+
+        completion = run(call())
+        sent, headers = stub.requests[0], stub.request_headers[0]
+    assert sent == request_body(chat_request("stub-model", messages, max_tokens=3,
+                                             logprobs=True, top_logprobs=5, **extra))
+    assert sent["grammar"] == "root ::= [0-9]" and "extra_body" not in sent
+    assert headers["x-gleaner-test"] == "yes" and headers["authorization"].startswith("Bearer ")
+    assert completion.text == "4" and completion.attempts == 1
+
+
 def test_a_hang_beyond_the_timeout_fails_as_transient_after_the_sdk_retries() -> None:
     with OpenAIStub(lambda body: Reply(content="4", delay_s=2.0)) as stub:
 

@@ -36,9 +36,6 @@ from typing import Any
 import httpx2
 import openai
 import pyarrow as pa
-import pydantic
-from openai.types import Completion as TextCompletion
-from openai.types.chat import ChatCompletion
 
 from gleaner.config import EndpointConfig
 from gleaner.llm.client import (
@@ -284,12 +281,11 @@ class ReplayClient:
 
     @staticmethod
     def _read(line: Answer, url: str) -> Completion | None:
-        """The body as the SDK would parse it; None when it is malformed (sent again)."""
-        model = ChatCompletion if url == CHAT_URL else TextCompletion
+        """The body as the live client reads it; None when it is malformed (sent again)."""
         try:
-            response = model.model_validate_json(line.body or "")
-            return read_completion(response, url == CHAT_URL, 1, time.perf_counter())
-        except (pydantic.ValidationError, ValueError):
+            return read_completion(json.loads(line.body or ""), url == CHAT_URL, 1,
+                                   time.perf_counter())
+        except ValueError:
             return None
 
 

@@ -18,6 +18,7 @@ messages produced here (:func:`describe_error` scrubs them).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import math
 import random
@@ -34,6 +35,10 @@ from gleaner.config import EndpointConfig
 
 SCORE_TOKENS_0_5 = tuple(str(k) for k in range(6))
 SCORE_TOKENS_1_6 = tuple(str(k) for k in range(1, 7))
+CHAT_PATH, COMPLETIONS_PATH = "/chat/completions", "/completions"
+# the HTTP attempts of the call running in this context (the request hook counts them)
+_attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "gleaner_llm_attempts", default=None)
 _KEYLIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 
 
@@ -142,19 +147,22 @@ def describe_error(error: BaseException, secrets: Iterable[str] = ()) -> str:
 
 
 def _positions_chat(logprobs: Any) -> list[dict[str, float]] | None:
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    """Chat logprobs (``{"content": [{token, logprob, top_logprobs: [...]}, ...]}``) as one
+    {token: logprob} per generated position."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not content:
         return None
     positions: list[dict[str, float]] = []
     for item in content:
-        top = {t.token: float(t.logprob) for t in (item.top_logprobs or [])}
-        top.setdefault(item.token, float(item.logprob))
+        top = {t["token"]: float(t["logprob"]) for t in (item.get("top_logprobs") or [])}
+        top.setdefault(item["token"], float(item["logprob"]))
         positions.append(top)
     return positions
 
 
 def _positions_text(logprobs: Any) -> list[dict[str, float]] | None:
-    top = getattr(logprobs, "top_logprobs", None) if logprobs is not None else None
+    """Completions logprobs (``{"top_logprobs": [{token: logprob}, ...]}``), the same way."""
+    top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
     if not top:
         return None
     return [{str(k): float(v) for k, v in (position or {}).items()} for position in top]
@@ -201,6 +209,8 @@ class LLMClient:
     endpoint: EndpointConfig
     limiter: RateLimiter | None = None
     concurrency: int | None = None
+    # requests in flight counted together with another client's (two models of one server)
+    shares_concurrency_with: LLMClient | None = None
     body_retries: int = 2
     backoff_s: float = 0.5
     usage: Usage = field(default_factory=Usage)
@@ -211,10 +221,12 @@ class LLMClient:
                 "LLMClient needs an endpoint base_url (None means: start the offline server)"
             )
         self.model = self.endpoint.model
-        self._semaphore = asyncio.Semaphore(self.concurrency or 16)
+        self._semaphore = (self.shares_concurrency_with._semaphore
+                           if self.shares_concurrency_with is not None
+                           else asyncio.Semaphore(self.concurrency or 16))
         self._api_key = self.endpoint.api_key()
-        hooks = {"request": [self._before_request]} if self.limiter is not None else {}
-        http_client = openai.DefaultAsyncHttpxClient(event_hooks=hooks)
+        http_client = openai.DefaultAsyncHttpxClient(
+            event_hooks={"request": [self._before_request]})
         self._openai = openai.AsyncOpenAI(
             base_url=self.endpoint.base_url,
             api_key=self._api_key,
@@ -236,8 +248,13 @@ class LLMClient:
         await self._openai.close()
 
     async def _before_request(self, request: httpx2.Request) -> None:
-        assert self.limiter is not None
-        await self.limiter.acquire(requests=1, tokens=estimate_tokens(request.content))
+        """Every HTTP attempt, the SDK's retries included: counted for the call that makes
+        it, and paced by the limiter."""
+        counter = _attempts.get()
+        if counter is not None:
+            counter[0] += 1
+        if self.limiter is not None:
+            await self.limiter.acquire(requests=1, tokens=estimate_tokens(request.content))
 
     def describe(self, error: BaseException) -> str:
         return describe_error(error, [self._api_key])
@@ -261,7 +278,7 @@ class LLMClient:
         kwargs = chat_request(self.model, messages, max_tokens=max_tokens,
                               temperature=temperature, logprobs=logprobs,
                               top_logprobs=top_logprobs, **extra)
-        return await self._call(self._openai.chat.completions, kwargs, chat=True)
+        return await self._call(CHAT_PATH, kwargs, chat=True)
 
     async def complete(
         self,
@@ -275,32 +292,37 @@ class LLMClient:
         """Raw-text completion (``/v1/completions``): no chat template, as DEITA's scorers need."""
         kwargs = completion_request(self.model, prompt, max_tokens=max_tokens,
                                     temperature=temperature, logprobs=logprobs, **extra)
-        return await self._call(self._openai.completions, kwargs, chat=False)
+        return await self._call(COMPLETIONS_PATH, kwargs, chat=False)
 
     # ---- the retry loop for what the SDK does not retry ------------------------
-    async def _call(self, resource: Any, kwargs: dict[str, Any], *, chat: bool) -> Completion:
-        attempts = 0
+    async def _call(self, path: str, kwargs: dict[str, Any], *, chat: bool) -> Completion:
+        """POST the request body through the SDK (its retries, back-off, errors and headers)
+        and read the JSON answer as is: the SDK's per-request params transform and response
+        model cost a third of a request's client CPU, and the body is already plain JSON."""
+        counter = [0]
+        token = _attempts.set(counter)
         started = time.perf_counter()
-        async with self._semaphore:
-            try:
+        body, options = request_body(kwargs), request_options(kwargs)
+        try:
+            async with self._semaphore:
                 for body_try in range(self.body_retries + 1):
                     try:
-                        raw = await resource.with_raw_response.create(**kwargs)
+                        response = await self._openai.post(path, cast_to=httpx2.Response,
+                                                           body=body, options=options)
                     except openai.APIError as error:
-                        attempts += self._sdk_attempts(error)
                         self.usage.failed_calls += 1
-                        raise self.classify(error, attempts) from None
-                    attempts += int(getattr(raw, "retries_taken", 0) or 0) + 1
+                        raise self.classify(error, counter[0]) from None
                     try:
-                        completion = self._read(raw.parse(), chat, attempts, started)
-                    except (ValueError, openai.APIResponseValidationError) as error:
+                        completion = read_completion(json.loads(response.content), chat,
+                                                     counter[0], started)
+                    except ValueError as error:
                         # Broken JSON body, or JSON without choices: the SDK does not retry these.
                         if body_try >= self.body_retries:
                             self.usage.failed_calls += 1
                             raise LLMError(
-                                f"malformed response after {attempts} attempts: "
+                                f"malformed response after {counter[0]} attempts: "
                                 f"{self.describe(error)}",
-                                attempts=attempts,
+                                attempts=counter[0],
                                 transient=True,
                                 kind="transient",
                             ) from None
@@ -309,21 +331,14 @@ class LLMClient:
                         continue
                     self.usage.add(completion)
                     return completion
-            finally:
-                self.usage.requests += attempts
+        finally:
+            self.usage.requests += counter[0]
+            _attempts.reset(token)
         raise AssertionError("unreachable")
 
     def classify(self, error: openai.APIError, attempts: int) -> LLMError:
         """The error with its real cause named: a dead local server is not a network problem."""
         return classify_error(self.endpoint, error, attempts)
-
-    def _sdk_attempts(self, error: BaseException) -> int:
-        """The SDK retries transient errors max_retries times before raising."""
-        return self.endpoint.max_retries + 1 if is_transient(error) else 1
-
-    @staticmethod
-    def _read(response: Any, chat: bool, attempts: int, started: float) -> Completion:
-        return read_completion(response, chat, attempts, started)
 
 
 # ---- what the client sends and how it reads answers (the Batch API path shares them) --------
@@ -370,29 +385,38 @@ def request_body(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
-def read_completion(response: Any, chat: bool, attempts: int, started: float) -> Completion:
-    """A parsed chat/text completion (the SDK's model) as a :class:`Completion`."""
-    choices = getattr(response, "choices", None)
-    if not choices:
-        raise MalformedResponse("the response has no choices")
-    choice = choices[0]
-    if chat:
-        message = getattr(choice, "message", None)
-        text = (getattr(message, "content", None) or "") if message is not None else ""
-        positions = _positions_chat(getattr(choice, "logprobs", None))
-    else:
-        text = getattr(choice, "text", None) or ""
-        positions = _positions_text(getattr(choice, "logprobs", None))
-    usage = getattr(response, "usage", None)
-    return Completion(
-        text=text,
-        top_logprobs=positions,
-        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        latency_ms=(time.perf_counter() - started) * 1000.0,
-        attempts=attempts,
-        finish_reason=getattr(choice, "finish_reason", None),
-    )
+def request_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The SDK's per-request options among these arguments (headers, query, timeout)."""
+    names = {"extra_headers": "headers", "extra_query": "params", "timeout": "timeout"}
+    return {names[k]: v for k, v in kwargs.items() if k in names and v is not None}
+
+
+def read_completion(document: Any, chat: bool, attempts: int, started: float) -> Completion:
+    """A chat/text completion's JSON body (parsed) as a :class:`Completion`; a body of
+    another shape raises :class:`MalformedResponse`."""
+    try:
+        choice = document["choices"][0]
+        if chat:
+            text = (choice.get("message") or {}).get("content") or ""
+            positions = _positions_chat(choice.get("logprobs"))
+        else:
+            text = choice.get("text") or ""
+            positions = _positions_text(choice.get("logprobs"))
+        usage = document.get("usage") or {}
+        if not isinstance(text, str):
+            raise TypeError(f"the answer's text is a {type(text).__name__}")
+        return Completion(
+            text=text,
+            top_logprobs=positions,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            attempts=attempts,
+            finish_reason=choice.get("finish_reason"),
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:
+        what = "no choices" if isinstance(error, KeyError | IndexError) else str(error)
+        raise MalformedResponse(f"the response is not a completion ({what})") from None
 
 
 def local_server_death(endpoint: EndpointConfig) -> str | None:
