@@ -199,14 +199,15 @@ class LLMStage(Stage):
         endpoint section)."""
         return any(e.api == "batch" for e in self.endpoints())
 
-    def client(self, endpoint: EndpointConfig | None = None) -> Any:
-        """The shared LLM client for one of this stage's endpoints (call on the worker)."""
+    def client(self, endpoint: EndpointConfig | None = None, sharing: Any = None) -> Any:
+        """The shared LLM client for one of this stage's endpoints (call on the worker);
+        ``sharing``: a client of the same batch whose requests-in-flight cap this one shares."""
         endpoint = endpoint or self.endpoint
         if self.client_factory is not None:
             return self.client_factory(endpoint)
-        return self.live_client(endpoint)
+        return self.live_client(endpoint, sharing)
 
-    def live_client(self, endpoint: EndpointConfig) -> Any:
+    def live_client(self, endpoint: EndpointConfig, sharing: Any = None) -> Any:
         """A client that calls the endpoint: SDK back-off, the cluster-wide buckets."""
         from gleaner.llm.client import LLMClient
         from gleaner.llm.ratelimit import RayRateLimiter, limiter_name
@@ -214,7 +215,8 @@ class LLMStage(Stage):
         name = limiter_name(endpoint.base_url or "", endpoint.model)
         limiter = RayRateLimiter(name, rpm=endpoint.rpm, tpm=endpoint.tpm,
                                  shares=self.limiters[name]) if name in self.limiters else None
-        return LLMClient(endpoint, limiter=limiter, concurrency=self.resources.concurrency)
+        return LLMClient(endpoint, limiter=limiter, concurrency=self.resources.concurrency,
+                         shares_concurrency_with=sharing)
 
     async def probe(self, client: Any) -> dict[str, Any]:
         """One cheap real request before any batch: a rejected key or an unknown model stops

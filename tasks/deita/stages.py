@@ -129,8 +129,9 @@ class EndpointScoreWorker(AsyncBatchWorker):
         stage = self.stage
         examples = rows.to_pylist()
         c_prompts, q_prompts = score_tasks.turn_prompts(examples)
+        # one cap on the requests in flight for both models: resources.concurrency per batch
         async with stage.client(stage.complexity_endpoint) as c_client, \
-                stage.client(stage.quality_endpoint) as q_client:
+                stage.client(stage.quality_endpoint, sharing=c_client) as q_client:
             top = stage.settings.top_logprobs
             c_scores, q_scores = await asyncio.gather(
                 score_tasks.EndpointScorer(c_client, top).ascore(c_prompts),
