@@ -315,3 +315,37 @@ def test_without_the_limiter_most_requests_are_answered_429(prefect_api, ray_loc
     assert run.summary["examples"] == 120
     assert stats.share_429 > 0.3, stats.line()
     assert stats.peak_offered > 2 * QUOTA
+
+
+def test_a_bucket_whose_actor_is_gone_is_found_again_or_made_again(ray_local) -> None:
+    """The bucket's owner may end while a stage uses it (a driver that shared the
+    endpoint's quota finished; the previous stage's actor was still dying when this stage
+    found it by name): a worker's next request finds or makes the bucket again, instead of
+    failing every batch with 'Failed to look up actor'."""
+    import ray
+
+    name = f"test-gone-{time.time_ns()}"
+    holder = ratelimit.ensure_rate_limiter(name, RPM, None)
+    limiter = ratelimit.RayRateLimiter(name, rpm=RPM)  # one batch's: one event loop
+
+    async def batch() -> tuple[object, object]:
+        await limiter.acquire()
+        await limiter._met  # the actor has answered
+        first = limiter._handle
+        ray.kill(holder)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the name is free
+            try:
+                ray.get_actor(name, namespace=ratelimit.NAMESPACE)
+                await asyncio.sleep(0.05)
+            except ValueError:
+                break
+        await limiter.acquire()  # the old handle answers RayActorError: made again
+        return first, limiter._handle
+
+    first, then = asyncio.run(batch())
+    again = ray.get_actor(name, namespace=ratelimit.NAMESPACE)
+    assert then is not first
+    assert ray.get(again.limits.remote()) == (RPM, None)
+    assert ray.get(again.counts.remote())["reserved"] == 1
+    ray.kill(again)

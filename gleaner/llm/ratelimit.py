@@ -19,7 +19,10 @@ when it ends; a batch that cannot use the whole quota (a slow model) leaves the
 rest to the next, so no slot is ever left unused for priority's sake.
 
 The flow creates the actor (its lifetime is the flow's: it is owned by the
-flow's driver process) and hands its name to the tasks.
+flow's driver process) and hands its name to the tasks. A worker that finds it
+gone (its owner ended: another driver that shared the endpoint's quota, or the
+previous stage, whose actor was still dying when this one found it by name)
+makes it again.
 
 A new actor needs a Ray process of its own: a second or two before it answers.
 Meanwhile each of the S workers (the stage's batches running at once) paces
@@ -425,11 +428,30 @@ class RayRateLimiter:
         _answered.add(self.name)
         _starting.pop(self.name, None)
 
-    async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
-        if self._met is None:
-            import ray
+    def _find(self) -> Any:
+        """The bucket's actor, made again when it is gone: its owner (a driver that shared
+        the bucket, or the previous stage's, whose actor was still dying when this stage
+        found it by name) has ended. A bucket's loss then costs a second, not the stage."""
+        import ray
 
-            self._handle = ray.get_actor(self.name, namespace=self.namespace)
+        try:
+            return ray.get_actor(self.name, namespace=self.namespace)
+        except ValueError:
+            return ensure_rate_limiter(self.name, self.rpm, self.tpm, shares=1)
+
+    async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            await self._acquire(requests, tokens)
+        except RayActorError:  # the actor died under us: find it (or make it) once more
+            if self._met is None or self._met.done():  # unless another caller already is
+                self._handle, self._met = None, None
+            await self._acquire(requests, tokens)
+
+    async def _acquire(self, requests: int, tokens: int) -> None:
+        if self._met is None:
+            self._handle = self._find()
             self._met = asyncio.ensure_future(self._meet_actor())
         if not self._met.done():
             share = _share_of(self.name, self.rpm, self.tpm, self.shares)
