@@ -271,3 +271,43 @@ def test_rate_limit_is_shared_by_all_ray_workers(ray_local) -> None:
     # shared: 10 at once, then 20 more at 10/s -> ~2 s; per-process limits would finish in ~0.5 s
     assert stamps[-1] - start_at >= 1.7
     assert stamps[-1] - start_at < 6.0
+
+
+class PortStub(OpenAIStub):
+    """Records the client port of every request: one port, one connection."""
+
+    ports: list[int]
+
+    async def _completion(self, request):
+        self.ports = [*getattr(self, "ports", []), request.client.port]
+        return await super()._completion(request)
+
+
+def test_batches_on_the_worker_loop_reuse_one_connection_pool() -> None:
+    """Batches of one worker process share the endpoint's connections (TLS handshakes are
+    paid once, not per batch); attempts and limiters stay per call and per client."""
+    from gleaner.llm.client import run_on_worker_loop
+
+    with PortStub(lambda body: Reply(content="4", delay_s=0.05)) as stub:
+        limiters = [LocalRateLimiter(6000, None), LocalRateLimiter(6000, None)]
+
+        async def batch(limiter) -> list[int]:
+            async with LLMClient(endpoint(stub), limiter=limiter, concurrency=2) as client:
+                done = await asyncio.gather(*(client.chat([{"role": "user", "content": str(i)}],
+                                                          max_tokens=1) for i in range(6)))
+                assert client.usage.requests == 6
+                return [c.attempts for c in done]
+
+        first = run_on_worker_loop(batch(limiters[0]))
+        second = run_on_worker_loop(batch(limiters[1]))
+        ports = stub.ports
+
+        async def alone() -> None:  # outside the worker loop: a client of its own
+            async with LLMClient(endpoint(stub)) as client:
+                await client.chat([{"role": "user", "content": "x"}], max_tokens=1)
+
+        run(alone())
+    assert first == second == [1] * 6
+    assert [limiter.pacer.acquired for limiter in limiters] == [6, 6]
+    assert len(ports) == 12 and len(set(ports)) <= 2  # two connections, for both batches
+    assert stub.ports[-1] not in set(ports)

@@ -261,11 +261,13 @@ class AsyncBatchWorker:
         raise NotImplementedError
 
     def process(self, rows: pa.Table) -> pa.Table:
+        from gleaner.llm.client import run_on_worker_loop
+
         async def go() -> pa.Table:
             async with self.stage.client() as client:
                 return await self.aprocess(rows, client)
 
-        return asyncio.run(go())
+        return run_on_worker_loop(go())
 
     def close(self) -> None:
         return None

@@ -18,11 +18,14 @@ messages produced here (:func:`describe_error` scrubs them).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import contextvars
 import json
 import math
 import random
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +39,63 @@ from gleaner.config import EndpointConfig
 SCORE_TOKENS_0_5 = tuple(str(k) for k in range(6))
 SCORE_TOKENS_1_6 = tuple(str(k) for k in range(1, 7))
 CHAT_PATH, COMPLETIONS_PATH = "/chat/completions", "/completions"
-# the HTTP attempts of the call running in this context (the request hook counts them)
-_attempts: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "gleaner_llm_attempts", default=None)
+
+
+@dataclass
+class _CallState:
+    """The call running in this context: its HTTP attempts (the request hook counts them)
+    and the limiter each attempt takes a slot from."""
+
+    limiter: RateLimiter | None
+    attempts: int = 0
+
+
+_call: contextvars.ContextVar[_CallState | None] = contextvars.ContextVar("gleaner_llm_call",
+                                                                          default=None)
+# the SDK clients (connection pools) shared by the LLM clients of one worker loop
+_pools: contextvars.ContextVar[dict[tuple[Any, ...], openai.AsyncOpenAI] | None] = (
+    contextvars.ContextVar("gleaner_llm_pools", default=None))
+
+
+async def _before_request(request: httpx2.Request) -> None:
+    """Every HTTP attempt, the SDK's retries included: counted for the call that makes it,
+    and paced by that call's limiter."""
+    state = _call.get()
+    if state is None:
+        return
+    state.attempts += 1
+    if state.limiter is not None:
+        await state.limiter.acquire(requests=1, tokens=estimate_tokens(request.content))
+
+
+def run_on_worker_loop(coro: Any) -> Any:
+    """Run ``coro`` on this thread's long-lived event loop, where the LLM clients share one
+    connection pool per endpoint: a batch reuses the connections (TLS sessions included)
+    the previous batches of this worker process opened, instead of opening its own."""
+    state = getattr(_worker_loop, "state", None)
+    if state is None:
+        runner, pools = asyncio.Runner(), {}
+        atexit.register(_close_worker_loop, runner, pools)
+        _worker_loop.state = state = (runner, pools)
+    runner, pools = state
+    token = _pools.set(pools)
+    try:
+        return runner.run(coro)
+    finally:
+        _pools.reset(token)
+
+
+_worker_loop = threading.local()
+
+
+def _close_worker_loop(runner: asyncio.Runner, pools: dict[tuple[Any, ...], Any]) -> None:
+    async def close() -> None:
+        for client in pools.values():
+            await client.close()
+
+    with contextlib.suppress(Exception):
+        runner.run(close())
+    runner.close()
 _KEYLIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 
 
@@ -225,15 +282,23 @@ class LLMClient:
                            if self.shares_concurrency_with is not None
                            else asyncio.Semaphore(self.concurrency or 16))
         self._api_key = self.endpoint.api_key()
-        http_client = openai.DefaultAsyncHttpxClient(
-            event_hooks={"request": [self._before_request]})
-        self._openai = openai.AsyncOpenAI(
-            base_url=self.endpoint.base_url,
-            api_key=self._api_key,
-            timeout=self.endpoint.timeout_s,
-            max_retries=self.endpoint.max_retries,
-            http_client=http_client,
-        )
+        pools = _pools.get()
+        key = (self.endpoint.base_url, self._api_key, self.endpoint.timeout_s,
+               self.endpoint.max_retries)
+        self._owns_sdk_client = pools is None or key not in pools
+        if self._owns_sdk_client:
+            self._openai = openai.AsyncOpenAI(
+                base_url=self.endpoint.base_url,
+                api_key=self._api_key,
+                timeout=self.endpoint.timeout_s,
+                max_retries=self.endpoint.max_retries,
+                http_client=openai.DefaultAsyncHttpxClient(
+                    event_hooks={"request": [_before_request]}),
+            )
+            if pools is not None:  # the worker loop's: it lives as long as the loop
+                pools[key], self._owns_sdk_client = self._openai, False
+        else:
+            self._openai = pools[key]
 
     def __repr__(self) -> str:  # never the key
         return f"LLMClient(base_url={self.endpoint.base_url!r}, model={self.model!r})"
@@ -245,16 +310,8 @@ class LLMClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._openai.close()
-
-    async def _before_request(self, request: httpx2.Request) -> None:
-        """Every HTTP attempt, the SDK's retries included: counted for the call that makes
-        it, and paced by the limiter."""
-        counter = _attempts.get()
-        if counter is not None:
-            counter[0] += 1
-        if self.limiter is not None:
-            await self.limiter.acquire(requests=1, tokens=estimate_tokens(request.content))
+        if self._owns_sdk_client:
+            await self._openai.close()
 
     def describe(self, error: BaseException) -> str:
         return describe_error(error, [self._api_key])
@@ -299,8 +356,8 @@ class LLMClient:
         """POST the request body through the SDK (its retries, back-off, errors and headers)
         and read the JSON answer as is: the SDK's per-request params transform and response
         model cost a third of a request's client CPU, and the body is already plain JSON."""
-        counter = [0]
-        token = _attempts.set(counter)
+        call = _CallState(self.limiter)
+        token = _call.set(call)
         started = time.perf_counter()
         body, options = request_body(kwargs), request_options(kwargs)
         try:
@@ -311,18 +368,18 @@ class LLMClient:
                                                            body=body, options=options)
                     except openai.APIError as error:
                         self.usage.failed_calls += 1
-                        raise self.classify(error, counter[0]) from None
+                        raise self.classify(error, call.attempts) from None
                     try:
                         completion = read_completion(json.loads(response.content), chat,
-                                                     counter[0], started)
+                                                     call.attempts, started)
                     except ValueError as error:
                         # Broken JSON body, or JSON without choices: the SDK does not retry these.
                         if body_try >= self.body_retries:
                             self.usage.failed_calls += 1
                             raise LLMError(
-                                f"malformed response after {counter[0]} attempts: "
+                                f"malformed response after {call.attempts} attempts: "
                                 f"{self.describe(error)}",
-                                attempts=counter[0],
+                                attempts=call.attempts,
                                 transient=True,
                                 kind="transient",
                             ) from None
@@ -332,8 +389,8 @@ class LLMClient:
                     self.usage.add(completion)
                     return completion
         finally:
-            self.usage.requests += counter[0]
-            _attempts.reset(token)
+            self.usage.requests += call.attempts
+            _call.reset(token)
         raise AssertionError("unreachable")
 
     def classify(self, error: openai.APIError, attempts: int) -> LLMError:

@@ -123,7 +123,9 @@ class EndpointScoreWorker(AsyncBatchWorker):
     stage: EndpointScoreStage
 
     def process(self, rows: pa.Table) -> pa.Table:
-        return asyncio.run(self.aprocess(rows, None))
+        from gleaner.llm.client import run_on_worker_loop
+
+        return run_on_worker_loop(self.aprocess(rows, None))
 
     async def aprocess(self, rows: pa.Table, client: Any) -> pa.Table:
         stage = self.stage
