@@ -134,7 +134,7 @@ def main() -> None:
                     window = server.stats()
                     whole = server.stats(include_probes=True, since=run.started,
                                          until=run.ended)
-                    reserved = ray.get(bucket.counts.remote())["reserved"] if bucket else None
+                    counts = ray.get(bucket.counts.remote()) if bucket else None
                     if bucket is not None:
                         ray.kill(bucket)
                 summary = run.summary
@@ -151,10 +151,13 @@ def main() -> None:
                       f"admitted/s = {window.use:.1%} of the quota; peak offered "
                       f"{window.peak_offered} in 1 s; {window.idle_s:.1f} s with nothing sent "
                       f"(gaps over {2000 / args.rate:.0f} ms)")
-                if reserved is not None:
+                if counts is not None:
                     sent = window.requests  # the probe does not go through the limiter
-                    print(f"  limiter: {reserved} slots reserved for {sent} requests sent: "
-                          f"{reserved - sent} given up by callers that woke too late")
+                    reserved, shared = counts["reserved"], counts["shared"]
+                    print(f"  limiter: {shared} requests sent on the workers' shares while "
+                          f"the bucket's actor started, then {reserved} slots reserved for "
+                          f"{sent - shared}: {reserved + shared - sent} given up by callers "
+                          "that woke too late")
                 print(f"  stage time {run.stage_seconds:.1f} s (plan, probe, batches, summary): "
                       f"{stage_use:.1%} of the quota; flow call {run.flow_seconds:.1f} s: "
                       f"{flow_use:.1%}")
