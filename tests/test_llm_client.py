@@ -311,3 +311,36 @@ def test_batches_on_the_worker_loop_reuse_one_connection_pool() -> None:
     assert [limiter.pacer.acquired for limiter in limiters] == [6, 6]
     assert len(ports) == 12 and len(set(ports)) <= 2  # two connections, for both batches
     assert stub.ports[-1] not in set(ports)
+
+
+def test_each_run_on_the_worker_loop_sees_its_callers_context_and_leaves_no_task() -> None:
+    """A batch's priority (a context variable the engine sets around the batch) reaches the
+    batch's requests on every run, not just the first; calls still in flight when a row
+    raised are cancelled, so they cannot go on sending during the next batch."""
+    from gleaner.llm.client import run_on_worker_loop
+    from gleaner.llm.ratelimit import _priority, request_priority
+
+    async def priority() -> int:
+        return _priority.get()
+
+    seen = []
+    for index in (3, 1, 2):
+        with request_priority(index):
+            seen.append(run_on_worker_loop(priority()))
+    assert seen == [3, 1, 2]
+
+    sent: list[str] = []
+
+    async def failing_batch() -> None:
+        async def row() -> None:
+            await asyncio.sleep(0.2)
+            sent.append("late request")
+
+        asyncio.ensure_future(row())
+        await asyncio.sleep(0)
+        raise RuntimeError("one row failed")
+
+    with pytest.raises(RuntimeError, match="one row failed"):
+        run_on_worker_loop(failing_batch())
+    run_on_worker_loop(asyncio.sleep(0.4))  # the next batch on the same loop
+    assert sent == []

@@ -77,6 +77,8 @@ RESLOT_SHARE, RESLOT_FREE = 0.05, 32
 # reach a caller on a loaded host (a few ms, tens at worst), so the caller still sleeps
 # until the exact moment; short, so the earliest batch is chosen close to the slot.
 LEAD_S = 0.1
+# times a worker looks for (or makes) a bucket whose actor died under it, before it fails
+FIND_TRIES = 4
 
 # the priority of this context's requests (the engine sets the batch index; lower first)
 _priority: contextvars.ContextVar[int] = contextvars.ContextVar("gleaner_rate_priority",
@@ -442,12 +444,15 @@ class RayRateLimiter:
     async def acquire(self, requests: int = 1, tokens: int = 0) -> None:
         from ray.exceptions import RayActorError
 
-        try:
-            await self._acquire(requests, tokens)
-        except RayActorError:  # the actor died under us: find it (or make it) once more
-            if self._met is None or self._met.done():  # unless another caller already is
-                self._handle, self._met = None, None
-            await self._acquire(requests, tokens)
+        for attempt in range(FIND_TRIES):
+            try:
+                return await self._acquire(requests, tokens)
+            except RayActorError:  # the actor died under us: find it (or make it) again
+                if attempt + 1 == FIND_TRIES:
+                    raise
+                if self._met is None or self._met.done():  # unless another caller already is
+                    self._handle, self._met = None, None
+                await asyncio.sleep(0.5 * attempt)  # a dying actor may still hold its name
 
     async def _acquire(self, requests: int, tokens: int) -> None:
         if self._met is None:
