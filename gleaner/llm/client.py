@@ -110,6 +110,8 @@ def _close_worker_loop(runner: asyncio.Runner, pools: dict[tuple[Any, ...], Any]
     with contextlib.suppress(Exception):
         runner.run(close())
         runner.close()
+
+
 _KEYLIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
 
 
