@@ -125,14 +125,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64, help="total requests in flight")
     parser.add_argument("--delay", type=float, default=0.1, help="endpoint latency, seconds")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="examples per batch (default: the rating stage's, "
-                        f"{GleanerConfig().rate.resources.batch_size})")
+    default_batch = GleanerConfig().rate.resources.batch_size
+    parser.add_argument("--batch-size", type=int, default=default_batch,
+                        help="examples per batch (default: the rating stage's)")
     parser.add_argument("--task-cpus", type=float, default=1.0)
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--stub-workers", type=int, default=2)
     args = parser.parse_args()
-    args.batch_size = args.batch_size or GleanerConfig().rate.resources.batch_size
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

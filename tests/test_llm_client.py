@@ -273,22 +273,12 @@ def test_rate_limit_is_shared_by_all_ray_workers(ray_local) -> None:
     assert stamps[-1] - start_at < 6.0
 
 
-class PortStub(OpenAIStub):
-    """Records the client port of every request: one port, one connection."""
-
-    ports: list[int]
-
-    async def _completion(self, request):
-        self.ports = [*getattr(self, "ports", []), request.client.port]
-        return await super()._completion(request)
-
-
 def test_batches_on_the_worker_loop_reuse_one_connection_pool() -> None:
     """Batches of one worker process share the endpoint's connections (TLS handshakes are
     paid once, not per batch); attempts and limiters stay per call and per client."""
     from gleaner.llm.client import run_on_worker_loop
 
-    with PortStub(lambda body: Reply(content="4", delay_s=0.05)) as stub:
+    with OpenAIStub(lambda body: Reply(content="4", delay_s=0.05)) as stub:
         limiters = [LocalRateLimiter(6000, None), LocalRateLimiter(6000, None)]
 
         async def batch(limiter) -> list[int]:
@@ -300,7 +290,7 @@ def test_batches_on_the_worker_loop_reuse_one_connection_pool() -> None:
 
         first = run_on_worker_loop(batch(limiters[0]))
         second = run_on_worker_loop(batch(limiters[1]))
-        ports = stub.ports
+        ports = list(stub.client_ports)
 
         async def alone() -> None:  # outside the worker loop: a client of its own
             async with LLMClient(endpoint(stub)) as client:
@@ -310,7 +300,7 @@ def test_batches_on_the_worker_loop_reuse_one_connection_pool() -> None:
     assert first == second == [1] * 6
     assert [limiter.pacer.acquired for limiter in limiters] == [6, 6]
     assert len(ports) == 12 and len(set(ports)) <= 2  # two connections, for both batches
-    assert stub.ports[-1] not in set(ports)
+    assert stub.client_ports[-1] not in set(ports)
 
 
 def test_each_run_on_the_worker_loop_sees_its_callers_context_and_leaves_no_task() -> None:

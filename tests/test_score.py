@@ -181,20 +181,6 @@ def test_hf_scorer_on_smollm2_gguf():
     assert "SmolLM2" in row["complexity_model"]
 
 
-class PeakStub(OpenAIStub):
-    """Counts the requests in flight at once (one event loop: no lock needed)."""
-
-    inflight = peak = 0
-
-    async def _completion(self, request):
-        self.inflight += 1
-        self.peak = max(self.peak, self.inflight)
-        try:
-            return await super()._completion(request)
-        finally:
-            self.inflight -= 1
-
-
 def test_the_two_scorer_models_share_one_cap_on_requests_in_flight():
     """resources.concurrency is the batch's requests in flight: the complexity and the
     quality model are two clients of one server and count together, not twice."""
@@ -207,7 +193,7 @@ def test_the_two_scorer_models_share_one_cap_on_requests_in_flight():
         reply.delay_s = 0.05
         return reply
 
-    with PeakStub(slow) as stub:
+    with OpenAIStub(slow) as stub:
         section = ScoreConfig(backend="endpoint", complexity_model="c-model",
                               quality_model="q-model",
                               endpoint=EndpointConfig(base_url=stub.base_url, model="c-model"),
@@ -217,4 +203,4 @@ def test_the_two_scorer_models_share_one_cap_on_requests_in_flight():
         models = sorted({r["model"] for r in stub.requests})
     assert table.num_rows == 12 and set(table.column("status").to_pylist()) == {"ok"}
     assert models == ["c-model", "q-model"] and stub.count() == 24
-    assert stub.peak == 3
+    assert stub.peak_inflight == 3

@@ -64,6 +64,8 @@ class OpenAIStub:
         self.port = port or free_port()
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []  # one per request, same order
+        self.client_ports: list[int] = []  # one per request: one port, one connection
+        self.inflight = self.peak_inflight = 0  # requests being answered at once (one loop)
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._server: uvicorn.Server | None = None
@@ -81,13 +83,23 @@ class OpenAIStub:
         with self._lock:
             self.requests.clear()
             self.request_headers.clear()
+            self.client_ports.clear()
 
     # ---- HTTP -------------------------------------------------------------
     async def _completion(self, request: Request) -> Response:
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.inflight -= 1
+
+    async def _answer(self, request: Request) -> Response:
         body = await request.json()
         with self._lock:
             self.requests.append(body)
             self.request_headers.append(dict(request.headers))
+            self.client_ports.append(request.client.port if request.client else 0)
         reply = self.responder(body)
         if isinstance(reply, str):
             reply = Reply(content=reply)
