@@ -145,6 +145,32 @@ def prefect_api(api_url: str) -> Iterator[str]:
             os.environ["PREFECT_API_URL"] = previous
 
 
+# Ray Train's placement-group cleaner asks the state API whether the training controller
+# lives, every second of a fit. A local Ray runs without the dashboard that serves that API,
+# so every ask logs this same warning (74 lines in one demo run); on a cluster with a
+# dashboard the ask succeeds and nothing is dropped.
+RAY_NOISE = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Failed to query Ray Train Controller actor state",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_internals() -> None:
+    """Runs in every Ray worker process (``worker_process_setup_hook``): drops the repeated
+    lines of :data:`RAY_NOISE` there, where they are logged, so no console shows them."""
+    for logger, prefix in RAY_NOISE.items():
+        logging.getLogger(logger).addFilter(_DropMessage(prefix))
+
+
 def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
 
@@ -157,7 +183,8 @@ def init_ray(config: GleanerConfig) -> None:
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict[str, object] = {
-        "runtime_env": {"env_vars": worker_env()},
+        "runtime_env": {"env_vars": worker_env(),
+                        "worker_process_setup_hook": "gleaner.runtime.quiet_ray_internals"},
         "namespace": "gleaner",
         "log_to_driver": True,
         "ignore_reinit_error": True,

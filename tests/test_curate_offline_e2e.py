@@ -33,6 +33,7 @@ BUDGET = 8  # examples/offline-demo.yaml: select.budget
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(2400)
 def test_offline_demo_curate_reaches_the_evaluation_report(prefect_api: str,
                                                             tmp_path: Path) -> None:

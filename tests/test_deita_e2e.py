@@ -69,6 +69,7 @@ def precomputed_ratings(ids: list[str]) -> pa.Table:
 
 
 @pytest.mark.slow  # embeds 2,500 real examples with MiniLM (~30 s on two shared cores)
+@pytest.mark.e2e
 def test_select_on_alpaca_9k(shared_data, tmp_path, prefect_api):
     from gleaner.flows.cli import app
     from gleaner.tasks.ingest.ingest import run_ingest

@@ -207,6 +207,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1800)
 def test_grid_end_to_end_killed_after_an_arm_and_resumed(prefect_api, shared_data: Path,
                                                          tiny_model_dir: Path, tmp_path: Path):

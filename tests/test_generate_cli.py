@@ -45,6 +45,7 @@ class GeneratorAndRater:
         return Reply(f"{4 + (key % 3) / 2}\nA fair answer.")  # 4.0, 4.5 or 5.0
 
 
+@pytest.mark.e2e
 def test_generate_then_rate_then_select(prefect_api: str, tmp_path: Path,
                                         shared_data: Path) -> None:
     store = tmp_path / "store"
@@ -71,6 +72,7 @@ def test_generate_then_rate_then_select(prefect_api: str, tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1800)
 def test_offline_default_finishes_with_honest_counts(prefect_api: str, tmp_path: Path,
                                                      shared_data: Path) -> None:

@@ -269,6 +269,7 @@ def test_work_pools_script_creates_pools_on_a_server(prefect_api):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_local_stack_starts_and_stops(tmp_path):
     from gleaner.runtime import api_is_healthy, free_port
 

@@ -65,3 +65,40 @@ def test_workers_resolve_their_own_cluster_when_another_ray_runs_here() -> None:
     assert seen["gcs"] != other_gcs
     assert seen["resolved"] == seen["gcs"]  # not "multiple active Ray instances"
     assert seen["api"] == "http://127.0.0.1:9/api"  # the flow's Prefect API reaches workers
+
+
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+FIT_A_WHILE = textwrap.dedent(
+    f"""
+    import logging, time
+    import ray, ray.train
+    from ray.train.torch import TorchTrainer
+    from gleaner.config import GleanerConfig
+    from gleaner.runtime import init_ray
+
+    @ray.remote
+    def say(message):
+        logging.getLogger({CLEANER_LOGGER!r}).warning(message)
+
+    init_ray(GleanerConfig())
+    ray.get([say.remote("Failed to query Ray Train Controller actor state. (probe)"),
+             say.remote("Detected that the Ray Train controller actor (probe) is dead.")])
+    TorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                 run_config=ray.train.RunConfig(storage_path=__import__("sys").argv[1])).fit()
+    time.sleep(1)  # the log monitor's last lines reach the console
+    ray.shutdown()
+    """
+)
+
+
+def test_ray_trains_placement_group_cleaner_warnings_stay_off_the_console(tmp_path) -> None:
+    """A local Ray has no dashboard, so Ray Train's cleaner logs one state-API warning a
+    second of every fit; workers drop exactly that line (other lines of the logger stay)."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    fit = subprocess.run([sys.executable, "-c", FIT_A_WHILE, str(tmp_path / "ray")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    console = fit.stdout + fit.stderr
+    assert "Detected that the Ray Train controller actor (probe) is dead." in console
+    assert "Failed to query Ray Train Controller actor state" not in console

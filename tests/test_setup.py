@@ -41,7 +41,8 @@ def test_ci_runs_the_readmes_setup_command_and_its_test_command() -> None:
     assert not any("pip install" in line for line in lines)
     test_command = readme_commands()[1].strip()
     assert test_command == ".venv/bin/python -m pytest"
-    assert any(line.startswith(test_command) for line in lines)
+    assert test_command in lines
+    assert f"{test_command} -m e2e" in lines  # the whole-product runs the default leaves out
 
 
 def test_setup_installs_from_the_lock_with_a_portable_llama_cpp() -> None:
@@ -77,6 +78,7 @@ def test_the_lock_pins_every_dependency_and_pyproject_keeps_ranges() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.timeout(1800)
 def test_the_setup_command_builds_a_fresh_environment(tmp_path: Path) -> None:
     """A new virtualenv through the README's command: the lock's versions, the portable wheel

@@ -21,7 +21,8 @@ from tests.support.browser import Chromium, chromium_binary
 from tests.support.curate_run import cli_curate_run, in_ci
 from tests.support.pipeline import flow_run_by_name
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.e2e,
+              pytest.mark.timeout(900)]
 
 TABLE_ROWS_JS = """
 [...document.querySelectorAll('table tr')].map(
