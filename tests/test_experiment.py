@@ -171,6 +171,14 @@ def test_budget_guard_refuses_before_spending(prefect_api, ray_local, shared_dat
         assert refused.exit_code == 2 and "--yes" in refused.output
         assert "over the limit" in refused.output and "experiment.max_finetunes" in refused.output
         assert stub.count() == 0  # nothing was sent
+        assert all(f["memory"]["fits"] and f["memory"]["effective_batch"] == 4
+                   for f in plan["finetunes"])
+        document["finetune"]["overrides"]["per_device_batch_size"] = 3  # 4 = 3 x ? : no
+        unfit = write_yaml(tmp_path / "unfit.yaml", document)
+        refused = runner.invoke(app, ["experiment", "--config", str(unfit), "--yes"])
+        assert refused.exit_code == 2, refused.output  # --yes does not make a run fit
+        assert "effective batch 4 is not micro-batch 3" in refused.output
+        assert stub.count() == 0
     store = tmp_path / "store" / "runs" / "experiment-tiny"
     assert (store / "ingest").is_dir() and not (store / "finetune").exists()
     saved = json.loads((store / "experiment" / "tiny" / "plan.json").read_text())

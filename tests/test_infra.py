@@ -58,6 +58,7 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config():
     assert gpu
     assert all(t["resources"].get("embedding") and t["resources"].get("training") for t in gpu)
     assert all(t["max_workers"] >= 1 for t in cpu + gpu)
+    assert any(t["resources"]["GPU"] == 8 for t in gpu)  # a node for sharded 7B training
 
 
 def test_ray_cluster_installs_this_project_on_every_node():
@@ -115,6 +116,12 @@ def test_kuberay_manifest_has_head_cpu_and_gpu_groups():
     assert rating == {"rating": 16}
     gpu_resources = json.loads(json.loads(groups["gpu-embed-train"]["rayStartParams"]["resources"]))
     assert gpu_resources == {"embedding": 1, "training": 1}
+    eight = groups["gpu-train-8x"]
+    assert eight["rayStartParams"]["num-gpus"] == "8"
+    pod = eight["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    assert json.loads(json.loads(eight["rayStartParams"]["resources"]))["training"] == 8
     for group in groups.values():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 

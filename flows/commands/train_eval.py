@@ -32,9 +32,56 @@ def finetune_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plan_examples(config: Any, run_id: str | None, dataset: str | None,
+                  examples: int | None) -> int:
+    """How many examples the plan counts: --examples, else the run's curated set in the store."""
+    if examples is not None:
+        return examples
+    if not run_id:
+        fail("--plan needs --examples N or --run-id ID (whose selection it counts)")
+    from gleaner.store import Store
+    from gleaner.tasks.train.run import resolve_dataset
+
+    try:
+        table = resolve_dataset(Store(config.store.url, config.store.options), run_id, config,
+                                dataset)
+    except (FileNotFoundError, ValueError) as error:
+        fail(f"--plan: cannot count run {run_id}'s training examples ({error}); give --examples")
+    return table.num_rows
+
+
+def finetune_plan(config: Any, examples: int) -> Any:
+    """The memory plan of the curated model's fine-tune (the baseline has the same size)."""
+    from gleaner.tasks.train.memory_plan import plan_for_section
+    from gleaner.tasks.train.run import base_model_source
+
+    try:
+        return plan_for_section(config.finetune, base_model_source(config.finetune.base_model),
+                                examples)
+    except ValueError as error:
+        fail(str(error))
+
+
+def refuse_unfit(config: Any, run_id: str, dataset: str | None) -> None:
+    """Refuse a fine-tune that cannot fit before Ray is asked for anything (the flow checks
+    again; a run whose examples cannot be counted yet is left to the flow's own message)."""
+    from gleaner.store import Store
+    from gleaner.tasks.train.run import resolve_dataset
+
+    try:
+        count = resolve_dataset(Store(config.store.url, config.store.options), run_id, config,
+                                dataset).num_rows
+    except (FileNotFoundError, ValueError):
+        return
+    memory = finetune_plan(config, max(1, count))
+    if not memory.fits:
+        fail("fine-tuning refused before any worker starts: " + "; ".join(memory.reasons))
+
+
 @app.command("finetune")
 def finetune(
-    run_id: str = typer.Option(..., "--run-id", help="The run whose curated set to train on."),
+    run_id: str | None = typer.Option(None, "--run-id",
+                                      help="The run whose curated set to train on."),
     store: str | None = StoreOption,
     preset: str | None = typer.Option(None, "--preset", help="alpaca (default) or lima."),
     base_model: str | None = typer.Option(
@@ -52,11 +99,21 @@ def finetune(
     num_workers: int | None = typer.Option(None, "--num-workers", min=1,
                                            help="Ray Train workers (one GPU each with --gpu)."),
     gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Train on GPUs."),
+    strategy: str | None = typer.Option(None, "--strategy", help="ddp, fsdp or deepspeed."),
+    peft: str | None = typer.Option(None, "--peft", help="none, lora or qlora."),
+    gpu_memory_gb: float | None = typer.Option(None, "--gpu-memory-gb", min=1,
+                                               help="Each GPU's memory, for the plan."),
+    plan: bool = typer.Option(False, "--plan", help="Print the memory plan; train nothing."),
+    examples: int | None = typer.Option(None, "--examples", min=1,
+                                        help="--plan: examples to plan for."),
     force: bool = typer.Option(False, "--force", help="Retrain even if the model exists."),
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Fine-tune the base model on the run's curated set (and a baseline) on Ray Train."""
+    """Fine-tune the base model on the run's curated set (and a baseline) on Ray Train.
+
+    Every run is planned first (per-GPU memory, batch arithmetic, steps: docs/gpu.md) and
+    refused, before Ray is asked for anything, when it cannot fit."""
     if preset not in (None, "alpaca", "lima"):
         fail(f"--preset must be alpaca or lima, not {preset!r}")
     if baseline not in (None, "none", "pool", "random"):
@@ -64,11 +121,22 @@ def finetune(
     config = build_config(config_file, **{
         "store.url": store, "finetune.preset": preset, "finetune.base_model": base_model,
         "finetune.baseline": baseline, "finetune.num_workers": num_workers,
-        "finetune.use_gpu": gpu, "finetune.force": True if force else None})
+        "finetune.use_gpu": gpu, "finetune.force": True if force else None,
+        "finetune.strategy": strategy, "finetune.peft": peft,
+        "finetune.gpu_memory_gb": gpu_memory_gb})
     overrides = {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                  "max_length": max_length, "effective_batch_size": batch_size,
                  "per_device_batch_size": per_device_batch_size}
     config.finetune.overrides.update({k: v for k, v in overrides.items() if v is not None})
+    if plan:
+        from gleaner.tasks.train.memory_plan import plan_text
+
+        memory = finetune_plan(config, plan_examples(config, run_id, dataset, examples))
+        emit(memory.as_dict(), as_json, plan_text(memory))
+        raise typer.Exit(0 if memory.fits else 1)
+    if not run_id:
+        fail("--run-id is required (or --plan with --examples)")
+    refuse_unfit(config, run_id, dataset)
 
     from gleaner.flows.finetune_flow import finetune_flow
     from gleaner.runtime import execution_environment

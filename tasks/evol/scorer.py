@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from prefect import task
 
 from gleaner import layout
-from gleaner.config import GleanerConfig
+from gleaner.config import GleanerConfig, TrainingLayoutSection
 from gleaner.store import Store
 from gleaner.tasks.deita.score import complexity_prompt, quality_prompt
 from gleaner.tasks.evol.items import ITEMS_SCHEMA
@@ -67,7 +67,9 @@ def finetune_config(config: GleanerConfig) -> GleanerConfig:
         "finetune.overrides": {**s.overrides, "template": "raw"},
         "finetune.num_workers": s.num_workers, "finetune.use_gpu": s.use_gpu,
         "finetune.cpus_per_worker": s.cpus_per_worker, "finetune.max_failures": s.max_failures,
-        "finetune.force": s.force})
+        "finetune.force": s.force,
+        **{f"finetune.{key}": value for key, value in s.model_dump().items()
+           if key in TrainingLayoutSection.model_fields}})
 
 
 def agreement(predicted: list[float], teacher: list[int]) -> dict[str, Any]:

@@ -39,7 +39,9 @@ from gleaner.models import SMOLLM2_NAME
 from gleaner.store import Store
 from gleaner.tasks.experiment.arms import Selection, plan_selections
 from gleaner.tasks.experiment.pool import needed_stages, pool_run
+from gleaner.tasks.train.memory_plan import model_shape, plan_for_section
 from gleaner.tasks.train.recipes import build_recipe
+from gleaner.tasks.train.run import base_model_source
 
 OFFLINE = f"{SMOLLM2_NAME} (gleaner's offline server)"
 
@@ -168,9 +170,12 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
         "select.budget": max(1, examples.num_rows)}), examples)
     size = sizes(selections, examples.num_rows)
     recipe = build_recipe(config.finetune.preset, config.finetune.overrides)
+    base = base_model_source(config.finetune.base_model)
+    shape = model_shape(base)
     finetunes = []
     for s in selections:
         n, how = size[s.name]
+        memory = plan_for_section(config.finetune, base, max(1, n), shape)
         tokens = per_example[0].tokens_per_example if per_example else 0.0
         epochs = per_example[0].epochs if per_example else 0.0
         seen = n * epochs  # examples trained on; max_steps stops earlier
@@ -182,7 +187,9 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
                           "tokens_per_example": tokens, "tokens": 0 if done else round(
                               tokens * seen), "trained": done,
                           "tokenizer": per_example[0].tokenizer if per_example else "",
-                          "note": "in the store already" if done else how})
+                          "note": "in the store already" if done else how,
+                          "memory": {k: getattr(memory, k) for k in (
+                              "fits", "per_gpu_bytes", "effective_batch", "steps", "reasons")}})
     known = [e for e in entries if e.priced]
     exp = config.experiment
     limit = exp.max_usd if exp.max_usd is not None else config.budget.max_usd
@@ -207,6 +214,8 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
     }
     plan["over_budget"] = limit is not None and total > limit
     plan["over_finetunes"] = exp.max_finetunes is not None and to_train > exp.max_finetunes
+    plan["unfit"] = sorted({reason for f in finetunes if not f["trained"]
+                            for reason in f["memory"]["reasons"]})
     return plan
 
 
@@ -218,8 +227,11 @@ def text(plan: dict[str, Any]) -> str:
              f"{counts['judge_calls']:,} judge calls (pool stages: "
              f"{', '.join(plan['pool_stages']) or 'none'})"]
     for ft in plan["finetunes"]:
+        memory = ft["memory"]
         lines.append(f"  arm {ft['arm']}: {ft['examples']:,} examples ({ft['note']}), "
-                     f"{ft['tokens']:,} training tokens")
+                     f"{ft['tokens']:,} training tokens, {memory['steps']:,} steps, "
+                     f"{memory['per_gpu_bytes'] / 2**30:.1f} GiB per GPU"
+                     + ("" if memory["fits"] else " (does NOT fit)"))
     if plan["limit_usd"] is not None:
         verdict = "OVER" if plan["over_budget"] else "within"
         lines.append(f"limit: ${plan['limit_usd']:,.4f} ({verdict})")
@@ -258,6 +270,9 @@ def check_guard(plan: dict[str, Any], approved: bool) -> None:
     if plan["over_finetunes"]:
         reasons.append(f"{plan['counts']['finetunes']} fine-tunes to train, over "
                        f"experiment.max_finetunes = {plan['max_finetunes']}")
+    if plan.get("unfit"):  # no --yes makes a run fit
+        raise OverBudget(f"experiment {plan['experiment']}: its fine-tunes are refused before "
+                         f"any GPU is booked: {'; '.join(plan['unfit'])}")
     if reasons and not approved:
         raise OverBudget(f"experiment {plan['experiment']}: {'; '.join(reasons)}. Pass --yes "
                          "to spend it, or raise the limit")

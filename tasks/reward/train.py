@@ -27,7 +27,9 @@ from gleaner.tasks.reward.data import encode_pairs, split_pairs
 from gleaner.tasks.reward.model import REWARD_FILE
 from gleaner.tasks.reward.objective import PairwiseReward
 from gleaner.tasks.train.finetune import train
+from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
 from gleaner.tasks.train.run import (
+    check_trainer_supports,
     finished_model,
     load_base,
     model_path,
@@ -64,6 +66,8 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
     encoded = encode_pairs(train_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
     heldout = encode_pairs(heldout_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
 
+    check_plan(plan_for_section(settings, base, max(1, encoded.pairs)), "reward-model training")
+    check_trainer_supports(settings, "reward.train")
     init_ray(config)
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-rm-") as scratch:

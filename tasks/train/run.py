@@ -42,6 +42,7 @@ from gleaner.tasks.train.finetune import (
     sequences_table,
     train,
 )
+from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
 from gleaner.tasks.train.recipes import Recipe, build_recipe
 from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
 
@@ -90,6 +91,11 @@ def baseline_examples(store: Store, run_id: str, config: GleanerConfig, kind: st
         picked = np.sort(rng.choice(pool.num_rows, size=curated_size, replace=False))
         return pool.take(pa.array(picked))
     raise ValueError(f"unknown baseline {kind!r}; choose pool or random")
+
+
+def base_model_source(reference: str | None) -> str:
+    """The base model as named, or the offline default's GGUF; nothing is loaded."""
+    return reference or str(smollm2_gguf())
 
 
 def resolve_base_model(reference: str | None) -> str:
@@ -163,6 +169,17 @@ def training_metrics(outcome: TrainOutcome) -> dict[str, Any]:
     }
 
 
+def check_trainer_supports(section: Any, key: str) -> None:
+    """Refuse, naming the setting, a layout this Ray Train loop cannot run (it runs DDP on the
+    full model); ``gleaner finetune --plan`` sizes every layout."""
+    if section.strategy != "ddp":
+        raise ValueError(f"{key}.strategy {section.strategy!r}: the trainer runs 'ddp' only; "
+                         f"plan it with `gleaner finetune --plan`")
+    if section.peft != "none":
+        raise ValueError(f"{key}.peft {section.peft!r}: the trainer trains the full model "
+                         f"only ('none'); plan it with `gleaner finetune --plan`")
+
+
 def finished_model(store: Store, run_id: str, name: str, force: bool) -> dict[str, Any] | None:
     """The summary of a model the store holds in full (``skipped``), or None: train it."""
     summary_path = layout.finetune_file(store, run_id, name, "summary.json")
@@ -207,6 +224,9 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         raise ValueError(f"fine-tuning {name!r}: no example has a response token within "
                          f"max_length={recipe.max_length}")
 
+    memory = check_plan(plan_for_section(config.finetune, base, len(tokenised.sequences)),
+                        f"fine-tuning {name!r}")
+    check_trainer_supports(config.finetune, "finetune")
     init_ray(config)
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-ft-") as scratch:
@@ -233,6 +253,10 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         "model": store.uri(model_path(store, run_id, name)),
         "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
         "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "strategy": config.finetune.strategy, "peft": config.finetune.peft,
+        "world_size": metrics["world_size"],
+        "plan": {k: getattr(memory, k) for k in ("per_gpu_bytes", "fits", "effective_batch",
+                                                 "steps", "breakdown")},
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "resumed_from_step")},
         "skipped": False,
