@@ -154,6 +154,7 @@ def test_ifd_and_length_stages_on_the_engine_then_select(prefect_api, ray_local,
     summary = ifd_flow(run_id="r1", config=config)
     assert (summary["ok"], summary["failed"], summary["failures"]) == (5, 1, {"input": 1})
     assert summary["batches"] == 2
+    assert summary["devices"] == {"cpu float32": 2}  # where the model ran, in what dtype
     table = store.read_stage("r1", layout.IFD).to_pylist()
     by_id = {r["id"]: r for r in table}
     expected = IFDScorer(str(tiny_model_dir), "cpu", 8, 96).score(rows)

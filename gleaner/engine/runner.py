@@ -404,13 +404,15 @@ def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, in
     summary = stage_summary(stage, run_id, plan, table, ctx.usage, price, examples=index.rows,
                             fatal=fatal, **fields)
     nodes = Counter(r.get("node") for r in results if r.get("node"))
+    devices = Counter(r.get("device") for r in results if r.get("device"))
     summary.update(
         batches=batches, batches_resumed=resumed, batches_submitted=len(results),
         # rows this run made (not read back from the cache, not finished before)
         made=sum(r.get("rows", 0) - r.get("cached", 0) for r in results),
         batches_failed=sum(1 for r in results if r.get("failed_batch")),
         batch_seconds=round(sum(r.get("seconds", 0.0) for r in results), 3),
-        nodes=dict(nodes), seconds=round(seconds, 3))
+        nodes=dict(nodes), seconds=round(seconds, 3),
+        **({"devices": dict(devices)} if devices else {}))
     summary.update(stage.summarize(table))  # an empty stage too: its fields are all there
     store.write_json(layout.summary_path(store, run_id, stage.name), summary)
     publish_summary(stage, run_id, summary)

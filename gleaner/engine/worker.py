@@ -128,7 +128,9 @@ def run_batch(job: StageJob, spec: BatchSpec, worker: BatchWorker) -> dict[str, 
     positions = [order[i] for i in table.column("id").to_pylist()]
     table = table.take(pa.array(sorted(range(len(positions)), key=positions.__getitem__)))
     store.write_part(job.run_id, stage.name, spec.index, table)
-    return batch_counts(spec.index, table, time.perf_counter() - started)
+    counts = batch_counts(spec.index, table, time.perf_counter() - started)
+    counts["device"] = getattr(worker, "device", None)  # a model worker's placement
+    return counts
 
 
 def batch_counts(index: int, table: pa.Table, seconds: float = 0.0) -> dict[str, Any]:

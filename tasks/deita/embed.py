@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from gleaner.devices import default_device, inference_dtype
+
 STAGE = "embed"
 TEXT_FORMAT = "conversation-v1"  # part of the cache key: change it when example_text changes
 
@@ -114,11 +116,10 @@ class Encoder:
         max_length: int | None = None,
         batch_size: int = 64,
     ):
-        import torch
 
         self.pooling = pooling
         self.name = model_name(model, pooling)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device(device)
         self.batch_size = max(1, batch_size)
         if pooling == "mean":
             from transformers import AutoModel, AutoTokenizer
@@ -127,7 +128,8 @@ class Encoder:
 
             path = str(minilm_dir()) if model is None else model
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+            self.model = AutoModel.from_pretrained(
+                path, dtype=inference_dtype(self.device)).to(self.device).eval()
             self.max_length = max_length or _sentence_transformers_max_length(path) or min(
                 512, int(getattr(self.tokenizer, "model_max_length", 512) or 512)
             )

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gleaner.config import ScoreConfig
+from gleaner.devices import default_device, inference_dtype
 from gleaner.registry import register, registry
 from gleaner.schema import user_assistant_pairs
 
@@ -140,16 +141,10 @@ def _load_causal_lm(path: str, gguf_file: str | None, device: str) -> tuple[Any,
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=inference_dtype(device), **kwargs)
     model.to(device)
     model.eval()
     return tokenizer, model
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @register("scorer", "hf")
@@ -168,7 +163,7 @@ class HFScorer:
         max_length: int = 2048,
     ):
         self.path, self.gguf_file, self.name = resolve_model(model)
-        self.device = device or default_device()
+        self.device = default_device(device)
         self.batch_size = max(1, batch_size)
         self.max_length = max_length
         self.tokenizer, self.model = _load_causal_lm(self.path, self.gguf_file, self.device)

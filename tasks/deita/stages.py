@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EmbedConfig, EndpointConfig, ScoreConfig
+from gleaner.devices import placement
 from gleaner.engine import AsyncBatchWorker, LLMStage, Stage, rows_table, stage_schema
 from gleaner.registry import registry
 from gleaner.tasks.deita import embed as embed_tasks
@@ -93,6 +94,7 @@ class HFScoreWorker:
         scorer = registry("scorer").get(settings.backend)
         self.complexity = scorer(settings.complexity_model, **kwargs)
         self.quality = scorer(settings.quality_model, **kwargs)
+        self.device = placement(getattr(self.complexity, "model", None))
 
     def process(self, rows: pa.Table) -> pa.Table:
         examples = rows.to_pylist()
@@ -187,6 +189,7 @@ class EmbedWorker:
         self.encoder = embed_tasks.Encoder(settings.model, settings.pooling,
                                            max_length=settings.max_length,
                                            batch_size=settings.forward_batch_size)
+        self.device = placement(self.encoder.model)
 
     def process(self, rows: pa.Table) -> pa.Table:
         texts = [embed_tasks.example_text(r) for r in rows.to_pylist()]

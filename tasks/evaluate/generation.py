@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gleaner.devices import default_device, inference_dtype
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt
 from gleaner.tasks.train.sft_data import (
     FORMAT_FILE,
@@ -80,12 +81,11 @@ class Generator:
 
                 self._model = LLM(model=self.model_dir, seed=self.settings.seed)
             else:
-                import torch
                 from transformers import AutoModelForCausalLM
 
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-                dtype = torch.bfloat16 if device == "cuda" else torch.float32
-                model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
+                device = default_device()
+                model = AutoModelForCausalLM.from_pretrained(self.model_dir,
+                                                             dtype=inference_dtype(device))
                 self._model = model.to(device).eval()
         return self._model
 

@@ -148,10 +148,11 @@ class IFDScorer:
 
     def __init__(self, model: str | None = None, device: str | None = None,
                  batch_size: int = 8, max_length: int = 512):
-        from gleaner.tasks.deita.score import _load_causal_lm, default_device, resolve_model
+        from gleaner.devices import default_device
+        from gleaner.tasks.deita.score import _load_causal_lm, resolve_model
 
         self.path, self.gguf_file, self.name = resolve_model(model)
-        self.device = device or default_device()
+        self.device = default_device(device)
         self.batch_size = max(1, batch_size)
         self.max_length = max_length
         self.tokenizer, self.model = _load_causal_lm(self.path, self.gguf_file, self.device)

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import IFDConfig
+from gleaner.devices import placement
 from gleaner.engine import Stage, rows_table, stage_schema
 from gleaner.tasks.ifd.loss import PROMPT_VERSION, IFDScorer
 
@@ -41,6 +42,7 @@ class IFDWorker:
     def __init__(self, settings: IFDConfig):
         self.scorer = IFDScorer(settings.model, settings.device, settings.model_batch_size,
                                 settings.max_length)
+        self.device = placement(self.scorer.model)
 
     def process(self, rows: pa.Table) -> pa.Table:
         examples = rows.to_pylist()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gleaner.devices import default_device, inference_dtype
 from gleaner.tasks.reward.data import encode, with_response
 from gleaner.tasks.reward.objective import pad_right, rewards
 from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat
@@ -21,23 +22,16 @@ from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat
 REWARD_FILE = "gleaner_reward.json"  # how texts were cut when the model was trained
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class RewardScorer:
     """r(x, y) for records with instruction, input, output (and conversation)."""
 
     def __init__(self, folder: str | Path, device: str | None = None, batch_size: int = 16):
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"no reward model in {folder} (config.json missing)")
-        self.device = device or default_device()
+        self.device = default_device(device)
         self.batch_size = max(1, batch_size)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         if self.tokenizer.pad_token is None:
@@ -47,7 +41,8 @@ class RewardScorer:
             else SftFormat()
         info = json.loads(info_file.read_text()) if info_file.exists() else {}
         self.max_length = int(info.get("max_length") or 512)
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=inference_dtype(self.device))
         if model.config.num_labels != 1:
             raise ValueError(f"{folder} is not a reward model: its head has "
                              f"{model.config.num_labels} outputs, not 1")

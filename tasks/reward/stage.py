@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import RewardConfig, StoreConfig
+from gleaner.devices import placement
 from gleaner.engine import Stage, rows_table, stage_schema
 from gleaner.store import Store
 
@@ -61,6 +62,7 @@ class RewardWorker:
         self.stage = stage
         settings = stage.settings
         self.scorer = RewardScorer(Path(folder), settings.device, settings.forward_batch_size)
+        self.device = placement(self.scorer.model)
 
     def process(self, rows: pa.Table) -> pa.Table:
         records = rows.to_pylist()
