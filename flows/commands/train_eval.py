@@ -32,22 +32,17 @@ def finetune_text(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plan_examples(config: Any, run_id: str | None, dataset: str | None,
-                  examples: int | None) -> int:
-    """How many examples the plan counts: --examples, else the run's curated set in the store."""
-    if examples is not None:
-        return examples
-    if not run_id:
-        fail("--plan needs --examples N or --run-id ID (whose selection it counts)")
+def run_examples(config: Any, run_id: str, dataset: str | None) -> int | None:
+    """How many examples the run's fine-tune trains on (its curated set), or None when the
+    store does not hold them yet."""
     from gleaner.store import Store
     from gleaner.tasks.train.run import resolve_dataset
 
     try:
-        table = resolve_dataset(Store(config.store.url, config.store.options), run_id, config,
-                                dataset)
-    except (FileNotFoundError, ValueError) as error:
-        fail(f"--plan: cannot count run {run_id}'s training examples ({error}); give --examples")
-    return table.num_rows
+        return resolve_dataset(Store(config.store.url, config.store.options), run_id, config,
+                               dataset).num_rows
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def finetune_plan(config: Any, examples: int) -> Any:
@@ -62,16 +57,18 @@ def finetune_plan(config: Any, examples: int) -> Any:
         fail(str(error))
 
 
-def refuse_unfit(config: Any, run_id: str, dataset: str | None) -> None:
-    """Refuse a fine-tune that cannot fit before Ray is asked for anything (the flow checks
-    again; a run whose examples cannot be counted yet is left to the flow's own message)."""
-    from gleaner.store import Store
-    from gleaner.tasks.train.run import resolve_dataset
+def refuse_before_starting(config: Any, run_id: str, dataset: str | None) -> None:
+    """Refuse a fine-tune that cannot fit, or that asks the trainer for a layout it cannot run,
+    before the Prefect API or Ray is started (the flow checks again; a run whose examples are
+    not in the store yet is left to the flow's own message)."""
+    from gleaner.tasks.train.run import check_trainer_supports
 
     try:
-        count = resolve_dataset(Store(config.store.url, config.store.options), run_id, config,
-                                dataset).num_rows
-    except (FileNotFoundError, ValueError):
+        check_trainer_supports(config.finetune, "finetune")
+    except ValueError as error:
+        fail(str(error))
+    count = run_examples(config, run_id, dataset)
+    if count is None:
         return
     memory = finetune_plan(config, max(1, count))
     if not memory.fits:
@@ -131,12 +128,16 @@ def finetune(
     if plan:
         from gleaner.tasks.train.memory_plan import plan_text
 
-        memory = finetune_plan(config, plan_examples(config, run_id, dataset, examples))
+        count = examples or (run_examples(config, run_id, dataset) if run_id else None)
+        if count is None:
+            fail("--plan needs --examples N, or --run-id ID of a run whose curated set is in "
+                 "the store")
+        memory = finetune_plan(config, count)
         emit(memory.as_dict(), as_json, plan_text(memory))
         raise typer.Exit(0 if memory.fits else 1)
     if not run_id:
         fail("--run-id is required (or --plan with --examples)")
-    refuse_unfit(config, run_id, dataset)
+    refuse_before_starting(config, run_id, dataset)
 
     from gleaner.flows.finetune_flow import finetune_flow
     from gleaner.runtime import execution_environment
