@@ -25,7 +25,8 @@ from tests.support.pipeline import (
     store_texts,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+# one worker process runs the module: the session's CLI curate run is made once
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("cli-curate-run")]
 
 
 @pytest.fixture(scope="module")
