@@ -31,8 +31,7 @@ from gleaner.tasks.rate.stage import RATING_SCHEMA
 from tests.support.cluster_run import ClusterRun, found_texts, run_cluster
 from tests.support.faults import examples, stable_score
 
-# one worker process runs the module: its cluster fixture is started once
-pytestmark = [pytest.mark.timeout(480), pytest.mark.xdist_group("two-node-cluster")]
+pytestmark = pytest.mark.timeout(480)
 
 ROWS = 240
 RATE_BATCH, EMBED_BATCH = 20, 40

@@ -44,9 +44,7 @@ from tests.support.pipeline import (
 sys.path.insert(0, str(ROOT / "infra" / "prefect"))
 import work_pools  # noqa: E402  (a script under infra/, not a package)
 
-# one worker process runs the module: its deployments are made once
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900),
-              pytest.mark.xdist_group("deployments")]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 SAMPLE_ROWS = 24
 SECRET_BLOCK = "gleaner-openai-key"
 SECRET = "sk-gleaner-deploy-canary-" + secrets.token_hex(8)

@@ -25,8 +25,7 @@ from tests.support.pipeline import (
     store_texts,
 )
 
-# one worker process runs the module: the session's CLI curate run is made once
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("cli-curate-run")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
