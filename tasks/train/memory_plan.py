@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gleaner.tasks.train.recipes import Recipe
+from gleaner.tasks.train.recipes import Recipe, total_steps
 
 GIB = 2**30
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
@@ -225,12 +225,6 @@ def frozen_bytes(shape: ModelShape, layout: TrainingLayout) -> int:
     return math.ceil(quantised * NF4_BYTES + BF16 * (shape.parameters - quantised))
 
 
-def _steps(examples: int, recipe: Recipe) -> int:
-    per_epoch = max(1, math.ceil(examples / recipe.effective_batch_size))
-    steps = max(1, math.ceil(recipe.epochs * per_epoch))
-    return min(steps, recipe.max_steps) if recipe.max_steps else steps
-
-
 def plan_training(shape: ModelShape, recipe: Recipe, layout: TrainingLayout,
                   examples: int) -> MemoryPlan:
     """The per-GPU memory, batch arithmetic and steps of one fine-tune, with the reasons it
@@ -269,13 +263,15 @@ def plan_training(shape: ModelShape, recipe: Recipe, layout: TrainingLayout,
             f"{budget / GIB:.1f} GiB ({layout.gpu_memory_gb:g} GB less "
             f"{layout.headroom:.0%} headroom) with strategy {layout.strategy}, peft "
             f"{layout.peft}, {world} GPU(s)")
+    # as the loop counts them: each worker's shard in micro-batches, then optimizer steps
+    steps = total_steps(recipe, math.ceil(math.ceil(examples / world) / micro), accumulation)
     published = CHECKPOINT_WEIGHT_BYTES * (trained if layout.peft != "none" else
                                            shape.parameters)
     checkpoint = (MASTER_BYTES + ADAM_BYTES) * trained + published
     return MemoryPlan(
         fits=not reasons, per_gpu_bytes=per_gpu, budget_bytes=budget, breakdown=parts,
         effective_batch=micro * accumulation * world, micro_batch=micro,
-        accumulation=accumulation, world_size=world, steps=_steps(examples, recipe),
+        accumulation=accumulation, world_size=world, steps=steps,
         examples=examples, parameters=shape.parameters, trained_parameters=trained,
         checkpoint_bytes=checkpoint, published_model_bytes=published,
         strategy=layout.strategy, peft=layout.peft, on_gpu=layout.on_gpu, reasons=reasons)
