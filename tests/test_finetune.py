@@ -179,6 +179,7 @@ def test_residual_dropout_rises_linearly_and_only_in_training(tiny_model_dir: Pa
 
 # ---- the real Ray Train path ---------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.e2e  # a model's whole life: fit, checkpoint, resume, reload, use
 def test_ray_train_fit_saves_resumes_reloads_and_generates(
         ray_local, tiny_model_dir: Path, shared_data: Path, tmp_path: Path) -> None:
     import pyarrow as pa

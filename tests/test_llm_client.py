@@ -241,6 +241,7 @@ def test_local_limiter_paces_requests() -> None:
     assert 0.9 <= run(go()) < 3.0
 
 
+@pytest.mark.timing  # request times against the wall clock: run alone
 def test_rate_limit_is_shared_by_all_ray_workers(ray_local) -> None:
     """Two Ray worker processes share one bucket: together they get the quota, not twice it."""
     import ray

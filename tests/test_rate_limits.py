@@ -35,6 +35,9 @@ from gleaner.llm import ratelimit
 from gleaner.llm.ratelimit import TokenBucket
 from tests.support.quota_server import REQUESTS_PER_ROW, Quota, QuotaServer, run_stage_against
 
+# rates measured against the wall clock: run alone, never beside a second test process
+pytestmark = pytest.mark.timing
+
 QUOTA = 20  # requests/s the server admits (rolling 1-second window)
 RPM = 60 * QUOTA  # what the stages are told
 MIN_USE = 0.85

@@ -94,6 +94,7 @@ def synthetic_pairs(count: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a model's whole life: fit, checkpoint, resume, reload, use
 def test_reward_model_learns_a_preference_checkpoints_resumes_and_scores_a_run(
         prefect_api, ray_local, tiny_model_dir: Path, tmp_path: Path) -> None:
     import pyarrow as pa

@@ -52,6 +52,7 @@ def evol_items(seeds: int, rng: random.Random) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # a model's whole life: fit, checkpoint, resume, reload, use
 def test_trained_scorer_plugs_into_the_hf_scorer_and_is_reported_against_its_teacher(
         prefect_api, ray_local, tiny_model_dir: Path, tmp_path: Path) -> None:
     import pyarrow as pa

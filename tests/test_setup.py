@@ -42,7 +42,8 @@ def test_ci_runs_the_readmes_setup_command_and_its_test_command() -> None:
     test_command = readme_commands()[1].strip()
     assert test_command == ".venv/bin/python -m pytest"
     assert test_command in lines
-    assert f"{test_command} -m e2e" in lines  # the whole-product runs the default leaves out
+    assert f"{test_command} -m timing -n 0" in lines  # what the default leaves out: rates
+    assert f"{test_command} -m e2e" in lines  # ... and the whole-product runs
 
 
 def test_setup_installs_from_the_lock_with_a_portable_llama_cpp() -> None:
