@@ -32,7 +32,6 @@ is built on PyTorch's meta device from its config.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,9 +298,6 @@ def plan_text(plan: MemoryPlan, title: str = "fine-tune plan") -> str:
     lines += [f"  refused: {reason}" for reason in plan.reasons]
     return "\n".join(lines)
 
-
-def plan_json(plan: MemoryPlan) -> str:
-    return json.dumps(plan.as_dict(), sort_keys=True)
 
 
 def layout_of(section: Any) -> TrainingLayout:
