@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 
 from gleaner.schema import Example
-from gleaner.tasks.train.recipes import (
-    build_optimizer,
-    build_recipe,
-    build_scheduler,
-    gradient_accumulation,
-)
+from gleaner.tasks.train.recipes import build_recipe
 from gleaner.tasks.train.sft_data import (
     ALPACA_PROMPT_INPUT,
     IGNORE_INDEX,
     SftFormat,
-    collate,
-    pack,
     prepare_tokenizer,
     tokenise,
     tokenise_all,
 )
+from gleaner.tasks.train.trainer_settings import RunLayout, accumulation_steps
 from tests.support.tiny_models import (  # noqa: F401  (fixtures, by their names)
     fixture_smol_tokenizer_dir,
     fixture_tiny_model_dir,
@@ -91,66 +85,105 @@ def test_trimming_and_examples_with_no_response_left(tokenizer) -> None:
     assert result.counts()["examples"] == len(result.sequences) + result.dropped_no_response
 
 
-def test_packing_and_collation(tokenizer) -> None:
-    items = tokenise_all([record(f"Q{i}?", f"A{i}.") for i in range(10)], tokenizer,
-                         SftFormat("alpaca"), 128).sequences
-    packed = pack(items, 128)
-    assert len(packed) < len(items)
-    assert sum(len(p.input_ids) for p in packed) == sum(len(i.input_ids) for i in items)
-    assert all(len(p.input_ids) <= 128 for p in packed)
-    batch = collate([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
-                     {"input_ids": [4], "labels": [4]}], pad_token_id=0)
-    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
-    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-# ---- recipes -------------------------------------------------------------------------------
-def test_alpaca_preset_optimizer_and_cosine_schedule(tiny_model_dir: Path) -> None:
+def sft_trainer(model_dir: Path, tokenizer, recipe, rows: list[dict], tmp_path: Path,
+                layout: RunLayout = RunLayout()):
+    """The trainer the Ray Train worker builds (same objective, same arguments), in-process."""
+    import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    from gleaner.tasks.train.finetune import sequences_table
+    from gleaner.tasks.train.objectives import CausalLM
+    from gleaner.tasks.train.trainer_settings import training_arguments
+
+    items = tokenise_all(rows, tokenizer, SftFormat(recipe.template), recipe.max_length)
+    table: pa.Table = sequences_table(items.sequences)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    arguments = training_arguments(recipe, layout, output_dir=str(tmp_path / "out"),
+                                   world_size=1, layer_class="LlamaDecoderLayer")
+    return CausalLM().trainer(model, arguments, table, tokenizer, None, recipe), items
+
+
+def test_packed_loss_equals_the_loss_of_the_examples_alone(
+        tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
+    """TRL's padding-free packing: one packed row, position ids restarting per example, no
+    attention across examples: its loss is the token-weighted loss of each example alone."""
+    import torch
+
+    from gleaner.tasks.train.worker import check_packing_keeps_examples_apart
+
+    recipe = build_recipe("alpaca", {"packing": True, "max_length": 256,
+                                     "per_device_batch_size": 4, "effective_batch_size": 4})
+    rows = [record(f"Question {i}?", "An answer " * (i + 1)) for i in range(4)]
+    trainer, items = sft_trainer(tiny_model_dir, tokenizer, recipe, rows, tmp_path)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # one packed row
+    assert int((batch["position_ids"][0] == 0).sum()) == 4  # four examples, positions restart
+    model = trainer.model.eval()
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       labels=batch["labels"]).loss
+        token_losses, tokens = 0.0, 0
+        for item in items.sequences:
+            ids, labels = torch.tensor([item.input_ids]), torch.tensor([item.labels])
+            counted = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            token_losses += model(input_ids=ids, labels=labels).loss.item() * counted
+            tokens += counted
+    assert packed.item() == pytest.approx(token_losses / tokens, rel=1e-4)
+    check_packing_keeps_examples_apart(model, RunLayout())  # the worker's own check passes
+
+
+# ---- recipes: the trainer arguments each one builds ----------------------------------------
+def learning_rates(trainer, steps: int) -> list[float]:
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    lrs = []
+    for _ in range(steps + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_alpaca_preset_trainer_arguments_optimizer_and_cosine_schedule(
+        tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
     recipe = build_recipe("alpaca")
     assert (recipe.learning_rate, recipe.epochs, recipe.effective_batch_size,
             recipe.max_length, recipe.scheduler, recipe.warmup_ratio, recipe.bf16) == (
         2e-5, 3.0, 128, 512, "cosine", 0.03, True)
-    optimizer = build_optimizer(model, recipe)
+    trainer, _ = sft_trainer(tiny_model_dir, tokenizer, recipe, [record("Q?", "A.")], tmp_path)
+    args = trainer.args
+    assert (args.learning_rate, args.num_train_epochs, args.per_device_train_batch_size,
+            args.gradient_accumulation_steps, args.max_length, args.lr_scheduler_type.value,
+            args.bf16, args.packing) == (2e-5, 3.0, 4, 32, 512, "cosine", False, False)
+    lrs = learning_rates(trainer, 100)  # 3 warm-up steps
     assert all(g["betas"] == (0.9, 0.999) and g["weight_decay"] == 0.0
-               for g in optimizer.param_groups)
-    scheduler = build_scheduler(optimizer, recipe, steps=100)  # 3 warm-up steps
-    lrs = []
-    for _ in range(100):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+               for g in trainer.optimizer.param_groups)
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(2e-5 / 3)
     assert lrs[3] == pytest.approx(2e-5)  # peak after warm-up
     assert lrs[3 + 97 // 2] == pytest.approx(1e-5, rel=0.05)  # cosine: half-way = half
-    assert lrs[-1] < 1e-7
-    assert gradient_accumulation(recipe, world_size=4) == 8  # 4 per device x 4 workers x 8
+    assert lrs[-2] < 1e-7
+    assert accumulation_steps(recipe, world_size=4) == 8  # 4 per device x 4 workers x 8
+    with pytest.raises(ValueError, match="not a multiple of micro-batch 4 x 3 workers"):
+        accumulation_steps(recipe, world_size=3)
 
 
-def test_lima_preset_optimizer_linear_decay_and_size_rule(tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+def test_lima_preset_trainer_arguments_optimizer_linear_decay_and_size_rule(
+        tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
     large = build_recipe("lima", model_params=65_000_000_000)
     small = build_recipe("lima", model_params=7_000_000_000)
     assert (large.effective_batch_size, large.residual_dropout_top) == (32, 0.3)
     assert (small.effective_batch_size, small.residual_dropout_top) == (64, 0.2)
     assert (small.epochs, small.max_length, small.warmup_ratio, small.template) == (
         15.0, 2048, 0.0, "eot")
-    optimizer = build_optimizer(model, small)
-    decay, no_decay = optimizer.param_groups
+    prepare_tokenizer(tokenizer, SftFormat("eot", small.end_of_turn_token))
+    trainer, _ = sft_trainer(tiny_model_dir, tokenizer, small, [record("Q?", "A.")], tmp_path)
+    assert (trainer.args.weight_decay, trainer.args.adam_beta2, trainer.args.num_train_epochs,
+            trainer.args.gradient_accumulation_steps) == (0.1, 0.95, 15.0, 32)
+    lrs = learning_rates(trainer, 10)
+    decay, no_decay = trainer.optimizer.param_groups
     assert decay["betas"] == no_decay["betas"] == (0.9, 0.95)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
-    scheduler = build_scheduler(optimizer, small, steps=10)
-    lrs = []
-    for _ in range(11):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
     assert lrs[0] == pytest.approx(1e-5)  # no warm-up
     assert lrs[5] == pytest.approx(5.5e-6)  # straight line
     assert lrs[10] == pytest.approx(1e-6)

@@ -4,6 +4,7 @@ alone, checked on well-known cases and against what a real model holds after one
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -112,9 +113,10 @@ def test_planned_state_bytes_equal_what_a_tiny_model_holds_after_one_cpu_step(
         tmp_path: Path) -> None:
     """Weights, gradients and AdamW state of a real step (CPU: fp32) equal the plan's."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+    from trl import SFTConfig
 
-    from gleaner.tasks.train.recipes import build_optimizer
+    from gleaner.tasks.train.trainer_settings import RunLayout, training_arguments
 
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -124,7 +126,10 @@ def test_planned_state_bytes_equal_what_a_tiny_model_holds_after_one_cpu_step(
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     recipe = build_recipe("alpaca")
-    optimizer = build_optimizer(model, recipe)
+    arguments = SFTConfig(**training_arguments(recipe, RunLayout(), output_dir=str(
+        tmp_path / "out"), world_size=1, layer_class=None))
+    trainer = Trainer(model=model, args=arguments)  # the optimizer every objective trains with
+    optimizer = trainer.create_optimizer()
     ids = torch.randint(0, 512, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
@@ -210,9 +215,18 @@ def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_setting(
 
     store = Store(str(tmp_path / "store"))
     write_pool_and_selection(store, "r", shared_data, pool=20, chosen=6)
-    for key, value in (("strategy", "fsdp"), ("peft", "lora")):
+    cases = [  # what this CPU machine's packages and devices cannot run, each refused by name
+        ({"finetune.strategy": "fsdp"}, "finetune.strategy 'fsdp' needs GPUs"),
+        ({"finetune.strategy": "deepspeed"}, "finetune.strategy 'deepspeed': DeepSpeed is not"),
+        ({"finetune.attn_implementation": "flash_attention_2"},
+         "finetune.attn_implementation 'flash_attention_2': flash-attn is not installed"),
+        ({"finetune.peft": "qlora"}, "finetune.peft 'qlora': bitsandbytes is not installed"),
+        ({"finetune.peft": "lora", "finetune.lora.target_modules": ["c_attn"]},
+         "finetune.lora.target_modules c_attn: the model has no such linear module"),
+    ]
+    for overrides, message in cases:
         config = GleanerConfig().with_overrides({
             "store.url": str(tmp_path / "store"), "finetune.base_model": str(tiny_model_dir),
-            f"finetune.{key}": value, "finetune.overrides": {"max_length": 64}})
-        with pytest.raises(ValueError, match=f"finetune.{key} '{value}'"):
+            "finetune.overrides": {"max_length": 64}, **overrides})
+        with pytest.raises(ValueError, match=re.escape(message)):
             run_finetune(store, "r", config)

@@ -20,24 +20,32 @@ from tests.support.tiny_models import (  # noqa: F401  (fixtures, by their names
 
 
 def test_the_loss_is_minus_log_sigmoid_of_the_reward_difference(tiny_model_dir: Path,
-                                                                 tokenizer) -> None:
+                                                                 tokenizer, tmp_path) -> None:
+    """The loss the reward model trains on (TRL's RewardTrainer, built as the Ray Train worker
+    builds it, on a batch its own collator makes) and the held-out report's loss both equal
+    -log sigmoid(r_h - r_l) computed text by text, with no padding at all."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from gleaner.tasks.reward.objective import PairwiseReward
+    from gleaner.tasks.reward.objective import PairwiseReward, pairwise_loss, rewards
+    from gleaner.tasks.train.recipes import build_recipe
+    from gleaner.tasks.train.trainer_settings import RunLayout, training_arguments
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    objective = PairwiseReward()
+    model = objective.load_model(str(tiny_model_dir), RunLayout())
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
     texts = [("Q: colour? A: blue, the colour of the sky.", "Q: colour? A: no."),
              ("Q: 2+2? A: 4", "Q: 2+2? A: it is five, or maybe six, hard to say."),
              ("Q: hi A: hello!", "Q: hi A: go away")]
     ids = [(tokenizer(c)["input_ids"], tokenizer(r)["input_ids"]) for c, r in texts]
-    objective = PairwiseReward()
-    batch = objective.collate(objective.rows(_pair_table(ids)), tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 6  # chosen first, then rejected, right-padded
-    loss = objective.loss(model, batch)
+    recipe = build_recipe("reward", {"per_device_batch_size": 3, "effective_batch_size": 3})
+    arguments = training_arguments(recipe, RunLayout(), output_dir=str(tmp_path / "out"),
+                                   world_size=1, layer_class="LlamaDecoderLayer")
+    trainer = objective.trainer(model, arguments, _pair_table(ids), tokenizer, None, recipe)
+    batch = trainer.data_collator([{"chosen_ids": c, "rejected_ids": r} for c, r in ids])
+    assert batch["input_ids"].shape[0] == 6  # chosen first, then rejected, padded
+    model.eval()
+    loss = trainer.compute_loss(model, batch)
 
     def reward(seq: list[int]) -> torch.Tensor:  # one text alone: no padding at all
         return model(input_ids=torch.tensor([seq])).logits[0, 0]
@@ -45,8 +53,11 @@ def test_the_loss_is_minus_log_sigmoid_of_the_reward_difference(tiny_model_dir: 
     with torch.no_grad():
         diffs = torch.stack([reward(c) - reward(r) for c, r in ids])
         direct = torch.mean(-torch.log(torch.sigmoid(diffs)))
+        report_batch = objective.collate(objective.rows(_pair_table(ids)), tokenizer.pad_token_id)
+        chosen, rejected = rewards(model, report_batch).chunk(2)
     assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
-    assert loss.requires_grad  # it is what the loop back-propagates
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(direct.item(), rel=1e-5)
+    assert loss.requires_grad  # it is what the trainer back-propagates
 
 
 def _pair_table(ids):

@@ -61,10 +61,10 @@ def refuse_before_starting(config: Any, run_id: str, dataset: str | None) -> Non
     """Refuse a fine-tune that cannot fit, or that asks the trainer for a layout it cannot run,
     before the Prefect API or Ray is started (the flow checks again; a run whose examples are
     not in the store yet is left to the flow's own message)."""
-    from gleaner.tasks.train.run import check_trainer_supports
+    from gleaner.tasks.train.run import base_model_source, check_layout
 
     try:
-        check_trainer_supports(config.finetune, "finetune")
+        check_layout(config.finetune, "finetune", base_model_source(config.finetune.base_model))
     except ValueError as error:
         fail(str(error))
     count = run_examples(config, run_id, dataset)

@@ -1,11 +1,10 @@
-"""The reward model's objective on the shared Ray Train loop (tasks/train/objectives.py).
+"""The reward model's objective on the shared Ray Train runner (tasks/train/objectives.py).
 
 Model: transformers' ``AutoModelForSequenceClassification`` with ``num_labels=1`` (what TRL's
 RewardTrainer builds too): r(x, y) is the head's scalar at the last non-padding token.
-Loss: -log sigmoid(r(x, y_h) - r(x, y_l)), averaged over the micro-batch, computed with
-``torch.nn.functional.logsigmoid`` exactly as TRL's ``RewardTrainer.compute_loss`` does;
-TRL itself is not used (docs/methods.md says why). Chosen and rejected texts go through
-one forward pass (the first half of the batch chosen, the second rejected), right-padded.
+Training is TRL's ``RewardTrainer`` on the pre-tokenised pairs (``chosen_ids``,
+``rejected_ids``): loss -log sigmoid(r(x, y_h) - r(x, y_l)), the mean over the micro-batch.
+The held-out report computes the same loss with :func:`pairwise_loss`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+
+from gleaner.tasks.train.objectives import load_pretrained
+from gleaner.tasks.train.recipes import Recipe
+from gleaner.tasks.train.trainer_settings import RunLayout
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, Any]:
@@ -48,14 +51,25 @@ class PairwiseReward:
     """Train r so that chosen responses score above rejected ones."""
 
     name: str = "reward"
+    peft_task: str = "SEQ_CLS"
     eval_batch_size: int = 16
 
-    def load_model(self, source: str) -> Any:
-        import torch
+    def load_model(self, source: str, layout: RunLayout, dtype: Any = None) -> Any:
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch.float32)
+        return load_pretrained(AutoModelForSequenceClassification, source, layout, dtype,
+                               num_labels=1)
+
+    def trainer(self, model: Any, arguments: dict[str, Any], table: pa.Table, tokenizer: Any,
+                peft_config: Any, recipe: Recipe) -> Any:
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        pairs = Dataset.from_dict({"chosen_ids": table.column("chosen_ids").to_pylist(),
+                                   "rejected_ids": table.column("rejected_ids").to_pylist()})
+        args = RewardConfig(**arguments, center_rewards_coefficient=None, dataset_num_proc=None)
+        return RewardTrainer(model=model, args=args, train_dataset=pairs,
+                             processing_class=tokenizer, peft_config=peft_config)
 
     def rows(self, table: pa.Table) -> list[dict[str, Any]]:
         return [{"chosen_ids": c, "rejected_ids": r} for c, r in
@@ -65,10 +79,6 @@ class PairwiseReward:
     def collate(self, rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
         return pad_right([r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows],
                          pad_token_id)
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        chosen, rejected = rewards(model, batch).chunk(2)
-        return pairwise_loss(chosen, rejected)
 
     def evaluate(self, model: Any, table: pa.Table | None, pad_token_id: int,
                  device: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from gleaner.tasks.reward.objective import PairwiseReward
 from gleaner.tasks.train.finetune import train
 from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
 from gleaner.tasks.train.run import (
-    check_trainer_supports,
+    check_layout,
     finished_model,
     load_base,
     model_path,
@@ -67,13 +67,13 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
     heldout = encode_pairs(heldout_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
 
     check_plan(plan_for_section(settings, base, max(1, encoded.pairs)), "reward-model training")
-    check_trainer_supports(settings, "reward.train")
+    run_layout = check_layout(settings, "reward.train", base)
     init_ray(config)
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-rm-") as scratch:
         outcome = train(
             sequences=encoded.table, tokenizer=tokenizer, fmt=fmt, base_model=base,
-            recipe=recipe, num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+            recipe=recipe, layout=run_layout, num_workers=settings.num_workers,
             storage_path=storage_path, storage_filesystem=storage_fs, run_name="train",
             local_dir=Path(scratch) / "final", cpus_per_worker=settings.cpus_per_worker,
             max_failures=settings.max_failures, objective=PairwiseReward(),

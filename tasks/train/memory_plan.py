@@ -262,8 +262,7 @@ def plan_training(shape: ModelShape, recipe: Recipe, layout: TrainingLayout,
             f"{budget / GIB:.1f} GiB ({layout.gpu_memory_gb:g} GB less "
             f"{layout.headroom:.0%} headroom) with strategy {layout.strategy}, peft "
             f"{layout.peft}, {world} GPU(s)")
-    # as the loop counts them: each worker's shard in micro-batches, then optimizer steps
-    steps = total_steps(recipe, math.ceil(math.ceil(examples / world) / micro), accumulation)
+    steps = total_steps(recipe, examples, world)
     published = CHECKPOINT_WEIGHT_BYTES * (trained if layout.peft != "none" else
                                            shape.parameters)
     checkpoint = (MASTER_BYTES + ADAM_BYTES) * trained + published

@@ -1,14 +1,15 @@
-"""What the Ray Train loop (tasks/train/finetune.py) optimises: one objective per kind of model.
+"""What a training run optimises: one objective per kind of model, each on its TRL trainer.
 
-The loop owns what every objective shares: shards, gradient accumulation, clipping, the
-schedule, bf16 autocast on GPU, checkpoints to the store and resume to the micro-batch. An
-objective says only how its model is built, how a micro-batch is made, what its loss is and
-what it reports on held-out rows at the end:
+The runner (tasks/train/finetune.py, tasks/train/worker.py) owns what every objective shares:
+Ray Train, the layout (DDP, FSDP, DeepSpeed, LoRA), checkpoints in the store and resume. An
+objective says how its model is loaded, which TRL trainer trains it on the rows the driver
+tokenised, and what it reports on held-out rows at the end:
 
-- :class:`CausalLM` (supervised fine-tuning, the default): transformers' own next-token
-  cross-entropy over the response tokens (labels are -100 elsewhere);
+- :class:`CausalLM` (supervised fine-tuning, the default): TRL's ``SFTTrainer`` on
+  pre-tokenised rows whose labels are -100 outside the responses; packing is TRL's
+  padding-free best-fit packing (position ids restart at each example);
 - ``gleaner.tasks.reward.objective.PairwiseReward``: a sequence-classification head with one
-  scalar, trained on (chosen, rejected) pairs with -log sigmoid(r(x, y_h) - r(x, y_l)).
+  scalar on TRL's ``RewardTrainer``, -log sigmoid(r(x, y_h) - r(x, y_l)).
 
 Objectives are pickled to the workers: settings only, never a model.
 """
@@ -20,25 +21,35 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from gleaner.tasks.train.recipes import Recipe
+from gleaner.tasks.train.trainer_settings import RunLayout, quantization_config
+
 
 class Objective(Protocol):
     name: str
+    peft_task: str  # PEFT's task type for LoRA adapters
 
-    def load_model(self, source: str) -> Any:
-        """The model to train, from a base model or a checkpoint's model folder (fp32)."""
+    def load_model(self, source: str, layout: RunLayout, dtype: Any = None) -> Any:
+        """The model to train (fp32 masters unless ``dtype``), or a trained one to publish."""
 
-    def rows(self, table: pa.Table) -> list[dict[str, Any]]:
-        """The training rows of the table the driver tokenised."""
-
-    def collate(self, rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-        """One micro-batch of tensors (with an ``attention_mask``: the loop counts tokens)."""
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        """The micro-batch's mean loss (a scalar tensor)."""
+    def trainer(self, model: Any, arguments: dict[str, Any], table: pa.Table, tokenizer: Any,
+                peft_config: Any, recipe: Recipe) -> Any:
+        """The TRL trainer for ``model`` on the driver's tokenised ``table``."""
 
     def evaluate(self, model: Any, table: pa.Table | None, pad_token_id: int,
                  device: Any) -> dict[str, Any]:
-        """Metrics on held-out rows after the last step (on rank 0); {} when none."""
+        """Metrics on held-out rows of the published model (on rank 0); {} when none."""
+
+
+def load_pretrained(auto_class: Any, source: str, layout: RunLayout, dtype: Any,
+                    **kwargs: Any) -> Any:
+    """A model in the layout's attention implementation; a 4-bit base under QLoRA."""
+    import torch
+
+    quantization = quantization_config(layout)
+    return auto_class.from_pretrained(
+        source, dtype=dtype or torch.float32, attn_implementation=layout.attn_implementation,
+        **({"quantization_config": quantization} if quantization else {}), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -46,25 +57,24 @@ class CausalLM:
     """Supervised fine-tuning of a causal LM on response tokens."""
 
     name: str = "sft"
+    peft_task: str = "CAUSAL_LM"
 
-    def load_model(self, source: str) -> Any:
-        import torch
+    def load_model(self, source: str, layout: RunLayout, dtype: Any = None) -> Any:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        return load_pretrained(AutoModelForCausalLM, source, layout, dtype)
 
-    def rows(self, table: pa.Table) -> list[dict[str, Any]]:
-        return [{"input_ids": i, "labels": lab} for i, lab in
-                zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist(),
-                    strict=True)]
+    def trainer(self, model: Any, arguments: dict[str, Any], table: pa.Table, tokenizer: Any,
+                peft_config: Any, recipe: Recipe) -> Any:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
 
-    def collate(self, rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-        from gleaner.tasks.train.sft_data import collate
-
-        return collate(rows, pad_token_id)
-
-    def loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        return model(**batch).loss
+        rows = Dataset.from_dict({"input_ids": table.column("input_ids").to_pylist(),
+                                  "labels": table.column("labels").to_pylist()})
+        args = SFTConfig(**arguments, packing=recipe.packing, packing_strategy="bfd",
+                         dataset_num_proc=None)
+        return SFTTrainer(model=model, args=args, train_dataset=rows,
+                          processing_class=tokenizer, peft_config=peft_config)
 
     def evaluate(self, model: Any, table: pa.Table | None, pad_token_id: int,
                  device: Any) -> dict[str, Any]:

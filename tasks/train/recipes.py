@@ -17,8 +17,8 @@ A recipe is a flat dataclass so every field can be overridden from the config
   2022, App. C.2; GPT-4-LLM does not state its own): one epoch, lr 9e-6 on a cosine
   schedule, batch 64 pairs; Alpaca's template for the (prompt, response) text.
 
-Weight decay skips biases and normalisation weights (every parameter with fewer
-than two dimensions), as the HF Trainer does.
+The recipe becomes the arguments of TRL's trainers in tasks/train/trainer_settings.py:
+transformers' AdamW (weight decay skips biases and normalisation weights) and schedules.
 """
 
 from __future__ import annotations
@@ -128,51 +128,13 @@ def build_recipe(preset: str, overrides: dict[str, Any] | None = None,
     return replace(recipe, **overrides)
 
 
-def gradient_accumulation(recipe: Recipe, world_size: int) -> int:
-    """Micro-batches per optimizer step so that micro x workers x steps = effective batch."""
-    per_step = recipe.per_device_batch_size * max(1, world_size)
-    return max(1, math.ceil(recipe.effective_batch_size / per_step))
-
-
-def total_steps(recipe: Recipe, micro_batches_per_epoch: int, accumulation: int) -> int:
-    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / accumulation))
+def total_steps(recipe: Recipe, examples: int, world_size: int) -> int:
+    """Optimizer steps as transformers counts them: the examples in micro-batches, the batches
+    split over the ranks, then accumulated (rounded up per epoch), times the epochs."""
+    micro_batches = math.ceil(math.ceil(examples / recipe.per_device_batch_size)
+                              / max(1, world_size))
+    accumulation = max(1, recipe.effective_batch_size
+                       // (recipe.per_device_batch_size * max(1, world_size)))
+    steps_per_epoch = max(1, math.ceil(micro_batches / accumulation))
     steps = max(1, math.ceil(recipe.epochs * steps_per_epoch))
     return min(steps, recipe.max_steps) if recipe.max_steps else steps
-
-
-def build_optimizer(model: Any, recipe: Recipe) -> Any:
-    import torch
-
-    decay, no_decay = [], []
-    for _, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": recipe.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=recipe.learning_rate, betas=(recipe.adam_beta1, recipe.adam_beta2),
-        eps=recipe.adam_epsilon,
-    )
-
-
-def build_scheduler(optimizer: Any, recipe: Recipe, steps: int) -> Any:
-    """The learning-rate schedule over ``steps`` optimizer steps (transformers' own schedules)."""
-    from transformers import (
-        get_constant_schedule_with_warmup,
-        get_cosine_schedule_with_warmup,
-        get_polynomial_decay_schedule_with_warmup,
-    )
-
-    warmup = math.ceil(recipe.warmup_ratio * steps)
-    if recipe.scheduler == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    if recipe.scheduler == "linear":
-        # power 1 = a straight line from the peak lr to final_learning_rate.
-        return get_polynomial_decay_schedule_with_warmup(
-            optimizer, warmup, steps, lr_end=recipe.final_learning_rate, power=1.0)
-    if recipe.scheduler == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    raise ValueError(f"unknown scheduler {recipe.scheduler!r}; choose cosine, linear or constant")

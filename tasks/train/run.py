@@ -42,10 +42,11 @@ from gleaner.tasks.train.finetune import (
     sequences_table,
     train,
 )
-from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
+from gleaner.tasks.train.memory_plan import check_plan, model_shape, plan_for_section
 from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.recipes import Recipe, build_recipe
 from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
+from gleaner.tasks.train.trainer_settings import RunLayout, check_runnable
 
 log = logging.getLogger("gleaner.finetune")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -167,7 +168,7 @@ def training_metrics(outcome: TrainOutcome) -> dict[str, Any]:
         "steps": state["step"],
         "total_steps": state.get("total_steps"),
         "tokens": state["tokens"],
-        "tokens_per_s": round(state["tokens"] / seconds, 2) if seconds else None,
+        "tokens_per_s": round(state["tokens_this_run"] / seconds, 2) if seconds else None,
         "train_seconds": round(seconds, 3),
         "wall_seconds": round(outcome.wall_seconds, 3),
         "gpu_max_memory_bytes": state.get("gpu_max_memory_bytes"),
@@ -177,19 +178,22 @@ def training_metrics(outcome: TrainOutcome) -> dict[str, Any]:
         "gradient_accumulation": state.get("accumulation"),
         "residual_dropout_rates": state.get("residual_dropout_rates"),
         "resumed_from_step": state.get("resumed_from_step"),
+        "strategy": state.get("strategy"),
+        "peft": state.get("peft"),
+        "dtype": state.get("dtype"),
+        "rank_parameters": state.get("rank_parameters"),
+        "rank_gpu_max_memory_bytes": state.get("rank_gpu_max_memory_bytes"),
         **({"eval": state["eval"]} if state.get("eval") else {}),
     }
 
 
-def check_trainer_supports(section: Any, key: str) -> None:
-    """Refuse, naming the setting, a layout this Ray Train loop cannot run (it runs DDP on the
-    full model); ``gleaner finetune --plan`` sizes every layout."""
-    if section.strategy != "ddp":
-        raise ValueError(f"{key}.strategy {section.strategy!r}: the trainer runs 'ddp' only; "
-                         f"plan it with `gleaner finetune --plan`")
-    if section.peft != "none":
-        raise ValueError(f"{key}.peft {section.peft!r}: the trainer trains the full model "
-                         f"only ('none'); plan it with `gleaner finetune --plan`")
+def check_layout(section: Any, key: str, base_model: str) -> RunLayout:
+    """The section's layout, refused (naming the setting) where the installed packages, the
+    devices or the base model cannot run it; ``gleaner finetune --plan`` sizes every layout."""
+    layout = RunLayout.of(section)
+    modules = set(model_shape(base_model).linear_shapes) if layout.peft != "none" else None
+    check_runnable(layout, key, modules)
+    return layout
 
 
 def finished_model(store: Store, run_id: str, name: str, force: bool) -> dict[str, Any] | None:
@@ -231,21 +235,21 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         raise ValueError(f"fine-tuning {name!r}: the dataset is empty")
     base, tokenizer, recipe, fmt = load_base(config.finetune.base_model, config.finetune.preset,
                                              config.finetune.overrides)
-    tokenised = tokenise_all(table.to_pylist(), tokenizer, fmt, recipe.max_length, recipe.packing)
+    tokenised = tokenise_all(table.to_pylist(), tokenizer, fmt, recipe.max_length)
     if not tokenised.sequences:
         raise ValueError(f"fine-tuning {name!r}: no example has a response token within "
                          f"max_length={recipe.max_length}")
 
     memory = check_plan(plan_for_section(config.finetune, base, len(tokenised.sequences)),
                         f"fine-tuning {name!r}")
-    check_trainer_supports(config.finetune, "finetune")
+    run_layout = check_layout(config.finetune, "finetune", base)
     init_ray(config)
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-ft-") as scratch:
         outcome = train(
             sequences=sequences_table(tokenised.sequences), tokenizer=tokenizer, fmt=fmt,
-            base_model=base, recipe=recipe, num_workers=config.finetune.num_workers,
-            use_gpu=config.finetune.use_gpu, storage_path=storage_path,
+            base_model=base, recipe=recipe, layout=run_layout,
+            num_workers=config.finetune.num_workers, storage_path=storage_path,
             storage_filesystem=storage_fs, run_name="train",
             local_dir=Path(scratch) / "final", cpus_per_worker=config.finetune.cpus_per_worker,
             max_failures=config.finetune.max_failures,
@@ -270,8 +274,8 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         "model": store.uri(model_path(store, run_id, name)),
         "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
         "final_loss": state["history"][-1]["loss"] if state["history"] else None,
-        "strategy": config.finetune.strategy, "peft": config.finetune.peft,
-        "world_size": metrics["world_size"],
+        **{k: metrics[k] for k in ("strategy", "peft", "world_size", "dtype",
+                                   "rank_parameters", "rank_gpu_max_memory_bytes")},
         "plan": {k: getattr(memory, k) for k in ("per_gpu_bytes", "fits", "effective_batch",
                                                  "steps", "breakdown")},
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",

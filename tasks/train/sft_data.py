@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: prompt templates, tokenisation, response-only labels, packing.
+"""Supervised fine-tuning data: prompt templates, tokenisation, response-only labels.
 
 Each example is rendered to one text plus the character spans that carry the
 loss (the responses). Tokenising with offsets then marks exactly the tokens
@@ -245,7 +245,9 @@ class TokenisedSet:
 
 
 def tokenise_all(records: Iterable[dict[str, Any]], tokenizer: Any, fmt: SftFormat,
-                 max_length: int, packing: bool = False) -> TokenisedSet:
+                 max_length: int) -> TokenisedSet:
+    """Every record tokenised with its response-only labels (packing is the trainer's: TRL's
+    padding-free packing keeps the examples apart)."""
     kept: list[Tokenised] = []
     examples = trimmed = dropped = 0
     for record in records:
@@ -256,42 +258,4 @@ def tokenise_all(records: Iterable[dict[str, Any]], tokenizer: Any, fmt: SftForm
             dropped += 1
             continue
         kept.append(item)
-    sequences = pack(kept, max_length) if packing else kept
-    return TokenisedSet(sequences, examples, trimmed, dropped,
-                        sum(len(s.input_ids) for s in sequences))
-
-
-def pack(items: Sequence[Tokenised], max_length: int) -> list[Tokenised]:
-    """Concatenate whole examples, in order, into sequences of at most ``max_length`` tokens.
-
-    Examples are never split across sequences; attention spans the examples of a
-    sequence (the usual packing trade-off: far less padding, a little cross-talk).
-    """
-    packed: list[Tokenised] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for item in items:
-        if ids and len(ids) + len(item.input_ids) > max_length:
-            packed.append(Tokenised(ids, labels, False))
-            ids, labels = [], []
-        ids = ids + item.input_ids
-        labels = labels + item.labels
-    if ids:
-        packed.append(Tokenised(ids, labels, False))
-    return packed
-
-
-def collate(batch: Sequence[dict[str, Sequence[int]]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad a micro-batch; padding is masked out of attention and loss."""
-    import torch
-
-    width = max(len(item["input_ids"]) for item in batch)
-    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, item in enumerate(batch):
-        n = len(item["input_ids"])
-        input_ids[row, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
-        labels[row, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
-        attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    return TokenisedSet(kept, examples, trimmed, dropped, sum(len(s.input_ids) for s in kept))
