@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 STATE_FILE = "gleaner_run_state.json"
+ADAPTER_DIR = "adapter"  # LoRA's adapters beside the merged model
 HF_CHECKPOINT = "checkpoint"  # the trainer's own checkpoint inside a Ray Train one
 BRANCH_NAMES = ("self_attn", "attn", "attention", "mlp", "feed_forward", "ffn")
 

@@ -24,6 +24,7 @@ from ray.train.huggingface.transformers import RayTrainReportCallback
 from transformers import PrinterCallback
 
 from gleaner.tasks.train.finetune import (
+    ADAPTER_DIR,
     HF_CHECKPOINT,
     MODEL_DIR,
     STATE_FILE,
@@ -131,15 +132,16 @@ def run_state(trainer: Any, result: Any, resumed_from_step: int | None) -> dict[
 
 
 def publish_model(trainer: Any, objective: Objective, layout: RunLayout, base_model: str,
-                  target: Path, rank: int, bf16: bool) -> None:
-    """The finished model as the store keeps it: merged LoRA (or the adapters alone when
-    ``lora.merge`` is off), full weights gathered from the shards, bf16 when trained in bf16."""
+                  tokenizer: Any, target: Path, rank: int, bf16: bool) -> None:
+    """The finished model as the store keeps it: full weights gathered from the shards, bf16
+    when trained in bf16; under LoRA the base with the adapters merged in and the adapters
+    themselves in ``adapter/`` (or the adapters alone when ``lora.merge`` is off)."""
     import torch
 
     if trainer.is_fsdp_enabled:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     merge = layout.peft != "none" and layout.lora_merge
-    saved = target.with_name(target.name + ".adapter") if merge else target
+    saved = target.with_name(target.name + "-adapter") if merge else target
     trainer.save_model(str(saved))  # a collective under FSDP / ZeRO-3: every rank calls it
     if rank != 0:
         return
@@ -148,12 +150,18 @@ def publish_model(trainer: Any, objective: Objective, layout: RunLayout, base_mo
         from peft import PeftModel
 
         base = objective.load_model(base_model, RunLayout(), dtype=dtype)
-        PeftModel.from_pretrained(base, str(saved)).merge_and_unload().save_pretrained(
-            target, max_shard_size="5GB")
-        shutil.rmtree(saved)
-    elif layout.peft == "none" and bf16:
-        model = objective.load_model(str(target), RunLayout(), dtype=dtype)
-        model.save_pretrained(target, max_shard_size="5GB")
+        if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tokenizer))
+        merged = PeftModel.from_pretrained(base, str(saved)).merge_and_unload()
+        merged.config.pad_token_id = tokenizer.pad_token_id
+        merged.save_pretrained(target, max_shard_size="5GB")
+        shutil.move(saved, target / ADAPTER_DIR)
+    elif layout.peft == "none" and bf16:  # fp32 masters published as bf16
+        converted = target.with_name(target.name + "-bf16")
+        objective.load_model(str(target), RunLayout(), dtype=dtype).save_pretrained(
+            converted, max_shard_size="5GB")
+        shutil.rmtree(target)
+        converted.rename(target)
 
 
 def quiet_libraries() -> None:
@@ -222,7 +230,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank_gpu_max_memory_bytes=gather(peak, world), gpu_max_memory_bytes=peak)
         model_dir = Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="gleaner-final-"))) / MODEL_DIR
-        publish_model(trainer, objective, layout, config["base_model"], model_dir, rank, bf16)
+        publish_model(trainer, objective, layout, config["base_model"], tokenizer, model_dir,
+                      rank, bf16)
 
         def add_model(folder: Path) -> None:
             if rank != 0:
