@@ -177,6 +177,7 @@ def _check_nodes(summary: dict[str, Any], cluster: dict[str, Any], batches: int)
     assert all(count >= 1 for count in nodes.values()) and sum(nodes.values()) == batches
 
 
+@pytest.mark.e2e  # a two-node Ray cluster on loopback (one child process)
 def test_local_folder_store_is_refused_before_any_work(cluster) -> None:
     outcome = _scenario(cluster, "refuse")
     assert outcome.get("error_type") == "ValueError", outcome
@@ -192,6 +193,7 @@ def test_local_folder_store_is_refused_before_any_work(cluster) -> None:
     assert flow_run.state.is_failed() and task_runs == []
 
 
+@pytest.mark.e2e  # a two-node Ray cluster on loopback (one child process)
 def test_rating_runs_on_both_nodes_each_reading_its_batch_from_s3(cluster) -> None:
     run, outcome = cluster["run"], _scenario(cluster, "rate")
     summary = _ok(outcome, run)
@@ -233,6 +235,7 @@ def test_rating_runs_on_both_nodes_each_reading_its_batch_from_s3(cluster) -> No
 
 
 @pytest.mark.slow  # each actor loads MiniLM
+@pytest.mark.e2e  # a two-node Ray cluster on loopback (one child process)
 def test_embedding_runs_one_actor_per_node_each_reading_its_batch_from_s3(cluster) -> None:
     run, outcome = cluster["run"], _scenario(cluster, "embed")
     summary = _ok(outcome, run)
