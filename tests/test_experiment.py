@@ -275,7 +275,8 @@ def test_grid_end_to_end_killed_after_an_arm_and_resumed(prefect_api, shared_dat
     for arm in (longest, ifd):
         part = arm["evaluation"]["test_sets"]["vicuna"]
         assert part["win"] + part["tie"] + part["lose"] + part["failed"] == 3
-        assert part["winning_score"] == pytest.approx((part["win"] - part["lose"]) / 3 + 1)
+        assert part["winning_score"] == pytest.approx(  # the report rounds to 4 places
+            (part["win"] - part["lose"]) / 3 + 1, abs=1e-4)
         assert arm["bias"]["vicuna"]["pairs_both_orders"] == 3 - part["failed"]
     assert baseline.get("evaluation") is None and baseline["examples"] == 8
     assert longest["examples"] == 8 and ifd["examples"] <= round(0.25 * 30)

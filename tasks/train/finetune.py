@@ -213,17 +213,13 @@ def fetch_final(checkpoint: Any, local_dir: Path) -> None:
 
 
 def count_parameters(source: str) -> int | None:
-    """Parameter count from a model's config alone (no weights loaded), for LIMA's size rule."""
-    try:
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+    """Parameter count from a model's config alone (no weights loaded), for LIMA's size rule;
+    tied embeddings count once, as the memory plan counts them."""
+    from gleaner.tasks.train.memory_plan import model_shape
 
-        config = AutoConfig.from_pretrained(source)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config)
-        return sum(p.numel() for p in model.parameters())
+    try:
+        return model_shape(source).parameters
     except (OSError, ValueError, ImportError) as error:
         log.warning("cannot count the parameters of %s (%s); LIMA's size rule not applied",
                     source, error)
         return None
-
