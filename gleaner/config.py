@@ -327,6 +327,17 @@ class RewardConfig(StageSection):
     resources: Resources = resources(batch_size=256, actors=1)
 
 
+class DpoConfig(TrainerSection):
+    """DPO on the run's comparison pairs (Rafailov et al. 2023; ``gleaner dpo train``): the
+    policy starts from the run's fine-tuned ``sft_model``, or from ``base_model`` when named."""
+
+    preset: Literal["dpo", "alpaca", "lima"] = "dpo"
+    name: str = Field("dpo", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # finetune/<name>
+    sft_model: str = "curated"
+    # the paper's beta for its dialogue (Anthropic HH) and most other runs; TRL's default
+    beta: float = Field(0.1, gt=0)
+
+
 class ScorerTrainConfig(TrainerSection):
     preset: Literal["alpaca", "lima"] = "alpaca"  # its optimiser and schedule; template raw
 
@@ -580,6 +591,7 @@ class GleanerConfig(Section):
     regenerate: RegenerateConfig = Field(default_factory=RegenerateConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
     evol: EvolConfig = Field(default_factory=EvolConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)

@@ -8,6 +8,7 @@ from gleaner.flows.commands import (
     curate,  # noqa: F401
     deita,  # noqa: F401
     doctor,  # noqa: F401
+    dpo,  # noqa: F401
     evol,  # noqa: F401
     experiment,  # noqa: F401
     generate,  # noqa: F401

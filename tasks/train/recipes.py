@@ -13,6 +13,9 @@ A recipe is a flat dataclass so every field can be overridden from the config
   and dropout 0.2 "for smaller models"; here a model is "large" from
   ``large_model_params`` (60e9) parameters on, decided when the model is loaded.
 
+- ``dpo`` (``gleaner dpo train``): Rafailov et al. 2023, App. B: lr 1e-6 with a linear
+  warm-up (150 steps there; 10 % of the steps here), then constant, batch 64; one epoch;
+  AdamW where the paper used RMSprop.
 - ``reward`` (``gleaner reward train``): InstructGPT's reward-model settings (Ouyang et al.
   2022, App. C.2; GPT-4-LLM does not state its own): one epoch, lr 9e-6 on a cosine
   schedule, batch 64 pairs; Alpaca's template for the (prompt, response) text.
@@ -27,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-PRESETS = ("alpaca", "lima", "reward")
+PRESETS = ("alpaca", "lima", "reward", "dpo")
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,17 @@ REWARD = Recipe(
     per_device_batch_size=4,
     max_length=512,
 )
-RECIPES = {"alpaca": ALPACA, "lima": LIMA, "reward": REWARD}
+DPO = Recipe(
+    preset="dpo",
+    learning_rate=1e-6,
+    scheduler="constant",
+    warmup_ratio=0.1,
+    epochs=1.0,
+    effective_batch_size=64,
+    per_device_batch_size=4,
+    max_length=512,
+)
+RECIPES = {"alpaca": ALPACA, "lima": LIMA, "reward": REWARD, "dpo": DPO}
 
 
 def recipe_fields() -> set[str]:

@@ -128,6 +128,8 @@ def run_state(trainer: Any, result: Any, resumed_from_step: int | None) -> dict[
         "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
         "resumed_from_step": resumed_from_step,
         "accumulation": trainer.args.gradient_accumulation_steps,
+        "trainer_metrics": {k: v for k, v in last_metrics(trainer.state).items()
+                            if isinstance(v, int | float)},
     }
 
 

@@ -1,0 +1,131 @@
+"""DPO on a run's comparison pairs: the SFT model (or a named base) to a preference-tuned one.
+
+``gleaner dpo train --run-id ID`` reads the pairs ``gleaner compare`` wrote, keeps whole
+prompts aside (``dpo.heldout_fraction``), turns the rest into preference rows in the policy's
+own format (tasks/compare/preferences.py) and trains on the shared Ray Train runner with
+:class:`~gleaner.tasks.dpo.objective.DirectPreference`. The result is a model like any
+fine-tuned one, ``runs/<id>/finetune/<dpo.name>/model``: ``gleaner evaluate --model-a dpo``
+answers with it and judges it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from gleaner import layout
+from gleaner.config import GleanerConfig
+from gleaner.runs import record_run
+from gleaner.runtime import STATE_DIR, init_ray
+from gleaner.store import Store
+from gleaner.tasks.compare.preferences import preference_rows, preference_set, read_pairs
+from gleaner.tasks.dpo.objective import DirectPreference
+from gleaner.tasks.reward.data import split_pairs
+from gleaner.tasks.train.finetune import train
+from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
+from gleaner.tasks.train.run import (
+    check_layout,
+    finished_model,
+    load_base,
+    model_path,
+    ray_storage,
+    training_metrics,
+    upload_folder,
+)
+from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, prepare_tokenizer
+
+
+def starting_model(store: Store, run_id: str, config: GleanerConfig) -> tuple[str, str]:
+    """(path, description) of the policy's start: ``dpo.base_model`` when named, else the
+    run's SFT model (``dpo.sft_model``), copied here when the store is remote."""
+    settings = config.dpo
+    if settings.base_model:
+        return settings.base_model, settings.base_model
+    remote = model_path(store, run_id, settings.sft_model)
+    if not store.exists(posixpath.join(remote, "config.json")):
+        raise FileNotFoundError(
+            f"run {run_id!r} has no fine-tuned model {settings.sft_model!r} in {store.url} to "
+            "start DPO from: run gleaner finetune first, or name one with --base-model")
+    described = f"run `{run_id}`'s `{settings.sft_model}` model"
+    if store.is_local:
+        return remote, described
+    local = STATE_DIR / "models" / f"{run_id}-{settings.sft_model}"
+    store.fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
+    return str(local), described
+
+
+def policy_format(source: str, fallback: SftFormat) -> SftFormat:
+    """The format the starting model was fine-tuned with (saved beside it), else the recipe's."""
+    saved = Path(source) / FORMAT_FILE
+    return SftFormat.from_json(saved.read_text()) if saved.exists() else fallback
+
+
+def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """Train the policy on the run's pairs (held-out prompts kept aside); returns the summary."""
+    settings = config.dpo
+    name = settings.name
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
+    finished = finished_model(store, run_id, name, settings.force)
+    if finished is not None:
+        return finished
+    pairs = read_pairs(store, run_id)
+    if pairs.num_rows == 0:
+        raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
+                         "failed?); see the compare summary")
+    train_pairs, heldout_pairs = split_pairs(pairs, settings.heldout_fraction, settings.seed)
+    if train_pairs.num_rows == 0:
+        raise ValueError("every pair is held out: lower dpo.heldout_fraction")
+    source, described = starting_model(store, run_id, config)
+    base, tokenizer, recipe, recipe_format = load_base(source, settings.preset,
+                                                       settings.overrides)
+    fmt = policy_format(base, recipe_format)
+    prepare_tokenizer(tokenizer, fmt)
+    encoded = preference_set(preference_rows(train_pairs.to_pylist(), tokenizer, fmt),
+                             tokenizer, recipe.max_length)
+
+    check_plan(plan_for_section(settings, base, encoded.pairs), "DPO training")
+    run_layout = check_layout(settings, "dpo", base)
+    init_ray(config)
+    storage_path, storage_fs = ray_storage(store, run_id, name)
+    with tempfile.TemporaryDirectory(prefix="gleaner-dpo-") as scratch:
+        outcome = train(
+            sequences=encoded.table, tokenizer=tokenizer, fmt=fmt, base_model=base,
+            recipe=recipe, layout=run_layout, num_workers=settings.num_workers,
+            storage_path=storage_path, storage_filesystem=storage_fs, run_name="train",
+            local_dir=Path(scratch) / "final", cpus_per_worker=settings.cpus_per_worker,
+            max_failures=settings.max_failures, objective=DirectPreference(settings.beta))
+        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
+
+    metrics = training_metrics(outcome)
+    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    trainer_metrics = outcome.state.get("trainer_metrics", {})
+    summary = {
+        "run_id": run_id, "name": name, "start": described, "beta": settings.beta,
+        "preset": recipe.preset, "recipe": recipe.as_dict(),
+        "data": {"pairs": pairs.num_rows, "train_pairs": encoded.pairs,
+                 "heldout_pairs": heldout_pairs.num_rows, "trimmed": encoded.trimmed,
+                 "tokens": encoded.tokens},
+        "reward_accuracy": trainer_metrics.get("rewards/accuracies"),
+        "reward_margin": trainer_metrics.get("rewards/margins"),
+        "model": store.uri(model_path(store, run_id, name)),
+        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
+        "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None,
+        **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
+                                   "gpu_max_memory_bytes", "device", "strategy", "peft",
+                                   "world_size", "dtype", "resumed_from_step")},
+        "skipped": False,
+    }
+    store.write_json(summary_path, summary)
+    record_run(store, run_id, config, dpo={k: summary[k] for k in (
+        "model", "steps", "final_loss", "reward_accuracy", "beta")})
+    return summary
+
+
+@task(name="dpo-model", retries=0)
+def dpo_train_task(run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """The DPO policy as one task run (retries are Ray Train's, from checkpoints)."""
+    return run_dpo_train(Store(config.store.url, config.store.options), run_id, config)
