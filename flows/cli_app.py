@@ -38,6 +38,21 @@ InputRunOption = typer.Option(..., "--run-id", help="The run whose ingested exam
 RowsPerBatchOption = typer.Option(None, "--batch-size", min=1, help="Examples per batch.")
 ActorsOption = typer.Option(None, "--actors", min=1, help="Ray actors in the pool.")
 NumGpusOption = typer.Option(None, "--num-gpus", min=0, help="GPUs per actor.")
+TrainGpusOption = typer.Option(
+    None, "--num-gpus", min=1, help="Train on this many GPUs: one Ray Train worker each.")
+
+
+def training_gpus(num_gpus: int | None, num_workers: int | None, gpu: bool | None
+                  ) -> tuple[int | None, bool | None]:
+    """(workers, use_gpu) of a training verb's --num-gpus, --num-workers and --gpu/--cpu."""
+    if num_gpus is None:
+        return num_workers, gpu
+    if gpu is False:
+        fail("--num-gpus trains on GPUs: drop --cpu")
+    if num_workers is not None and num_workers != num_gpus:
+        fail(f"--num-gpus {num_gpus} means {num_gpus} workers (one GPU each): drop "
+             f"--num-workers {num_workers}")
+    return num_gpus, True
 BatchAPIOption = typer.Option(
     False, "--batch-api", help="Send the requests through the provider's Batch API: half the "
     "price, answers within 24h (the driver polls; a rerun resumes the same batches)."

@@ -574,6 +574,9 @@ class BudgetConfig(Section):
 class RayConfig(Section):
     address: str | None = None  # None: a local Ray started by gleaner
     num_cpus: int | None = None
+    # the cluster adds nodes on demand (KubeRay / Ray autoscaler): GPUs it does not have yet
+    # are waited for, not refused
+    autoscaling: bool = False
 
 
 class PrefectConfig(Section):

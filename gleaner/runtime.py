@@ -175,6 +175,22 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
 
 
+def check_gpus(config: GleanerConfig, needed: float, setting: str) -> None:
+    """Refuse, naming the setting, a stage or training run that asks for more GPUs than the
+    Ray cluster has, before any work (an autoscaling cluster is trusted to add them)."""
+    import ray
+
+    if needed <= 0 or not ray.is_initialized() or config.ray.autoscaling:
+        return
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < needed:
+        where = config.ray.address or os.environ.get("RAY_ADDRESS") or "the local Ray"
+        raise ValueError(
+            f"{setting} asks for {needed:g} GPU(s), but {where} has {have:g}: lower it, point "
+            "ray.address at a cluster with GPUs, or set ray.autoscaling: true if the cluster "
+            "adds GPU nodes on demand")
+
+
 def init_ray(config: GleanerConfig) -> None:
     """Connect to the configured cluster, or start a local Ray, passing the Prefect API along."""
     import ray

@@ -67,14 +67,16 @@ def test_the_lock_pins_every_dependency_and_pyproject_keeps_ranges() -> None:
     pins = dict(line.split("==", 1) for line in LOCK.read_text().splitlines()
                 if line and not line.startswith("#"))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = project["dependencies"] + [d for extra in project["optional-dependencies"]
-                                          .values() for d in extra]
+    # every extra the set-up command installs; the `gpu` extra (CUDA builds) is not locked
+    declared = project["dependencies"] + [d for name, extra in project["optional-dependencies"]
+                                          .items() if name != "gpu" for d in extra]
     for requirement in declared:
         name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
         assert name in pins, f"{name} is not in the lock"
         if name != "torch":  # the CPU build on local disk is asked for by version
             assert "==" not in requirement, requirement
     assert pins["torch"] == "2.13.0" and "+" not in pins["torch"]
+    assert set(project["optional-dependencies"]) == {"dev", "local-llm", "gpu"}
     assert {"pip", "setuptools", "wheel", "llama-cpp-python"} <= set(pins)
 
 

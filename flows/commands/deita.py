@@ -49,6 +49,7 @@ def score(
         None, "--base-url", help="OpenAI-compatible endpoint returning top_logprobs."
     ),
     batch_size: int | None = RowsPerBatchOption,
+    num_gpus: float | None = NumGpusOption,
     force: bool = ForceOption,
     no_cache: bool = NoCacheOption,
     retry_failed: bool = RetryFailedOption,
@@ -60,7 +61,7 @@ def score(
     overrides: dict[str, Any] = {
         "store.url": store, "score.backend": choice("scorer", backend, "--backend"),
         "score.complexity_model": complexity_model, "score.quality_model": quality_model,
-        "score.resources.batch_size": batch_size,
+        "score.resources.batch_size": batch_size, "score.resources.gpus": num_gpus,
         **stage_flags("score", force, no_cache, retry_failed),
     }
     if base_url:

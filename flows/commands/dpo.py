@@ -11,6 +11,7 @@ from gleaner.flows.cli_app import (
     ConfigOption,
     JsonOption,
     StoreOption,
+    TrainGpusOption,
     app,
     build_config,
     emit,
@@ -64,6 +65,7 @@ def train(
     learning_rate: float | None = LearningRateOption, max_length: int | None = MaxLengthOption,
     batch_size: int | None = BatchSizeOption, per_device_batch_size: int | None = MicroBatchOption,
     num_workers: int | None = WorkersOption, gpu: bool | None = GpuOption,
+    num_gpus: int | None = TrainGpusOption,
     force: bool = RetrainOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
@@ -80,7 +82,8 @@ def train(
         "store.url": store, "dpo.heldout_fraction": heldout, "dpo.beta": beta,
         "dpo.sft_model": sft_model,
         **trainer_overrides("dpo", base_model=base_model, preset=preset,
-                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe)})
+                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe,
+                            num_gpus=num_gpus)})
     from gleaner.flows.dpo_flow import run_dpo_train
 
     summary = run_or_fail(run_dpo_train, config, run_id)

@@ -15,6 +15,7 @@ from gleaner.flows.cli_app import (
     RetryFailedOption,
     RowsPerBatchOption,
     StoreOption,
+    TrainGpusOption,
     app,
     build_config,
     emit,
@@ -114,6 +115,7 @@ def train(
     learning_rate: float | None = LearningRateOption, max_length: int | None = MaxLengthOption,
     batch_size: int | None = BatchSizeOption, per_device_batch_size: int | None = MicroBatchOption,
     num_workers: int | None = WorkersOption, gpu: bool | None = GpuOption,
+    num_gpus: int | None = TrainGpusOption,
     force: bool = RetrainOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
@@ -128,7 +130,8 @@ def train(
     config = build_config(config_file, **{
         "store.url": store, "evol.scorer.heldout_fraction": heldout,
         **trainer_overrides("evol.scorer", base_model=base_model, preset=preset,
-                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe)})
+                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe,
+                            num_gpus=num_gpus)})
     from gleaner.flows.evol_flow import run_scorer_train
 
     result = run_or_fail(run_scorer_train, config, run_id, kind)

@@ -17,12 +17,14 @@ from gleaner.flows.cli_app import (
     RetryFailedOption,
     RowsPerBatchOption,
     StoreOption,
+    TrainGpusOption,
     app,
     build_config,
     emit,
     fail,
     run_or_fail,
     stage_flags,
+    training_gpus,
 )
 
 reward_app = typer.Typer(help="The reward model: train it on comparison pairs, score a run.",
@@ -44,8 +46,9 @@ RetrainOption = typer.Option(False, "--force", help="Retrain even if the model e
 
 def trainer_overrides(section: str, *, base_model: str | None, preset: str | None,
                       num_workers: int | None, gpu: bool | None, force: bool,
-                      recipe: dict[str, Any]) -> dict[str, Any]:
+                      recipe: dict[str, Any], num_gpus: int | None = None) -> dict[str, Any]:
     """A training section's CLI flags as config overrides (recipe fields merged later)."""
+    num_workers, gpu = training_gpus(num_gpus, num_workers, gpu)
     return {f"{section}.base_model": base_model, f"{section}.preset": preset,
             f"{section}.num_workers": num_workers, f"{section}.use_gpu": gpu,
             f"{section}.force": True if force else None,
@@ -83,6 +86,7 @@ def train(
     learning_rate: float | None = LearningRateOption, max_length: int | None = MaxLengthOption,
     batch_size: int | None = BatchSizeOption, per_device_batch_size: int | None = MicroBatchOption,
     num_workers: int | None = WorkersOption, gpu: bool | None = GpuOption,
+    num_gpus: int | None = TrainGpusOption,
     force: bool = RetrainOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
@@ -95,7 +99,8 @@ def train(
     config = build_config(config_file, **{
         "store.url": store, "reward.train.heldout_fraction": heldout,
         **trainer_overrides("reward.train", base_model=base_model, preset=preset,
-                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe)})
+                            num_workers=num_workers, gpu=gpu, force=force, recipe=recipe,
+                            num_gpus=num_gpus)})
     from gleaner.flows.reward_flow import run_reward_train
 
     summary = run_or_fail(run_reward_train, config, run_id)

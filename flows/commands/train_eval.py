@@ -12,10 +12,12 @@ from gleaner.flows.cli_app import (
     ConfigOption,
     JsonOption,
     StoreOption,
+    TrainGpusOption,
     app,
     build_config,
     emit,
     fail,
+    training_gpus,
 )
 
 
@@ -96,6 +98,7 @@ def finetune(
     num_workers: int | None = typer.Option(None, "--num-workers", min=1,
                                            help="Ray Train workers (one GPU each with --gpu)."),
     gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="Train on GPUs."),
+    num_gpus: int | None = TrainGpusOption,
     strategy: str | None = typer.Option(None, "--strategy", help="ddp, fsdp or deepspeed."),
     peft: str | None = typer.Option(None, "--peft", help="none, lora or qlora."),
     gpu_memory_gb: float | None = typer.Option(None, "--gpu-memory-gb", min=1,
@@ -115,6 +118,7 @@ def finetune(
         fail(f"--preset must be alpaca or lima, not {preset!r}")
     if baseline not in (None, "none", "pool", "random"):
         fail(f"--baseline must be none, pool or random, not {baseline!r}")
+    num_workers, gpu = training_gpus(num_gpus, num_workers, gpu)
     config = build_config(config_file, **{
         "store.url": store, "finetune.preset": preset, "finetune.base_model": base_model,
         "finetune.baseline": baseline, "finetune.num_workers": num_workers,

@@ -43,6 +43,7 @@ from gleaner.engine.stage import COST_COLUMNS, Context, LLMStage, Stage
 from gleaner.engine.summary import publish_summary, stage_summary
 from gleaner.engine.worker import StageActor, StageJob, batch_task
 from gleaner.progress import progress
+from gleaner.runtime import check_gpus
 from gleaner.store import Store
 
 log = logging.getLogger("gleaner.engine")
@@ -282,6 +283,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
     store = Store(config.store.url, config.store.options)
     section = stage.section
     check_shared_store(store)
+    check_gpus(config, stage.resources.gpus, f"{stage.name}.resources.gpus")
     # the buckets' actors start (a process each: a second or more) while the plan is made
     # and the probe is sent, not while the first batches wait for them
     holder = stage_limiters(stage)

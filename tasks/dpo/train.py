@@ -20,7 +20,7 @@ from prefect import task
 from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
-from gleaner.runtime import STATE_DIR, init_ray
+from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import preference_rows, preference_set, read_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
@@ -33,6 +33,7 @@ from gleaner.tasks.train.run import (
     load_base,
     model_path,
     ray_storage,
+    start_training_ray,
     training_metrics,
     upload_folder,
 )
@@ -89,7 +90,7 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
 
     check_plan(plan_for_section(settings, base, encoded.pairs), "DPO training")
     run_layout = check_layout(settings, "dpo", base)
-    init_ray(config)
+    start_training_ray(config, settings, "dpo")
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-dpo-") as scratch:
         outcome = train(

@@ -20,7 +20,6 @@ from prefect import task
 from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
-from gleaner.runtime import init_ray
 from gleaner.store import Store
 from gleaner.tasks.compare.pairs import PAIRS_SCHEMA
 from gleaner.tasks.reward.data import encode_pairs, split_pairs
@@ -34,6 +33,7 @@ from gleaner.tasks.train.run import (
     load_base,
     model_path,
     ray_storage,
+    start_training_ray,
     training_metrics,
     upload_folder,
 )
@@ -68,7 +68,7 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
 
     check_plan(plan_for_section(settings, base, max(1, encoded.pairs)), "reward-model training")
     run_layout = check_layout(settings, "reward.train", base)
-    init_ray(config)
+    start_training_ray(config, settings, "reward.train")
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-rm-") as scratch:
         outcome = train(

@@ -31,7 +31,7 @@ from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.models import smollm2_gguf
 from gleaner.runs import record_run
-from gleaner.runtime import STATE_DIR, init_ray
+from gleaner.runtime import STATE_DIR, check_gpus, init_ray
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.train.finetune import (
@@ -196,6 +196,14 @@ def check_layout(section: Any, key: str, base_model: str) -> RunLayout:
     return layout
 
 
+def start_training_ray(config: GleanerConfig, section: Any, key: str) -> None:
+    """Ray up, with the GPUs the run asks for (one per worker under ``use_gpu``), before any
+    worker starts."""
+    init_ray(config)
+    check_gpus(config, section.num_workers if section.use_gpu else 0,
+               f"{key}.num_workers x {key}.use_gpu")
+
+
 def finished_model(store: Store, run_id: str, name: str, force: bool) -> dict[str, Any] | None:
     """The summary of a model the store holds in full (``skipped``), or None: train it."""
     summary_path = layout.finetune_file(store, run_id, name, "summary.json")
@@ -243,7 +251,7 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
     memory = check_plan(plan_for_section(config.finetune, base, len(tokenised.sequences)),
                         f"fine-tuning {name!r}")
     run_layout = check_layout(config.finetune, "finetune", base)
-    init_ray(config)
+    start_training_ray(config, config.finetune, "finetune")
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-ft-") as scratch:
         outcome = train(
