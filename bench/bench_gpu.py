@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_random_9k.json"
-EVAL_SETS = ROOT.parent / "shared" / "data" / "eval"
+EVAL_SETS = ROOT.parent / "shared" / "data" / "eval_sets"
 ALPAGASUS_RUN = {"examples": 9_000, "epochs": 3, "effective_batch": 128}
 # Llama-2-7B (Touvron et al. 2023), as its config.json states it
 SHAPES: dict[str, dict[str, Any]] = {
