@@ -488,3 +488,71 @@ def test_fsdp_and_ddp_reach_the_same_losses_and_fsdp_ranks_hold_half_the_paramet
     ddp_ranks, fsdp_ranks = runs["ddp"]["rank_parameters"], runs["fsdp"]["rank_parameters"]
     assert ddp_ranks[0] == ddp_ranks[1]  # every DDP rank holds the whole model
     assert all(abs(n - ddp_ranks[0] / 2) < 0.1 * ddp_ranks[0] for n in fsdp_ranks)
+
+
+class _DiesOnce:
+    """A trainer callback that kills its worker process at ``step`` the first time only (a
+    marker file remembers), as a node lost mid-run would. It waits a few seconds first: Ray
+    Train's controller learns of a reported checkpoint when it next polls the worker, and
+    a real step is that long."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def __call__(self, trainer):
+        import os
+        import time
+
+        from transformers import TrainerCallback
+
+        step, marker = self.step, self.marker
+
+        class Die(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    time.sleep(5)
+                    os._exit(1)
+
+        trainer.add_callback(Die())
+        return trainer
+
+
+@pytest.mark.slow
+@pytest.mark.e2e  # a worker lost mid-run, and Ray Train's restart of the whole run
+def test_a_worker_killed_mid_run_resumes_from_the_last_checkpoint(
+        ray_local, tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
+    """Ray Train restarts the run (finetune.max_failures) from the newest checkpoint in the
+    store: the rerun's first step is the checkpoint's step + 1 and it ends at the step count an
+    uninterrupted run ends at, with one unbroken loss curve."""
+    import sys
+    from dataclasses import dataclass
+
+    import cloudpickle
+
+    from gleaner.tasks.train.finetune import sequences_table, train
+    from gleaner.tasks.train.objectives import CausalLM
+
+    @dataclass(frozen=True)
+    class KilledOnce(CausalLM):
+        die: _DiesOnce | None = None
+
+        def trainer(self, *args, **kwargs):
+            return self.die(super().trainer(*args, **kwargs))
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    recipe = build_recipe("alpaca", {"max_steps": 5, "effective_batch_size": 2,
+                                     "per_device_batch_size": 2, "max_length": 64,
+                                     "checkpoint_every_steps": 2, "learning_rate": 1e-3})
+    items = tokenise_all([record(f"Question {i}?", f"Answer {i}.") for i in range(12)],
+                         tokenizer, SftFormat("alpaca"), 64)
+    outcome = train(
+        sequences=sequences_table(items.sequences), tokenizer=tokenizer, fmt=SftFormat("alpaca"),
+        base_model=str(tiny_model_dir), recipe=recipe, layout=RunLayout(), num_workers=1,
+        storage_path=str(tmp_path / "ray"), storage_filesystem=None, run_name="killed",
+        local_dir=tmp_path / "final", max_failures=1,
+        objective=KilledOnce(die=_DiesOnce(3, str(tmp_path / "died"))))
+    assert (tmp_path / "died").exists()  # the worker did die at step 3
+    state = outcome.state
+    assert state["resumed_from_step"] == 2  # the checkpoint of step 2: the rerun begins at 3
+    assert state["step"] == 5 and [h["step"] for h in state["history"]] == [1, 2, 3, 4, 5]
