@@ -42,6 +42,21 @@ def read_pairs(store: Store, run_id: str) -> pa.Table:
     return store.read_stage(run_id, layout.COMPARE_PAIRS, schema=PAIRS_SCHEMA)
 
 
+def run_pairs(store: Store, run_id: str, fraction: float, seed: int, key: str
+              ) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(all pairs, training pairs, held-out pairs) of the run; held out by whole prompts."""
+    from gleaner.tasks.reward.data import split_pairs
+
+    pairs = read_pairs(store, run_id)
+    if pairs.num_rows == 0:
+        raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
+                         "failed?); see the compare summary")
+    train_pairs, heldout_pairs = split_pairs(pairs, fraction, seed)
+    if train_pairs.num_rows == 0:
+        raise ValueError(f"every pair is held out: lower {key}.heldout_fraction")
+    return pairs, train_pairs, heldout_pairs
+
+
 def response_end(tokenizer: Any, fmt: SftFormat) -> str:
     """What closes a response in the SFT format: the end-of-turn token, else EOS."""
     if fmt.template == "eot":

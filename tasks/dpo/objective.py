@@ -16,23 +16,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from gleaner.tasks.train.objectives import load_pretrained
+from gleaner.tasks.train.objectives import CausalLM
 from gleaner.tasks.train.recipes import Recipe
-from gleaner.tasks.train.trainer_settings import RunLayout
 
 
 @dataclass(frozen=True)
-class DirectPreference:
-    """Train a policy to prefer the chosen response over the rejected one, near its start."""
+class DirectPreference(CausalLM):
+    """Train a policy (a causal LM, loaded as for fine-tuning) to prefer the chosen response
+    over the rejected one, staying near where it started."""
 
-    beta: float = 0.1
     name: str = "dpo"
-    peft_task: str = "CAUSAL_LM"
-
-    def load_model(self, source: str, layout: RunLayout, dtype: Any = None) -> Any:
-        from transformers import AutoModelForCausalLM
-
-        return load_pretrained(AutoModelForCausalLM, source, layout, dtype)
+    beta: float = 0.1
 
     def trainer(self, model: Any, arguments: dict[str, Any], table: pa.Table, tokenizer: Any,
                 peft_config: Any, recipe: Recipe) -> Any:
@@ -46,6 +40,3 @@ class DirectPreference:
         return DPOTrainer(model=model, args=args, train_dataset=rows,
                           processing_class=tokenizer, peft_config=peft_config)
 
-    def evaluate(self, model: Any, table: pa.Table | None, pad_token_id: int,
-                 device: Any) -> dict[str, Any]:
-        return {}

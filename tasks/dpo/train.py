@@ -11,7 +11,6 @@ answers with it and judges it.
 from __future__ import annotations
 
 import posixpath
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,9 @@ from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
 from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
-from gleaner.tasks.compare.preferences import preference_rows, preference_set, read_pairs
+from gleaner.tasks.compare.preferences import preference_rows, preference_set, run_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
-from gleaner.tasks.reward.data import split_pairs
-from gleaner.tasks.train.finetune import train
-from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
-from gleaner.tasks.train.run import (
-    check_layout,
-    finished_model,
-    load_base,
-    model_path,
-    ray_storage,
-    start_training_ray,
-    training_metrics,
-    upload_folder,
-)
+from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
 from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, prepare_tokenizer
 
 
@@ -73,13 +60,8 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     finished = finished_model(store, run_id, name, settings.force)
     if finished is not None:
         return finished
-    pairs = read_pairs(store, run_id)
-    if pairs.num_rows == 0:
-        raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
-                         "failed?); see the compare summary")
-    train_pairs, heldout_pairs = split_pairs(pairs, settings.heldout_fraction, settings.seed)
-    if train_pairs.num_rows == 0:
-        raise ValueError("every pair is held out: lower dpo.heldout_fraction")
+    pairs, train_pairs, heldout_pairs = run_pairs(store, run_id, settings.heldout_fraction,
+                                                  settings.seed, "dpo")
     source, described = starting_model(store, run_id, config)
     base, tokenizer, recipe, recipe_format = load_base(source, settings.preset,
                                                        settings.overrides)
@@ -87,22 +69,11 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     prepare_tokenizer(tokenizer, fmt)
     encoded = preference_set(preference_rows(train_pairs.to_pylist(), tokenizer, fmt),
                              tokenizer, recipe.max_length)
-
-    check_plan(plan_for_section(settings, base, encoded.pairs), "DPO training")
-    run_layout = check_layout(settings, "dpo", base)
-    start_training_ray(config, settings, "dpo")
-    storage_path, storage_fs = ray_storage(store, run_id, name)
-    with tempfile.TemporaryDirectory(prefix="gleaner-dpo-") as scratch:
-        outcome = train(
-            sequences=encoded.table, tokenizer=tokenizer, fmt=fmt, base_model=base,
-            recipe=recipe, layout=run_layout, num_workers=settings.num_workers,
-            storage_path=storage_path, storage_filesystem=storage_fs, run_name="train",
-            local_dir=Path(scratch) / "final", cpus_per_worker=settings.cpus_per_worker,
-            max_failures=settings.max_failures, objective=DirectPreference(settings.beta))
-        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
-
-    metrics = training_metrics(outcome)
-    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    fitted = fit_and_publish(
+        store, run_id, config, settings, "dpo", name, what="DPO training", base=base,
+        tokenizer=tokenizer, fmt=fmt, recipe=recipe, table=encoded.table,
+        examples=encoded.pairs, objective=DirectPreference(beta=settings.beta))
+    metrics, outcome = fitted.metrics, fitted.outcome
     trainer_metrics = outcome.state.get("trainer_metrics", {})
     summary = {
         "run_id": run_id, "name": name, "start": described, "beta": settings.beta,
@@ -113,7 +84,7 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
         "reward_accuracy": trainer_metrics.get("rewards/accuracies"),
         "reward_margin": trainer_metrics.get("rewards/margins"),
         "model": store.uri(model_path(store, run_id, name)),
-        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
+        "checkpoints": fitted.checkpoints,
         "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None,
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "strategy", "peft",

@@ -1,7 +1,7 @@
 """Training the reward model: the comparison pairs of a run to a model in the store.
 
-The same Ray Train loop as fine-tuning (tasks/train/finetune.py), with the pairwise
-objective (tasks/reward/objective.py): checkpoints go to the store
+The same Ray Train runner as fine-tuning (tasks/train/run.py ``fit_and_publish``), with the
+pairwise objective (tasks/reward/objective.py): checkpoints go to the store
 (``runs/<id>/finetune/reward-model/ray``) and a rerun resumes from the last one; the final
 model, its tokenizer, its rendering (``gleaner_sft.json``) and ``gleaner_reward.json`` are
 uploaded beside them, with metrics.json (loss curve, held-out pairwise accuracy, tokens/s,
@@ -11,7 +11,6 @@ GPU memory) and summary.json.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,29 +20,11 @@ from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.runs import record_run
 from gleaner.store import Store
-from gleaner.tasks.compare.pairs import PAIRS_SCHEMA
-from gleaner.tasks.reward.data import encode_pairs, split_pairs
+from gleaner.tasks.compare.preferences import run_pairs
+from gleaner.tasks.reward.data import encode_pairs
 from gleaner.tasks.reward.model import REWARD_FILE
 from gleaner.tasks.reward.objective import PairwiseReward
-from gleaner.tasks.train.finetune import train
-from gleaner.tasks.train.memory_plan import check_plan, plan_for_section
-from gleaner.tasks.train.run import (
-    check_layout,
-    finished_model,
-    load_base,
-    model_path,
-    ray_storage,
-    start_training_ray,
-    training_metrics,
-    upload_folder,
-)
-
-
-def read_pairs(store: Store, run_id: str) -> Any:
-    if not store.has_stage(run_id, layout.COMPARE_PAIRS):
-        raise FileNotFoundError(f"run {run_id!r} has no comparison pairs in {store.url}; "
-                                "run gleaner compare first")
-    return store.read_stage(run_id, layout.COMPARE_PAIRS, schema=PAIRS_SCHEMA)
+from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
 
 
 def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str, Any]:
@@ -54,36 +35,23 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
     finished = finished_model(store, run_id, name, settings.force)
     if finished is not None:
         return finished
-    pairs = read_pairs(store, run_id)
-    if pairs.num_rows == 0:
-        raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
-                         "failed?); see the compare summary")
-    train_pairs, heldout_pairs = split_pairs(pairs, settings.heldout_fraction, settings.seed)
-    if train_pairs.num_rows == 0:
-        raise ValueError("every pair is held out: lower reward.train.heldout_fraction")
+    pairs, train_pairs, heldout_pairs = run_pairs(store, run_id, settings.heldout_fraction,
+                                                  settings.seed, "reward.train")
     base, tokenizer, recipe, fmt = load_base(settings.base_model, settings.preset,
                                              settings.overrides)
     encoded = encode_pairs(train_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
     heldout = encode_pairs(heldout_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
 
-    check_plan(plan_for_section(settings, base, max(1, encoded.pairs)), "reward-model training")
-    run_layout = check_layout(settings, "reward.train", base)
-    start_training_ray(config, settings, "reward.train")
-    storage_path, storage_fs = ray_storage(store, run_id, name)
-    with tempfile.TemporaryDirectory(prefix="gleaner-rm-") as scratch:
-        outcome = train(
-            sequences=encoded.table, tokenizer=tokenizer, fmt=fmt, base_model=base,
-            recipe=recipe, layout=run_layout, num_workers=settings.num_workers,
-            storage_path=storage_path, storage_filesystem=storage_fs, run_name="train",
-            local_dir=Path(scratch) / "final", cpus_per_worker=settings.cpus_per_worker,
-            max_failures=settings.max_failures, objective=PairwiseReward(),
-            heldout=heldout.table)
-        (outcome.model_dir / REWARD_FILE).write_text(json.dumps(
+    def reading(folder: Path, metrics: dict[str, Any]) -> None:
+        (folder / REWARD_FILE).write_text(json.dumps(
             {"max_length": recipe.max_length, "truncation": "left", "template": fmt.template}))
-        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
 
-    metrics = training_metrics(outcome)
-    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    fitted = fit_and_publish(
+        store, run_id, config, settings, "reward.train", name, what="reward-model training",
+        base=base, tokenizer=tokenizer, fmt=fmt, recipe=recipe, table=encoded.table,
+        examples=encoded.pairs, objective=PairwiseReward(), heldout=heldout.table,
+        beside=reading)
+    metrics = fitted.metrics
     evaluation = metrics.get("eval") or {}
     summary = {
         "run_id": run_id, "name": name,
@@ -96,7 +64,7 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
         "heldout_accuracy": evaluation.get("heldout_accuracy"),
         "heldout_loss": evaluation.get("heldout_loss"),
         "model": store.uri(model_path(store, run_id, name)),
-        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
+        "checkpoints": fitted.checkpoints,
         "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None,
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "bf16",

@@ -20,6 +20,8 @@ import posixpath
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from gleaner.tasks.train.finetune import (
 )
 from gleaner.tasks.train.memory_plan import check_plan, model_shape, plan_for_section
 from gleaner.tasks.train.model_card import model_card
+from gleaner.tasks.train.objectives import Objective
 from gleaner.tasks.train.recipes import Recipe, build_recipe
 from gleaner.tasks.train.sft_data import SftFormat, prepare_tokenizer, tokenise_all
 from gleaner.tasks.train.trainer_settings import RunLayout, check_runnable
@@ -224,6 +227,44 @@ def load_base(base_model: str | None, preset: str, overrides: dict[str, Any]
     return base, tokenizer, recipe, fmt
 
 
+@dataclass
+class Fitted:
+    """A finished training run: its outcome, plan, and where Ray Train keeps its checkpoints."""
+
+    outcome: TrainOutcome
+    metrics: dict[str, Any]
+    plan: Any
+    checkpoints: str
+
+
+def fit_and_publish(store: Store, run_id: str, config: GleanerConfig, section: Any, key: str,
+                    name: str, *, what: str, base: str, tokenizer: Any, fmt: SftFormat,
+                    recipe: Recipe, table: pa.Table, examples: int,
+                    objective: Objective | None = None, heldout: pa.Table | None = None,
+                    beside: Callable[[Path, dict[str, Any]], None] | None = None) -> Fitted:
+    """The one way every trainer section trains: plan it, check its layout, start Ray with the
+    GPUs it asks for, fit on Ray Train, and upload the published model (with what ``beside``
+    writes into its folder, given the metrics) to ``runs/<id>/finetune/<name>/``."""
+    plan = check_plan(plan_for_section(section, base, max(1, examples)), what)
+    run_layout = check_layout(section, key, base)
+    start_training_ray(config, section, key)
+    storage_path, storage_fs = ray_storage(store, run_id, name)
+    with tempfile.TemporaryDirectory(prefix="gleaner-train-") as scratch:
+        outcome = train(
+            sequences=table, tokenizer=tokenizer, fmt=fmt, base_model=base, recipe=recipe,
+            layout=run_layout, num_workers=section.num_workers, storage_path=storage_path,
+            storage_filesystem=storage_fs, run_name="train", local_dir=Path(scratch) / "final",
+            cpus_per_worker=section.cpus_per_worker, max_failures=section.max_failures,
+            objective=objective, heldout=heldout)
+        metrics = training_metrics(outcome)
+        if beside is not None:
+            beside(outcome.model_dir, metrics)
+        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
+    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    checkpoints = store.uri(storage_path) if store.is_local else outcome.storage
+    return Fitted(outcome, metrics, plan, checkpoints)
+
+
 def run_finetune(store: Store, run_id: str, config: GleanerConfig,
                  dataset: pa.Table | str | None = None, name: str = "curated") -> dict[str, Any]:
     """Fine-tune the base model on ``dataset`` with the configured recipe; returns the summary.
@@ -248,30 +289,19 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         raise ValueError(f"fine-tuning {name!r}: no example has a response token within "
                          f"max_length={recipe.max_length}")
 
-    memory = check_plan(plan_for_section(config.finetune, base, len(tokenised.sequences)),
-                        f"fine-tuning {name!r}")
-    run_layout = check_layout(config.finetune, "finetune", base)
-    start_training_ray(config, config.finetune, "finetune")
-    storage_path, storage_fs = ray_storage(store, run_id, name)
-    with tempfile.TemporaryDirectory(prefix="gleaner-ft-") as scratch:
-        outcome = train(
-            sequences=sequences_table(tokenised.sequences), tokenizer=tokenizer, fmt=fmt,
-            base_model=base, recipe=recipe, layout=run_layout,
-            num_workers=config.finetune.num_workers, storage_path=storage_path,
-            storage_filesystem=storage_fs, run_name="train",
-            local_dir=Path(scratch) / "final", cpus_per_worker=config.finetune.cpus_per_worker,
-            max_failures=config.finetune.max_failures,
-        )
-        metrics = training_metrics(outcome)
-        (outcome.model_dir / "README.md").write_text(model_card(
+    def card(folder: Path, metrics: dict[str, Any]) -> None:
+        (folder / "README.md").write_text(model_card(
             name=name, run_id=run_id, base_model=base_model_name(config.finetune.base_model),
             data=tokenised.counts(), recipe=recipe.as_dict(), metrics=metrics,
             dataset=dataset_description(run_id, config, dataset),
             layout={"strategy": config.finetune.strategy, "peft": config.finetune.peft}))
-        upload_folder(store, outcome.model_dir, model_path(store, run_id, name))
 
-    state = outcome.state
-    store.write_json(layout.finetune_file(store, run_id, name, "metrics.json"), metrics)
+    fitted = fit_and_publish(
+        store, run_id, config, config.finetune, "finetune", name, what=f"fine-tuning {name!r}",
+        base=base, tokenizer=tokenizer, fmt=fmt, recipe=recipe,
+        table=sequences_table(tokenised.sequences), examples=len(tokenised.sequences),
+        beside=card)
+    metrics, memory = fitted.metrics, fitted.plan
     summary = {
         "run_id": run_id,
         "name": name,
@@ -280,8 +310,8 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
         "recipe": recipe.as_dict(),
         "data": tokenised.counts(),
         "model": store.uri(model_path(store, run_id, name)),
-        "checkpoints": store.uri(storage_path) if store.is_local else outcome.storage,
-        "final_loss": state["history"][-1]["loss"] if state["history"] else None,
+        "checkpoints": fitted.checkpoints,
+        "final_loss": metrics["history"][-1]["loss"] if metrics["history"] else None,
         **{k: metrics[k] for k in ("strategy", "peft", "world_size", "dtype",
                                    "rank_parameters", "rank_gpu_max_memory_bytes")},
         "plan": {k: getattr(memory, k) for k in ("per_gpu_bytes", "fits", "effective_batch",
