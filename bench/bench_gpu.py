@@ -6,9 +6,10 @@ Training runs the trainer every gleaner run uses (TRL's SFTTrainer with the argu
 tasks/train/trainer_settings.py builds), without Ray, Prefect or vLLM: one process per GPU
 under torchrun (or one plain process), so it runs on a bare GPU host that has only torch,
 transformers, accelerate and peft (TRL, datasets and their small dependencies carried as
-wheels, ``pip install --no-deps``). With no weights at hand it builds the model from its
-config with random weights (``--shape llama-7b``: Llama-2-7B's shape; or a folder holding a
-config.json): throughput and memory depend on the shape, not on the weights.
+wheels, then ``pip install --no-deps .`` of gleaner itself). With no weights at hand it
+builds the model from its config with random weights (``--shape llama-7b``: Llama-2-7B's
+shape; or a folder holding a config.json): throughput and memory depend on the shape, not
+on the weights.
 
     # one 8-GPU node, AlpaGasus-7B's layout
     torchrun --nproc-per-node 8 bench/bench_gpu.py --shape llama-7b --strategy fsdp --steps 20
@@ -101,6 +102,7 @@ def train(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
+    from gleaner.tasks.train.finetune import decoder_layers
     from gleaner.tasks.train.objectives import CausalLM
     from gleaner.tasks.train.recipes import build_recipe
     from gleaner.tasks.train.trainer_settings import RunLayout, lora_config, training_arguments
@@ -128,7 +130,8 @@ def train(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t1")),
             pad_token="t0", eos_token="t2")
-    layer = type(model.model.layers[0]).__name__ if hasattr(model, "model") else None
+    layers = decoder_layers(model)
+    layer = type(layers[0]).__name__ if layers else None
     arguments = training_arguments(recipe, layout, output_dir=str(out / "trainer"),
                                    world_size=world, layer_class=layer)
     arguments["save_strategy"] = "no"
