@@ -257,9 +257,11 @@ def check_packing_keeps_examples_apart(model: Any, layout: RunLayout) -> None:
     collator makes them) must give the logits they give alone."""
     import torch
 
+    device = next(model.parameters()).device
     first, second = torch.arange(3, 9)[None], torch.arange(11, 16)[None]
-    packed = torch.cat([first, second], dim=1)
-    positions = torch.cat([torch.arange(6), torch.arange(5)])[None]
+    packed = torch.cat([first, second], dim=1).to(device)
+    positions = torch.cat([torch.arange(6), torch.arange(5)])[None].to(device)
+    second = second.to(device)
     was_training = model.training
     model.eval()
     with torch.no_grad():
