@@ -57,20 +57,26 @@ def has_weights(model: str | None) -> bool:
                                                  or any(folder.glob("*.bin"))))
 
 
-def build_model(args: argparse.Namespace) -> tuple[Any, str]:
-    """The named model with its weights, or one built from a config with random weights
-    (the same on every rank: seeded)."""
+def build_model(args: argparse.Namespace, layout: Any) -> tuple[Any, str]:
+    """The named model with its weights, loaded as the trainer loads it (a bf16 base under
+    LoRA on GPU, 4-bit under QLoRA), or one built from a config with random weights (the
+    same on every rank: seeded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+    from gleaner.tasks.train.objectives import load_pretrained
+    from gleaner.tasks.train.trainer_settings import frozen_base_dtype
+
     if has_weights(args.model) or (args.model and not Path(args.model).exists()):
-        return AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=torch.float32, attn_implementation=args.attn), "weights"
+        return load_pretrained(AutoModelForCausalLM, args.model, layout, None), "weights"
+    if args.peft == "qlora":
+        raise SystemExit("--peft qlora needs --model with weights (a 4-bit base is quantised "
+                         "from them)")
     config = (AutoConfig.from_pretrained(args.model) if args.model
               else LlamaConfig(**SHAPES[args.shape], tie_word_embeddings=False))
     config._attn_implementation = args.attn
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), \
+    return AutoModelForCausalLM.from_config(config, dtype=frozen_base_dtype(layout)), \
         "random weights (config-built)"
 
 
@@ -120,7 +126,7 @@ def train(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "checkpoint_every_steps": 10**9})
     layout = RunLayout(strategy=args.strategy, peft=args.peft, use_gpu=on_gpu,
                        attn_implementation=args.attn)
-    model, weights = build_model(args)
+    model, weights = build_model(args, layout)
     table, data = training_rows(args, model.config.vocab_size, tokenizer)
     if tokenizer is None:
         from tokenizers import Tokenizer, models

@@ -265,7 +265,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # linear modules that get adapters; empty: every linear layer but the output head
     target_modules: list[str] = Field(default_factory=list)
-    merge: bool = True  # publish the base with the adapters merged in (else the adapters)
+    merge: bool = True  # publish the base with the adapters merged in (false: refused for now)
 
 
 class TrainingLayoutSection(Section):

@@ -215,15 +215,28 @@ def test_a_layout_the_trainer_cannot_run_is_refused_naming_the_setting(
 
     store = Store(str(tmp_path / "store"))
     write_pool_and_selection(store, "r", shared_data, pool=20, chosen=6)
-    cases = [  # what this CPU machine's packages and devices cannot run, each refused by name
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        return importlib.util.find_spec(module) is None
+
+    cases = [  # what this machine's packages and devices cannot run, each refused by name
         ({"finetune.strategy": "fsdp"}, "finetune.strategy 'fsdp' needs GPUs"),
-        ({"finetune.strategy": "deepspeed"}, "finetune.strategy 'deepspeed': DeepSpeed is not"),
-        ({"finetune.attn_implementation": "flash_attention_2"},
-         "finetune.attn_implementation 'flash_attention_2': flash-attn is not installed"),
-        ({"finetune.peft": "qlora"}, "finetune.peft 'qlora': bitsandbytes is not installed"),
         ({"finetune.peft": "lora", "finetune.lora.target_modules": ["c_attn"]},
          "finetune.lora.target_modules c_attn: the model has no such linear module"),
+        ({"finetune.peft": "lora", "finetune.lora.merge": False},
+         "finetune.lora.merge false: a model of adapters alone"),
     ]
+    if absent("deepspeed"):
+        cases.append(({"finetune.strategy": "deepspeed"},
+                      "finetune.strategy 'deepspeed': DeepSpeed is not"))
+    if absent("flash_attn"):
+        cases.append(({"finetune.attn_implementation": "flash_attention_2"},
+                      "finetune.attn_implementation 'flash_attention_2': flash-attn is not "
+                      "installed"))
+    if absent("bitsandbytes"):
+        cases.append(({"finetune.peft": "qlora"},
+                      "finetune.peft 'qlora': bitsandbytes is not installed"))
     for overrides, message in cases:
         config = GleanerConfig().with_overrides({
             "store.url": str(tmp_path / "store"), "finetune.base_model": str(tiny_model_dir),

@@ -40,10 +40,11 @@ app.add_typer(dpo_app, name="dpo")
 def train_text(s: dict[str, Any]) -> str:
     if s.get("skipped"):
         return f"run {s['run_id']}: the DPO model is already trained ({s['model']}); --force"
-    d, accuracy = s["data"], s.get("reward_accuracy")
+    d, accuracy, loss = s["data"], s.get("reward_accuracy"), s.get("final_loss")
     return (f"run {s['run_id']}: DPO (beta {s['beta']}) from {s['start']} on "
             f"{d['train_pairs']:,} pairs ({d['heldout_pairs']:,} held out, {d['trimmed']:,} "
-            f"trimmed): {s['steps']} steps, final loss {s['final_loss']:.4f}, implicit reward "
+            f"trimmed): {s['steps']} steps, final loss "
+            f"{'n/a' if loss is None else f'{loss:.4f}'}, implicit reward "
             f"accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
             f"{s['tokens_per_s']} tokens/s on {s['device']}\n  model: {s['model']}")
 

@@ -22,7 +22,11 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from gleaner.tasks.train.recipes import Recipe
-from gleaner.tasks.train.trainer_settings import RunLayout, quantization_config
+from gleaner.tasks.train.trainer_settings import (
+    RunLayout,
+    frozen_base_dtype,
+    quantization_config,
+)
 
 
 class Objective(Protocol):
@@ -43,12 +47,12 @@ class Objective(Protocol):
 
 def load_pretrained(auto_class: Any, source: str, layout: RunLayout, dtype: Any,
                     **kwargs: Any) -> Any:
-    """A model in the layout's attention implementation; a 4-bit base under QLoRA."""
-    import torch
-
+    """A model in the layout's attention implementation: fp32 masters for full training, a
+    bf16 frozen base under LoRA on a GPU, a 4-bit base under QLoRA (``dtype`` overrides)."""
     quantization = quantization_config(layout)
     return auto_class.from_pretrained(
-        source, dtype=dtype or torch.float32, attn_implementation=layout.attn_implementation,
+        source, dtype=dtype or frozen_base_dtype(layout),
+        attn_implementation=layout.attn_implementation,
         **({"quantization_config": quantization} if quantization else {}), **kwargs)
 
 

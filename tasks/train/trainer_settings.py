@@ -69,6 +69,23 @@ SCHEDULES: dict[str, tuple[str, Any]] = {
 }
 
 
+def bf16_supported() -> bool:
+    """bf16 mixed precision needs a GPU that has it (Ampere on; not a T4 or V100)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def frozen_base_dtype(layout: RunLayout) -> Any:
+    """LoRA's frozen base in bf16 on a GPU that has it (what the memory plan counts), else
+    fp32; QLoRA's base is 4-bit whatever this says."""
+    import torch
+
+    if layout.peft != "none" and layout.use_gpu and bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def accumulation_steps(recipe: Recipe, world_size: int) -> int:
     """Micro-batches per optimizer step; the effective batch must come out exactly."""
     per_step = recipe.per_device_batch_size * max(1, world_size)
@@ -113,7 +130,7 @@ def training_arguments(recipe: Recipe, layout: RunLayout, *, output_dir: str,
         "report_to": "none",
         "disable_tqdm": True,
         "use_cpu": not layout.use_gpu,
-        "bf16": recipe.bf16 and layout.use_gpu,
+        "bf16": recipe.bf16 and layout.use_gpu and bf16_supported(),
         "activation_checkpointing": recipe.gradient_checkpointing and not sharded_checkpointing,
         "include_num_input_tokens_seen": "non_padding",
         "ddp_find_unused_parameters": False,
@@ -186,6 +203,11 @@ def check_runnable(layout: RunLayout, key: str, module_names: set[str] | None = 
         if not layout.use_gpu:
             raise ValueError(f"{key}.peft 'qlora' needs GPUs ({key}.use_gpu: true): "
                              "bitsandbytes' 4-bit layers run on CUDA")
+    if layout.peft != "none" and not layout.lora_merge:
+        raise ValueError(
+            f"{key}.lora.merge false: a model of adapters alone cannot yet be evaluated, scored "
+            "or published by gleaner; keep merge true (the adapters are saved in model/adapter/ "
+            "beside the merged model)")
     if layout.peft != "none" and layout.lora_target_modules and module_names is not None:
         leaves = {name.rsplit(".", 1)[-1] for name in module_names}
         missing = sorted(set(layout.lora_target_modules) - leaves)

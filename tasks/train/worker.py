@@ -87,10 +87,14 @@ def resume_point(checkpoint_dir: str | None) -> tuple[str | None, int | None]:
 
 # ---- evidence of the layout ----------------------------------------------------------------
 def local_parameter_count(model: Any) -> int:
-    """Parameters this rank holds: a sharded (DTensor) parameter counts its local shard."""
+    """Parameters this rank holds: a sharded parameter counts its local shard (FSDP2's
+    DTensor, ZeRO-3's ``ds_tensor``)."""
     total = 0
     for parameter in model.parameters():
-        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if hasattr(parameter, "ds_tensor"):
+            local = parameter.ds_tensor
+        else:
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
         total += local.numel()
     return total
 
@@ -206,7 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
-        if recipe.packing:
+        if recipe.packing and layout.attn_implementation != "flash_attention_2":
+            # flash-attention reads the sequence boundaries TRL's collator passes
             check_packing_keeps_examples_apart(model, layout)
         rates = add_residual_dropout(model, recipe.residual_dropout_top)
         layers = decoder_layers(model)
@@ -265,10 +270,12 @@ def check_packing_keeps_examples_apart(model: Any, layout: RunLayout) -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        alone = model(input_ids=second).logits[0]
-        together = model(input_ids=packed, position_ids=positions).logits[0, 6:]
+        alone = model(input_ids=second).logits[0].float()
+        together = model(input_ids=packed, position_ids=positions).logits[0, 6:].float()
     model.train(was_training)
-    if not torch.allclose(alone, together, atol=1e-4, rtol=1e-3):
+    exact = next(model.parameters()).dtype == torch.float32
+    if not torch.allclose(alone, together, atol=1e-4 if exact else 5e-2,
+                          rtol=1e-3 if exact else 5e-2):
         raise ValueError(
             f"finetune.overrides.packing: {type(model).__name__} with attention "
             f"{layout.attn_implementation!r} lets packed examples attend to each other; "
