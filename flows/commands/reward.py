@@ -66,10 +66,11 @@ def recipe_flags(max_steps: int | None, epochs: float | None, learning_rate: flo
 def train_text(s: dict[str, Any]) -> str:
     if s.get("skipped"):
         return f"run {s['run_id']}: the reward model is already trained ({s['model']}); --force"
-    d, accuracy = s["data"], s.get("heldout_accuracy")
+    d, accuracy, loss = s["data"], s.get("heldout_accuracy"), s.get("final_loss")
     return (f"run {s['run_id']}: reward model trained on {d['train_pairs']:,} pairs "
             f"({d['heldout_pairs']:,} held out, {d['prompts']:,} prompts, {d['trimmed']:,} "
-            f"trimmed): {s['steps']} steps, final loss {s['final_loss']:.4f}, held-out "
+            f"trimmed): {s['steps']} steps, final loss "
+            f"{'n/a' if loss is None else f'{loss:.4f}'}, held-out "
             f"pairwise accuracy {'n/a' if accuracy is None else f'{accuracy:.3f}'}, "
             f"{s['tokens_per_s']} tokens/s on {s['device']}\n  model: {s['model']}")
 
