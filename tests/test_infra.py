@@ -67,6 +67,8 @@ def test_ray_cluster_installs_this_project_on_every_node():
     setup = " && ".join(config["setup_commands"])  # setup_commands run on head and workers
     assert f'pip install "{mount}[local-llm]"' in setup
     assert "gleaner --help" in setup  # the CLI entry point works on the node
+    eight = config["available_node_types"]["gpu_train_8x"]  # sharded training's node
+    assert f'pip install "{mount}[local-llm,gpu]"' in eight["worker_setup_commands"]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "local-llm" in project["optional-dependencies"]
     # Images carry the Ray version gleaner is tested with.
