@@ -85,6 +85,9 @@ def test_dpo_trains_from_the_runs_fine_tuned_model_and_answers_like_any_model(
 
     saved = Path(model_path(store, "dpo-run", "dpo"))
     assert json.loads((saved / "gleaner_sft.json").read_text())["template"] == "alpaca"
+    card = (saved / "README.md").read_text()  # the model card: start, data, recipe, training
+    assert "DPO (Rafailov et al. 2023, beta 0.5) from run `dpo-run`'s `curated` model" in card
+    assert "on 18 comparison pairs" in card and "| beta | 0.5 |" in card
     generator = Generator(str(saved), GenerationSettings(max_new_tokens=4))
     assert len(generator.answer([EvalPrompt("t", "1", "Name a colour.")])) == 1
 

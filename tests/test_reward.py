@@ -130,6 +130,8 @@ def test_reward_model_learns_a_preference_checkpoints_resumes_and_scores_a_run(
     assert summary["steps"] == 30 and summary["device"] == "cpu" and summary["bf16"] is False
     assert summary["data"]["heldout_pairs"] == 12 and summary["data"]["train_pairs"] == 48
     assert summary["heldout_accuracy"] >= 0.9, summary
+    card = Path(summary["model"].removeprefix("file://"), "README.md").read_text()
+    assert "A reward model r(x, y) from" in card and "on 48 comparison pairs" in card
     metrics = store.read_json(store.run_path("rm-run", "finetune", "reward-model",
                                              "metrics.json"))
     assert metrics["eval"]["heldout_pairs"] == 12 and metrics["tokens_per_s"] > 0

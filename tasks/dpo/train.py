@@ -23,6 +23,7 @@ from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import preference_rows, preference_set, run_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
+from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
 from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, prepare_tokenizer
 
@@ -69,10 +70,20 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     prepare_tokenizer(tokenizer, fmt)
     encoded = preference_set(preference_rows(train_pairs.to_pylist(), tokenizer, fmt),
                              tokenizer, recipe.max_length)
+    def card(folder: Path, metrics: dict[str, Any]) -> None:
+        (folder / "README.md").write_text(model_card(
+            name=name, run_id=run_id, base_model=described, data={}, dataset="",
+            recipe={**recipe.as_dict(), "beta": settings.beta}, metrics=metrics,
+            layout={"strategy": settings.strategy, "peft": settings.peft},
+            trained_on=(f"DPO (Rafailov et al. 2023, beta {settings.beta}) from {described} "
+                        f"on {encoded.pairs} comparison pairs of run `{run_id}` "
+                        f"({heldout_pairs.num_rows} held out, {encoded.trimmed} cut to "
+                        "max_length).")))
+
     fitted = fit_and_publish(
         store, run_id, config, settings, "dpo", name, what="DPO training", base=base,
         tokenizer=tokenizer, fmt=fmt, recipe=recipe, table=encoded.table,
-        examples=encoded.pairs, objective=DirectPreference(beta=settings.beta))
+        examples=encoded.pairs, objective=DirectPreference(beta=settings.beta), beside=card)
     metrics, outcome = fitted.metrics, fitted.outcome
     trainer_metrics = outcome.state.get("trainer_metrics", {})
     summary = {

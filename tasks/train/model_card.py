@@ -14,17 +14,20 @@ import yaml
 
 def model_card(*, name: str, run_id: str, base_model: str, data: dict[str, Any],
                dataset: str, recipe: dict[str, Any], metrics: dict[str, Any],
-               layout: dict[str, Any]) -> str:
+               layout: dict[str, Any], trained_on: str | None = None) -> str:
+    """The card's markdown; ``trained_on`` replaces the fine-tuning sentence for models that
+    learn from something else (comparison pairs)."""
     header = {"base_model": base_model, "library_name": "transformers",
               "tags": ["gleaner", f"preset-{recipe.get('preset')}", "instruction-tuning"]}
     final = metrics["history"][-1]["loss"] if metrics.get("history") else None
     lines = [
         "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
         f"# {name} (gleaner run `{run_id}`)", "",
-        f"Fine-tuned from `{base_model}` on {dataset}: {data.get('examples')} examples, "
-        f"{data.get('sequences')} training sequences ({data.get('trimmed')} trimmed to "
-        f"max_length, {data.get('dropped_no_response_tokens')} dropped with no response "
-        "token left). Loss on response tokens only.", "",
+        trained_on or (
+            f"Fine-tuned from `{base_model}` on {dataset}: {data.get('examples')} examples, "
+            f"{data.get('sequences')} training sequences ({data.get('trimmed')} trimmed to "
+            f"max_length, {data.get('dropped_no_response_tokens')} dropped with no response "
+            "token left). Loss on response tokens only."), "",
         "## Recipe", "", "| setting | value |", "|---|---|",
         *[f"| {key} | {value} |" for key, value in recipe.items() if value is not None],
         "", "## Training", "", "| | |", "|---|---|",
