@@ -11,6 +11,7 @@ answers with it and judges it.
 from __future__ import annotations
 
 import posixpath
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ def starting_model(store: Store, run_id: str, config: GleanerConfig) -> tuple[st
     if store.is_local:
         return remote, described
     local = STATE_DIR / "models" / f"{run_id}-{settings.sft_model}"
+    shutil.rmtree(local, ignore_errors=True)  # no shard of an earlier copy may stay
     store.fs.get(remote.rstrip("/") + "/", str(local), recursive=True)
     return str(local), described
 
@@ -72,7 +74,7 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
                              tokenizer, recipe.max_length)
     def card(folder: Path, metrics: dict[str, Any]) -> None:
         (folder / "README.md").write_text(model_card(
-            name=name, run_id=run_id, base_model=described, data={}, dataset="",
+            name=name, run_id=run_id, base_model=described,
             recipe={**recipe.as_dict(), "beta": settings.beta}, metrics=metrics,
             layout={"strategy": settings.strategy, "peft": settings.peft},
             trained_on=(f"DPO (Rafailov et al. 2023, beta {settings.beta}) from {described} "

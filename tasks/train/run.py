@@ -44,7 +44,12 @@ from gleaner.tasks.train.finetune import (
     sequences_table,
     train,
 )
-from gleaner.tasks.train.memory_plan import check_plan, model_shape, plan_for_section
+from gleaner.tasks.train.memory_plan import (
+    ModelShape,
+    check_plan,
+    model_shape,
+    plan_for_section,
+)
 from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.objectives import Objective
 from gleaner.tasks.train.recipes import Recipe, build_recipe
@@ -190,11 +195,15 @@ def training_metrics(outcome: TrainOutcome) -> dict[str, Any]:
     }
 
 
-def check_layout(section: Any, key: str, base_model: str) -> RunLayout:
+def check_layout(section: Any, key: str, base_model: str,
+                 shape: ModelShape | None = None) -> RunLayout:
     """The section's layout, refused (naming the setting) where the installed packages, the
-    devices or the base model cannot run it; ``gleaner finetune --plan`` sizes every layout."""
+    devices or the base model cannot run it; ``gleaner finetune --plan`` sizes every layout.
+    ``shape``: the base model's, when already read."""
     layout = RunLayout.of(section)
-    modules = set(model_shape(base_model).linear_shapes) if layout.peft != "none" else None
+    modules = None
+    if layout.peft != "none":
+        modules = set((shape or model_shape(base_model)).linear_shapes)
     check_runnable(layout, key, modules)
     return layout
 
@@ -245,8 +254,9 @@ def fit_and_publish(store: Store, run_id: str, config: GleanerConfig, section: A
     """The one way every trainer section trains: plan it, check its layout, start Ray with the
     GPUs it asks for, fit on Ray Train, and upload the published model (with what ``beside``
     writes into its folder, given the metrics) to ``runs/<id>/finetune/<name>/``."""
-    plan = check_plan(plan_for_section(section, base, max(1, examples)), what)
-    run_layout = check_layout(section, key, base)
+    shape = model_shape(base)  # read once: the plan and the layout check both need it
+    plan = check_plan(plan_for_section(section, base, max(1, examples), shape), what)
+    run_layout = check_layout(section, key, base, shape)
     start_training_ray(config, section, key)
     storage_path, storage_fs = ray_storage(store, run_id, name)
     with tempfile.TemporaryDirectory(prefix="gleaner-train-") as scratch:
