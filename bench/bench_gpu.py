@@ -198,23 +198,31 @@ def train(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def generate(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
-    """Answers to the AlpaGasus test sets with the local generator, tokens/s per set."""
+    """Answers to the AlpaGasus test sets with each local back end, tokens/s per set."""
+    import importlib.util
+
     from gleaner.tasks.evaluate.eval_sets import load_eval_set
     from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
 
-    generator = Generator(model_dir, GenerationSettings(max_new_tokens=args.new_tokens,
-                                                        batch_size=args.generation_batch))
-    results = {}
-    for name in ("koala", "vicuna", "wizardlm", "sinstruct"):
-        prompts = load_eval_set(name, str(EVAL_SETS), limit=args.prompts)
-        started = time.perf_counter()
-        answers = generator.answer(prompts)
-        seconds = time.perf_counter() - started
-        tokens = sum(len(generator.tokenizer(a, add_special_tokens=False)["input_ids"])
-                     for a in answers)
-        results[name] = {"prompts": len(prompts), "tokens": tokens,
-                         "tokens_per_s": round(tokens / seconds, 1), "backend":
-                         generator.backend}
+    results: dict[str, Any] = {}
+    for backend in args.backends.split(","):
+        if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            results[backend] = "skipped: vllm is not installed here"
+            continue
+        generator = Generator(model_dir, GenerationSettings(
+            max_new_tokens=args.new_tokens, batch_size=args.generation_batch), backend=backend)
+        tokenizer = generator.renderer.tokenizer
+        per_set = {}
+        for name in ("koala", "vicuna", "wizardlm", "sinstruct"):
+            prompts = load_eval_set(name, str(EVAL_SETS), limit=args.prompts)
+            started = time.perf_counter()
+            answers = generator.answer(prompts)
+            seconds = time.perf_counter() - started
+            tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"])
+                         for a in answers)
+            per_set[name] = {"prompts": len(prompts), "tokens": tokens,
+                             "tokens_per_s": round(tokens / seconds, 1)}
+        results[backend] = per_set
     return results
 
 
@@ -236,6 +244,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per test set")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--generation-batch", type=int, default=8)
+    parser.add_argument("--backends", default="transformers,vllm",
+                        help="generation back ends to time, comma-separated (vllm: if installed)")
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -389,6 +389,53 @@ class FinetuneConfig(TrainingLayoutSection):
     force: bool = False  # retrain even when the store already holds the trained model
 
 
+class GenerationConfig(Section):
+    """How a local model answers test prompts (evaluate, MT-Bench, the grid's arms): one back
+    end for all, run on Ray actors that hold the model (never in the flow process).
+
+    ``transformers``: batched ``generate`` (CPU or one GPU per replica); ``vllm``: a vLLM
+    engine per replica on ``tensor_parallel_size`` GPUs; ``endpoint``: any OpenAI-compatible
+    server already serving the model (e.g. ``vllm serve``), asked for raw-text completions
+    of the prompt in the model's training format.
+    """
+
+    backend: str = "transformers"
+    replicas: int = Field(1, ge=1)  # model copies answering at once (data parallelism)
+    cpus: float = Field(1.0, gt=0)  # per replica
+    gpus: float = Field(0.0, ge=0)  # per replica
+    prompts_per_part: int = Field(256, ge=1)  # prompts per checkpointed part
+    batch_size: int = Field(8, ge=1)  # transformers: prompts per generate call
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU
+    tensor_parallel_size: int | None = Field(None, ge=1)  # vllm: GPUs one engine spans (gpus)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of each GPU it takes
+    max_model_len: int | None = Field(None, ge=1)  # vllm: context cap (None: the model's)
+    # endpoint: the server; the model name sent is served_models[reference], else the
+    # reference itself (curated, baseline, a folder, a hub id)
+    endpoint: EndpointConfig | None = None
+    served_models: dict[str, str] = Field(default_factory=dict)
+    retries: int = Field(1, ge=0)  # a failed part is tried again this often
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        return registered("generation_backend", name)
+
+    @model_validator(mode="after")
+    def _endpoint_named(self) -> GenerationConfig:
+        if self.backend == "endpoint" and (self.endpoint is None or not self.endpoint.base_url):
+            raise ValueError("evaluate.generation.backend 'endpoint' needs "
+                             "evaluate.generation.endpoint.base_url (the server answering)")
+        if self.tensor_parallel_size and self.gpus and self.tensor_parallel_size != self.gpus:
+            raise ValueError(
+                f"evaluate.generation.tensor_parallel_size {self.tensor_parallel_size} spans "
+                f"that many GPUs, but evaluate.generation.gpus is {self.gpus:g}: set them equal")
+        return self
+
+    def gpus_per_replica(self) -> float:
+        """What each answering actor asks Ray for (an endpoint's server holds its own)."""
+        return 0.0 if self.backend == "endpoint" else self.gpus
+
+
 class EvaluateConfig(Section):
     judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
     test_sets: list[str] = Field(default_factory=lambda: ["vicuna"])
@@ -414,7 +461,7 @@ class EvaluateConfig(Section):
     # None: only to the offline server gleaner starts; True: also to your own llama.cpp
     # server; False: never. OpenAI rejects the field, so it is off for configured endpoints.
     judge_grammar: bool | None = None
-    generation_batch_size: int = 8
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
     do_sample: bool = False  # greedy by default
     temperature: float = 0.7  # only when sampling
     force: bool = False  # regenerate and rejudge what the store already holds

@@ -160,6 +160,12 @@ def answers_dir(store: Store, run_id: str, label: str) -> str:
     return store.run_path(run_id, "evaluate", "answers", label)
 
 
+def generation_scope(label: str) -> str:
+    """Where one model's test-set answering runs as a stage (``<scope>/requests`` in,
+    ``<scope>/answers`` out); the answer files above are what it leaves for people."""
+    return f"evaluate/generation/{label}"
+
+
 def comparison_dir(store: Store, run_id: str, comparison: str) -> str:
     return store.run_path(run_id, "evaluate", comparison)
 
@@ -187,6 +193,11 @@ def mt_bench_answers_path(store: Store, run_id: str, label: str) -> str:
 def mt_bench_requests_stage(label: str) -> str:
     """One model's grading requests (the grade stage's input: rendered prompts, hashed)."""
     return f"evaluate/mt_bench/{label}/requests"
+
+
+def mt_bench_generation_scope(label: str, turn: int) -> str:
+    """One model's answering of one MT-Bench turn (the second asks after the first)."""
+    return f"evaluate/mt_bench/{label}/turn-{turn}"
 
 
 def mt_bench_grades_stage(label: str) -> str:

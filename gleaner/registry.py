@@ -33,6 +33,7 @@ BUILTINS: dict[str, tuple[str, ...]] = {
     "signal": ("gleaner.tasks.select.signals",),
     "rater": ("gleaner.tasks.rate.raters",),
     "scorer": ("gleaner.tasks.deita.score",),
+    "generation_backend": ("gleaner.tasks.evaluate.backends",),
     "eval_set": ("gleaner.tasks.evaluate.eval_sets",),
     "export_format": ("gleaner.tasks.publish.export",),
     "response_source": ("gleaner.tasks.compare.sources",),

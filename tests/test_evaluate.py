@@ -119,7 +119,7 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: 
         config = GleanerConfig().with_overrides({
             "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
             "evaluate.eval_sets_dir": str(shared_data / "eval_sets"),
-            "evaluate.max_new_tokens": 12, "evaluate.generation_batch_size": 2})
+            "evaluate.max_new_tokens": 12, "evaluate.generation.batch_size": 2})
         summary = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
                                 model_b=str(other), test_sets=["vicuna", custom], limit=3)
         asked = stub.count()

@@ -261,10 +261,10 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
     assert skipped["skipped"] is True
 
     generator = Generator(str(saved), GenerationSettings(max_new_tokens=5, batch_size=2))
-    assert generator.format.template == "alpaca"
+    assert generator.renderer.format.template == "alpaca"
     prompts = [EvalPrompt("t", str(i), r["instruction"], r["input"])
                for i, r in enumerate(rows[:3])]
-    assert generator.prompts(prompts)[0].endswith("### Response:\n")
+    assert generator.renderer.prompts(prompts)[0].endswith("### Response:\n")
     answers = generator.answer(prompts)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
 
@@ -346,8 +346,9 @@ def test_cli_finetune_lima_preset_with_random_baseline(
 
     generator = Generator(str(saved), GenerationSettings(max_new_tokens=4))
     prompt = EvalPrompt("t", "1", "Name a colour.")
-    assert generator.prompts([prompt]) == ["Name a colour.<|end_of_turn|>"]
-    assert generator.tokenizer.convert_tokens_to_ids("<|end_of_turn|>") in generator.stop_ids
+    renderer = generator.renderer
+    assert renderer.prompts([prompt]) == ["Name a colour.<|end_of_turn|>"]
+    assert renderer.tokenizer.convert_tokens_to_ids("<|end_of_turn|>") in renderer.stop_ids
     assert len(generator.answer([prompt])) == 1
 
 

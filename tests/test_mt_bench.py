@@ -122,13 +122,13 @@ def test_mt_bench_two_turns_graded_like_fastchat(prefect_api, ray_local, tiny_mo
 def test_second_turn_prompt_follows_the_first_answer(tiny_model_dir: Path) -> None:
     """The generation prompt of turn 2 holds turn 1's question and the model's own answer."""
     from gleaner.tasks.evaluate.eval_sets import EvalPrompt
-    from gleaner.tasks.evaluate.generation import Generator
+    from gleaner.tasks.evaluate.generation import PromptRenderer
 
-    generator = Generator(str(tiny_model_dir))
-    first, second = generator.conversation_prompts([
+    renderer = PromptRenderer(str(tiny_model_dir))
+    first, second = renderer.conversation_prompts([
         [{"role": "user", "content": "Name a fruit."}],
         [{"role": "user", "content": "Name a fruit."},
          {"role": "assistant", "content": "A pear, of course."},
          {"role": "user", "content": "And a vegetable?"}]])
-    assert first == generator.prompts([EvalPrompt("t", "1", "Name a fruit.")])[0]
+    assert first == renderer.prompts([EvalPrompt("t", "1", "Name a fruit.")])[0]
     assert re.search(r"Name a fruit\..*A pear, of course\..*And a vegetable\?", second, re.S)

@@ -28,8 +28,11 @@ from gleaner.config import GleanerConfig, PriceConfig
 from gleaner.engine import run_stage
 from gleaner.runs import record_run
 from gleaner.store import Store
+from gleaner.tasks.evaluate.answer_stage import AnsweringModel, answer_prompts
 from gleaner.tasks.evaluate.answers import join_answers, load_answers
+from gleaner.tasks.evaluate.backends import Sampling
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt, load_eval_set
+from gleaner.tasks.evaluate.generation import PromptRenderer
 from gleaner.tasks.evaluate.judge import Pair
 from gleaner.tasks.evaluate.stage import JUDGEMENT_SCHEMA, JudgeStage, pairs_table
 from gleaner.tasks.evaluate.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
@@ -49,33 +52,50 @@ def label_of(reference: str) -> str:
 
 
 # ---- models ----------------------------------------------------------------------------------
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: str,
-                  cache_dir: Path) -> tuple[str, str]:
-    """(folder or hub id, version) of a model of this run by name, ``base``, a folder, an HF id."""
+                  cache_dir: Path) -> tuple[AnsweringModel, PromptRenderer]:
+    """The model ``reference`` names: one of this run's trained models, ``base``, a local
+    folder or an HF hub id, with its version and its prompt format.
+
+    A trained model in an object store is not downloaded here: the driver copies its small
+    files (tokenizer, config, format) to render prompts, and each answering actor copies
+    the weights where it runs."""
     from gleaner.tasks.train.run import model_path, resolve_base_model
 
+    store_path = None
     if reference == "base":
         folder = resolve_base_model(config.finetune.base_model)
-        return folder, model_version(folder)
-    in_store = model_path(store, run_id, reference) if re.fullmatch(r"[a-z0-9_-]+", reference) \
-        else None
-    if in_store and store.exists(posixpath.join(in_store, "config.json")):
-        # Every training rewrites metrics.json (loss curve, timings): it names this training.
-        metrics = store.run_path(run_id, "finetune", reference, "metrics.json")
-        version = hashlib.sha256(store.read_bytes(metrics)).hexdigest()[:16] \
-            if store.exists(metrics) else model_version(in_store)
-        if store.is_local:
-            return in_store, version
-        local = cache_dir / reference
-        store.fs.get(in_store.rstrip("/") + "/", str(local), recursive=True)
-        return str(local), version
-    if Path(reference).exists():
-        return reference, model_version(reference)
-    if in_store and "/" not in reference:
-        raise FileNotFoundError(
-            f"model {reference!r}: not a trained model of run {run_id!r} "
-            f"({store.uri(in_store)} is missing) nor a local folder")
-    return reference, reference  # an HF hub id
+        version = model_version(folder)
+    else:
+        in_store = model_path(store, run_id, reference) \
+            if re.fullmatch(r"[a-z0-9_-]+", reference) else None
+        if in_store and store.exists(posixpath.join(in_store, "config.json")):
+            # Every training rewrites metrics.json (loss curve, timings): it names this one.
+            metrics = store.run_path(run_id, "finetune", reference, "metrics.json")
+            version = hashlib.sha256(store.read_bytes(metrics)).hexdigest()[:16] \
+                if store.exists(metrics) else model_version(in_store)
+            folder = in_store
+            if not store.is_local:
+                folder, store_path = str(cache_dir / reference), in_store
+                for path in store.fs.find(in_store):
+                    if not path.endswith(WEIGHT_SUFFIXES):
+                        local = Path(folder) / posixpath.relpath(path, in_store.rstrip("/"))
+                        local.parent.mkdir(parents=True, exist_ok=True)
+                        store.fs.get(path, str(local))
+        elif Path(reference).exists():
+            folder, version = reference, model_version(reference)
+        elif in_store and "/" not in reference:
+            raise FileNotFoundError(
+                f"model {reference!r}: not a trained model of run {run_id!r} "
+                f"({store.uri(in_store)} is missing) nor a local folder")
+        else:
+            folder, version = reference, reference  # an HF hub id
+    renderer = PromptRenderer(folder)
+    served = config.evaluate.generation.served_models.get(reference, reference)
+    return AnsweringModel(reference, version, renderer.model_spec(served), store_path), renderer
 
 
 def model_version(model_dir: str) -> str:
@@ -95,37 +115,27 @@ def model_version(model_dir: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def generate_for(store: Store, run_id: str, config: GleanerConfig, reference: str,
-                 model: tuple[str, str], prompts_by_set: dict[str, list[EvalPrompt]],
+def generate_for(store: Store, run_id: str, config: GleanerConfig, model: AnsweringModel,
+                 renderer: PromptRenderer, prompts_by_set: dict[str, list[EvalPrompt]],
                  ) -> dict[str, pa.Table]:
-    """One model's answers per test set, generated only where the store has none yet."""
-    from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
-
-    label = label_of(reference)
-    model_dir, version = model
+    """One model's answers to every test set, through the answer stage (resumed and cached
+    there); each test set's answers are written as one file for the report and the judge."""
+    settings = config.evaluate
+    sampling = Sampling(settings.max_new_tokens,
+                        settings.temperature if settings.do_sample else 0.0)
+    items = [p for prompts in prompts_by_set.values() for p in prompts]
+    log.info("answering %d prompts with %s (%s back end)", len(items), model.reference,
+             settings.generation.backend)
+    answers = iter(answer_prompts(
+        store, run_id, config, layout.generation_scope(label_of(model.reference)), model,
+        renderer.prompts(items), [sampling] * len(items)))
     tables: dict[str, pa.Table] = {}
-    generator: Generator | None = None
     for test_set, prompts in prompts_by_set.items():
-        path = layout.answers_path(store, run_id, label, test_set)
-        if store.exists(path) and not config.evaluate.force:
-            table = store.dataset([path]).to_table()
-            if (table.column("id").to_pylist() == [p.id for p in prompts]
-                    and set(table.column("model_version").to_pylist()) == {version}):
-                tables[test_set] = table
-                continue
-        if generator is None:
-            settings = GenerationSettings(
-                max_new_tokens=config.evaluate.max_new_tokens,
-                batch_size=config.evaluate.generation_batch_size,
-                do_sample=config.evaluate.do_sample, temperature=config.evaluate.temperature)
-            generator = Generator(model_dir, settings)
-            log.info("answering with %s (%s backend)", reference, generator.backend)
-        answers = generator.answer(prompts)
         table = pa.Table.from_pylist(
-            [{**p.as_row(), "answer": a, "model": reference, "model_version": version}
-             for p, a in
-             zip(prompts, answers, strict=True)], schema=ANSWER_SCHEMA)
-        store.write_table(path, table)
+            [{**p.as_row(), "answer": next(answers), "model": model.reference,
+              "model_version": model.version} for p in prompts], schema=ANSWER_SCHEMA)
+        store.write_table(layout.answers_path(store, run_id, label_of(model.reference),
+                                              test_set), table)
         tables[test_set] = table
     return tables
 
@@ -200,8 +210,8 @@ def answer_model(store: Store, run_id: str, config: GleanerConfig, reference: st
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="gleaner-eval-") as cache:
-        model = resolve_model(store, run_id, config, reference, Path(cache))
-        tables = generate_for(store, run_id, config, reference, model, prompts_by_set)
+        model, renderer = resolve_model(store, run_id, config, reference, Path(cache))
+        tables = generate_for(store, run_id, config, model, renderer, prompts_by_set)
     return {name: table.column("answer").to_pylist() for name, table in tables.items()}
 
 
