@@ -127,6 +127,8 @@ def arm_flow(run_id: str, config: GleanerConfig, arm: str, selection: Selection,
     trained = steps.finetune_selection(run_id, config, selection, chosen["dataset"])
     result = steps.arm_record(arm, selection, chosen, steps.finetune_facts(run_id, config,
                                                                             trained))
+    if selection.dpo:
+        result["dpo"] = steps.dpo_selection(run_id, config, selection, pool_run(config, run_id))
     if selection.model == baseline.model:
         steps.answer_fn(run_id, config)(selection.model, steps.test_prompts(config))
     else:

@@ -334,6 +334,7 @@ class DpoConfig(TrainerSection):
     preset: Literal["dpo", "alpaca", "lima"] = "dpo"
     name: str = Field("dpo", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # finetune/<name>
     sft_model: str = "curated"
+    pairs_run: str | None = None  # the run whose comparison pairs it trains on (None: this one)
     # the paper's beta for its dialogue (Anthropic HH) and most other runs; TRL's default
     beta: float = Field(0.1, gt=0)
 
@@ -409,6 +410,7 @@ class GenerationConfig(Section):
     tensor_parallel_size: int | None = Field(None, ge=1)  # vllm: GPUs one engine spans (gpus)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of each GPU it takes
     max_model_len: int | None = Field(None, ge=1)  # vllm: context cap (None: the model's)
+    enforce_eager: bool = False  # vllm: no graph capture or compile (starts in seconds on CPU)
     # endpoint: the server; the model name sent is served_models[reference], else the
     # reference itself (curated, baseline, a folder, a hub id)
     endpoint: EndpointConfig | None = None
@@ -512,7 +514,7 @@ class MTBenchConfig(StageSection):
 class ArmConfig(Section):
     """One arm of an experiment: a selector with its settings (a ``SelectConfig``) and a name.
     A string is the short form: ``full``, ``random@9k``, ``alpagasus@τ4.5``, ``deita@6k``,
-    ``ifd@5%``, ``longest@1k`` (gleaner.tasks.experiment.arms)."""
+    ``ifd@5%``, ``longest@1k``, any of them with ``+dpo`` (gleaner.tasks.experiment.arms)."""
 
     name: str
     selector: str
@@ -523,6 +525,8 @@ class ArmConfig(Section):
     threshold: float | None = None
     seed: int = 0
     size_of: str | None = None  # random: as many as this other arm selected (AlpaGasus)
+    # then DPO (config.dpo) from the arm's fine-tuned model on the pool run's comparison pairs
+    dpo: bool = False
 
     @model_validator(mode="before")
     @classmethod

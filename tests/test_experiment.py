@@ -323,3 +323,58 @@ def test_guard_refuses_a_limit_it_cannot_price() -> None:
         check_guard(plan, approved=False)
     check_guard(plan, approved=True)  # a person said yes
     check_guard({**plan, "limit_usd": None}, approved=False)  # no limit: nothing to hold to
+
+
+@pytest.mark.slow
+@pytest.mark.e2e  # a real compare run's pairs, then a grid whose second arm is DPO on them
+def test_a_dpo_arm_trains_on_a_compare_runs_pairs_from_its_twins_fine_tune(
+        prefect_api, ray_local, shared_data: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from gleaner.flows.cli import app
+    from gleaner.schema import Example, examples_to_table
+    from gleaner.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    records = json.loads((shared_data / "alpaca" / "alpaca_random_9k.json").read_text())[:12]
+    pool = examples_to_table([Example("alpaca", i, r["instruction"], r["input"], r["output"])
+                              for i, r in enumerate(records)])
+    store.write_part("pool", "ingest", 0, pool)
+    others = tmp_path / "short.jsonl"  # a second, terse response to every prompt
+    others.write_text("".join(json.dumps({"id": row["id"], "prompt": row["instruction"],
+                                          "answer": row["output"].split()[0]}) + "\n"
+                              for row in pool.to_pylist()))
+    runner = CliRunner()
+    with OpenAIStub(judge) as stub:
+        compared = runner.invoke(app, [
+            "compare", "--run-id", "pool", "--store", store.url, "--responses", "original",
+            "--responses", str(others), "--judge-base-url", stub.base_url, "--judge-model",
+            "gpt-4", "--json"])
+        assert compared.exit_code == 0, compared.output
+        pairs = json.loads(compared.stdout.strip().splitlines()[-1])["pairs"]
+        assert pairs >= 4  # ratings differ on most prompts: pairs to learn from
+        document = grid_config(tmp_path, shared_data, tiny_model_dir, stub.base_url,
+                               ["random@8", "random@8+dpo"])
+        document["experiment"]["pool"] = {"run_id": "pool"}
+        document["dpo"] = {"beta": 0.5, "heldout_fraction": 0.2, "overrides": {
+            "max_steps": 2, "effective_batch_size": 4, "per_device_batch_size": 4,
+            "max_length": 128, "learning_rate": 5e-3}}
+        path = write_yaml(tmp_path / "grid.yaml", document)
+        ran = runner.invoke(app, ["experiment", "--config", str(path), "--json", "--yes"])
+        assert ran.exit_code == 0, ran.output
+    assert "2 fine-tune(s) to train" in ran.output  # the shared fine-tune once, then DPO
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    sft, dpo = (next(a for a in result["arms"] if a["arm"] == name)
+                for name in ("random-8", "random-8-dpo"))
+    assert f"/finetune/{sft['model']}/" in dpo["finetune"]["model"]  # its twin's fine-tune...
+    assert dpo["finetune"]["skipped"] and not sft["finetune"]["skipped"]  # ...trained once
+    assert dpo["model"] != sft["model"] and f"/finetune/{dpo['model']}/" in dpo["dpo"]["model"]
+    assert dpo["dpo"]["start"] == f"run `experiment-tiny`'s `{sft['model']}` model"
+    assert dpo["dpo"]["pairs_run"] == "pool" and dpo["dpo"]["beta"] == 0.5
+    assert 0 < dpo["dpo"]["pairs"] < pairs and dpo["dpo"]["steps"] == 2  # some held out
+    part = dpo["evaluation"]["test_sets"]["vicuna"]  # judged against the SFT baseline
+    assert part["win"] + part["tie"] + part["lose"] + part["failed"] == 3
+    assert dpo["evaluation"]["comparison"] == f"{dpo['model']}-vs-{sft['model']}"
+    text = (tmp_path / "store" / "runs" / "experiment-tiny" / "experiment" / "tiny" /
+            "table.md").read_text()
+    assert "| random-8-dpo | random + DPO | 8 |" in text

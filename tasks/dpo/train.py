@@ -63,7 +63,8 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     finished = finished_model(store, run_id, name, settings.force)
     if finished is not None:
         return finished
-    pairs, train_pairs, heldout_pairs = run_pairs(store, run_id, settings.heldout_fraction,
+    pairs_run = settings.pairs_run or run_id
+    pairs, train_pairs, heldout_pairs = run_pairs(store, pairs_run, settings.heldout_fraction,
                                                   settings.seed, "dpo")
     source, described = starting_model(store, run_id, config)
     base, tokenizer, recipe, recipe_format = load_base(source, settings.preset,
@@ -78,7 +79,7 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
             recipe={**recipe.as_dict(), "beta": settings.beta}, metrics=metrics,
             layout={"strategy": settings.strategy, "peft": settings.peft},
             trained_on=(f"DPO (Rafailov et al. 2023, beta {settings.beta}) from {described} "
-                        f"on {encoded.pairs} comparison pairs of run `{run_id}` "
+                        f"on {encoded.pairs} comparison pairs of run `{pairs_run}` "
                         f"({heldout_pairs.num_rows} held out, {encoded.trimmed} cut to "
                         "max_length).")))
 
@@ -90,6 +91,7 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     trainer_metrics = outcome.state.get("trainer_metrics", {})
     summary = {
         "run_id": run_id, "name": name, "start": described, "beta": settings.beta,
+        "pairs_run": pairs_run,
         "preset": recipe.preset, "recipe": recipe.as_dict(),
         "data": {"pairs": pairs.num_rows, "train_pairs": encoded.pairs,
                  "heldout_pairs": heldout_pairs.num_rows, "trimmed": encoded.trimmed,

@@ -128,6 +128,8 @@ def vllm_engine_arguments(model: ModelSpec, settings: GenerationConfig, device: 
         arguments["distributed_executor_backend"] = "mp"  # the actor's GPUs, this node
     if settings.max_model_len:
         arguments["max_model_len"] = settings.max_model_len
+    if settings.enforce_eager:
+        arguments["enforce_eager"] = True
     return arguments
 
 

@@ -92,12 +92,13 @@ class Generator:
     few prompts with a model they just trained. Pipelines answer through answer_stage."""
 
     def __init__(self, model_dir: str, settings: GenerationSettings | None = None,
-                 backend: str = "transformers"):
+                 backend: str = "transformers", **backend_settings: Any):
         from gleaner.registry import registry
 
         self.settings = settings or GenerationSettings()
         self.renderer = PromptRenderer(model_dir)
         self.backend = backend
+        self._backend_settings = backend_settings  # more evaluate.generation fields
         self._backend_class = registry("generation_backend").get(backend)
         self._loaded: GenerationBackend | None = None
 
@@ -111,7 +112,8 @@ class Generator:
         if self._loaded is None:
             self._loaded = self._backend_class(
                 self.renderer.model_spec(),
-                GenerationConfig(backend=self.backend, batch_size=self.settings.batch_size))
+                GenerationConfig(backend=self.backend, batch_size=self.settings.batch_size,
+                                 **self._backend_settings))
         backend, sampling = self._loaded, self.settings.sampling()
         return answer_in_order(texts, lambda sorted_texts: backend.generate(sorted_texts,
                                                                             sampling))

@@ -9,8 +9,11 @@ An arm is a selector with its settings (docs/experiments.md). The short form is
     deita@6k             DEITA's score-first, diversity-aware 6,000 (``deita@τ0.8`` sets its tau)
     ifd@5%               IFD: drop IFD > 1, keep the top 5 % of the pool
     longest@1k           Long-is-more: the 1,000 longest responses (tokens)
+    alpagasus@τ4.5+dpo   the same fine-tune, then DPO on the pool run's comparison pairs
 
-Its name is the short form made path-safe (``alpagasus-t4_5``, ``ifd-5pct``).
+Its name is the short form made path-safe (``alpagasus-t4_5``, ``ifd-5pct``,
+``alpagasus-t4_5-dpo``). A DPO arm is its own selection (its model differs) whose
+fine-tune is the one its twin without ``+dpo`` trains (the same name: trained once).
 Arms whose selections are the same (same selector and settings over the same
 pool) share one selection, one dataset version and one fine-tuned model: the
 identity is a hash of those settings, and the model's also of the recipe.
@@ -34,11 +37,13 @@ ALIASES: dict[str, dict[str, Any]] = {
 _COUNT = re.compile(r"^(\d+(?:\.\d+)?)([kK]?)$")
 _FRACTION = re.compile(r"^(\d+(?:\.\d+)?)%$")
 _TAU = re.compile(r"^(?:τ|t|tau)(\d+(?:\.\d+)?)$")
+DPO_SUFFIX = "+dpo"
 
 
 def arm_name(spec: str) -> str:
     """``alpagasus@τ4.5`` -> ``alpagasus-t4_5``: a name that is also a model and path name."""
     name = spec.strip().lower().replace("@", "-").replace("τ", "t").replace("%", "pct")
+    name = name.replace(DPO_SUFFIX, "-dpo")
     return re.sub(r"[^a-z0-9_-]+", "_", name)
 
 
@@ -49,8 +54,12 @@ def parse_arm(value: str | dict[str, Any]) -> dict[str, Any]:
         alias = ALIASES.get(str(fields.get("selector", "")))
         return {**alias, **{k: v for k, v in fields.items() if k != "selector"}} if alias \
             else fields
-    selector, _, setting = value.strip().partition("@")
+    spec = value.strip()
+    dpo = spec.lower().endswith(DPO_SUFFIX)
+    selector, _, setting = spec.removesuffix(spec[-len(DPO_SUFFIX):] if dpo else "").partition("@")
     fields = {"name": arm_name(value), **ALIASES.get(selector, {"selector": selector})}
+    if dpo:
+        fields["dpo"] = True
     if not setting:
         return fields
     if match := _COUNT.match(setting):
@@ -103,10 +112,12 @@ class Selection:
     select: SelectConfig
     size_of: str | None  # another selection's name: as many as it kept
     settings: dict[str, Any]
-    model: str = ""  # the fine-tuned model's name in the run (finetune/<model>/)
+    model: str = ""  # the model the arm is judged by (finetune/<model>/)
     dataset: str = ""  # the dataset published for it (datasets/<dataset>/vNNNN)
     baseline: bool = False
     needs: list[str] = field(default_factory=list)  # selection signals it reads
+    sft_model: str = ""  # the supervised fine-tune (the model itself unless dpo)
+    dpo: bool = False  # then DPO from sft_model on the pool run's pairs, as model
 
 
 def selection_settings(arm: ArmConfig, config: GleanerConfig) -> dict[str, Any]:
@@ -143,6 +154,13 @@ def model_settings(config: GleanerConfig) -> dict[str, Any]:
             "use_gpu": f.use_gpu, "num_workers": f.num_workers}
 
 
+def dpo_settings(config: GleanerConfig) -> dict[str, Any]:
+    """What decides a DPO policy besides its start and its pairs."""
+    d = config.dpo
+    return {"beta": d.beta, "preset": d.preset, "overrides": d.overrides,
+            "heldout_fraction": d.heldout_fraction, "seed": d.seed}
+
+
 def plan_selections(config: GleanerConfig, pool_run: str) -> list[Selection]:
     """The distinct selections of the experiment's arms, in dependency order (``size_of``
     after the selection it names), with their dataset and model names."""
@@ -163,18 +181,22 @@ def plan_selections(config: GleanerConfig, pool_run: str) -> list[Selection]:
         size_of = resolve(by_arm[arm.size_of], (*seen, arm.name)) if arm.size_of else None
         if size_of is not None:
             settings["size_of"] = size_of.key
-        key = settings_key({"pool": pool_run, **settings})[:8]
+        base_key = settings_key({"pool": pool_run, **settings})[:8]
+        key = settings_key({"selection": base_key, "dpo": dpo_settings(config)})[:8] \
+            if arm.dpo else base_key
         same = next((s for s in order if s.key == key), None)
         if same is None:
             select = SelectConfig(selector=arm.selector, sort_by=arm.sort_by,
                                   budget=arm.budget or 0, tau=arm.tau, threshold=arm.threshold,
                                   seed=arm.seed, fraction=arm.fraction)
             chosen = selector(arm.selector)
-            model_key = settings_key({"selection": key, **model_settings(config)})[:8]
+            model_key = settings_key({"selection": base_key, **model_settings(config)})[:8]
+            sft_model = f"{arm.name.removesuffix('-dpo') if arm.dpo else arm.name}-{model_key}"
             same = Selection(arm.name, key, [], select, size_of.name if size_of else None,
-                             settings, f"{arm.name}-{model_key}",
+                             settings, f"{arm.name}-{key}" if arm.dpo else sft_model,
                              f"{exp.name}-{arm.name}-{key}",
-                             needs=signals_read(settings, chosen.own_threshold))
+                             needs=signals_read(settings, chosen.own_threshold),
+                             sft_model=sft_model, dpo=arm.dpo)
             order.append(same)
         same.arms.append(arm.name)
         done[arm.name] = same

@@ -182,8 +182,10 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
         if recipe.max_steps is not None:
             seen = min(seen, recipe.max_steps * recipe.effective_batch_size)
             how += f"; at most max_steps = {recipe.max_steps} steps"
-        done = trained(store, run_id, s.model)
-        finetunes.append({"arm": s.name, "model": s.model, "examples": n, "epochs": epochs,
+        done = trained(store, run_id, s.sft_model)
+        if s.dpo:
+            how += f"; then DPO (beta {config.dpo.beta}) on the pool run's comparison pairs"
+        finetunes.append({"arm": s.name, "model": s.sft_model, "examples": n, "epochs": epochs,
                           "tokens_per_example": tokens, "tokens": 0 if done else round(
                               tokens * seen), "trained": done,
                           "tokenizer": per_example[0].tokenizer if per_example else "",
@@ -194,7 +196,9 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
     exp = config.experiment
     limit = exp.max_usd if exp.max_usd is not None else config.budget.max_usd
     total = round(sum(e.usd or 0.0 for e in known), 6)
-    to_train = sum(not f["trained"] for f in finetunes)
+    # distinct models: a DPO arm's fine-tune is its twin's, then its own DPO policy
+    models = {s.sft_model for s in selections} | {s.model for s in selections if s.dpo}
+    to_train = sum(not trained(store, run_id, name) for name in models)
     plan: dict[str, Any] = {
         "run_id": run_id, "experiment": exp.name, "pool_run": pool_run(config, run_id),
         "made_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -42,12 +42,29 @@ def _store(config: GleanerConfig) -> Store:
 @task(name="experiment-finetune", retries=0, cache_policy=NO_CACHE)
 def finetune_selection(run_id: str, config: GleanerConfig, selection: Selection,
                        dataset: dict[str, Any]) -> dict[str, Any]:
-    """The selection's model, trained on exactly its published dataset version."""
+    """The selection's fine-tune, trained on exactly its published dataset version."""
     from gleaner.tasks.train.run import run_finetune
 
     store = _store(config)
     table = read_version(store, dataset["name"], dataset["version"])
-    return run_finetune(store, run_id, config, table, name=selection.model)
+    return run_finetune(store, run_id, config, table, name=selection.sft_model)
+
+
+DPO_KEYS = ("name", "start", "pairs_run", "beta", "steps", "final_loss", "reward_accuracy",
+            "reward_margin", "wall_seconds", "skipped", "model")
+
+
+@task(name="experiment-dpo", retries=0, cache_policy=NO_CACHE)
+def dpo_selection(run_id: str, config: GleanerConfig, selection: Selection, pool: str
+                  ) -> dict[str, Any]:
+    """A DPO arm's policy: DPO (``config.dpo``) from the selection's fine-tune on the pool
+    run's comparison pairs; what the table shows of it."""
+    from gleaner.tasks.dpo.train import run_dpo_train
+
+    settings = config.with_overrides({"dpo.sft_model": selection.sft_model,
+                                      "dpo.name": selection.model, "dpo.pairs_run": pool})
+    summary = run_dpo_train(_store(config), run_id, settings)
+    return {**{k: summary.get(k) for k in DPO_KEYS}, "pairs": summary["data"]["train_pairs"]}
 
 
 def test_prompts(config: GleanerConfig) -> dict[str, list[EvalPrompt]]:

@@ -80,7 +80,8 @@ def grid_markdown(result: Mapping[str, Any]) -> str:
             lines.append(f"| {arm['arm']} | **{arm.get('status')}**: {arm.get('error', '')} |")
             continue
         ft, cost = arm.get("finetune") or {}, arm.get("cost") or {}
-        row = [arm["arm"], arm["selector"]["selector"], _num(arm["examples"]),
+        selector = arm["selector"]["selector"] + (" + DPO" if arm.get("dpo") else "")
+        row = [arm["arm"], selector, _num(arm["examples"]),
                _num(arm.get("mean_response_chars"), 1), _num(ft.get("train_tokens")),
                _num(ft.get("wall_seconds"), 1), _usd(cost.get("signals_usd")),
                _usd(cost.get("judge_usd"))]
