@@ -26,6 +26,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s (Ray's default), so every fit waits up to
+# two polls after its workers finish; a tenth of that costs nothing on loopback. Set before
+# any Ray starts: local workers inherit it (and Ray Train propagates it to its controller).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # moto's dummy credentials, set before any Ray worker starts: local Ray workers inherit the
 # environment of ray.init, and workers that write checkpoints to the test S3 need them.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

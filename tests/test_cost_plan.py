@@ -9,9 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import subprocess
-import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,6 @@ from gleaner.cost.plan import plan_sources
 from gleaner.cost.report import OverBudget, actual_cost, check_budget, keep_plan, plan_text
 from gleaner.store import Store
 from tests.support.openai_server import OpenAIStub, Reply, request_text
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -122,9 +119,17 @@ def test_the_budget_gate_names_the_total_and_the_limit() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "gleaner.flows.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """The `gleaner` command, run in this process (Typer's runner: the same app, arguments,
+    exit code, stdout and stderr, without a new interpreter importing it all again)."""
+    from typer.testing import CliRunner
+
+    from gleaner.flows.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
 def test_plan_json_dry_run_and_a_refused_curate_send_nothing(shared_data: Path,
