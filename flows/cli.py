@@ -6,7 +6,9 @@ import os
 import sys
 
 from gleaner.flows import commands  # noqa: F401  (registers the commands on the app)
-from gleaner.flows.cli_app import app
+from gleaner.flows.cli_app import app, arrange_commands
+
+arrange_commands(app)
 
 
 def quiet_third_party_bars() -> None:

@@ -7,11 +7,42 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from gleaner.config import GleanerConfig, load_config
 
+# `gleaner --help` lists the verbs in the order a user meets them, grouped by stage of life.
+LIFECYCLE: dict[str, tuple[str, ...]] = {
+    "Make data": ("ingest", "generate", "regenerate", "evol"),
+    "Judge it": ("rate", "score", "embed", "ifd", "length", "compare", "reward", "scorer"),
+    "Choose": ("select",),
+    "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
+    "Operate": ("curate", "plan", "doctor"),
+}
+PLACE = {verb: (panel, i) for i, (panel, verb) in enumerate(
+    (panel, verb) for panel, verbs in LIFECYCLE.items() for verb in verbs)}
+
+
+class LifecycleGroup(TyperGroup):
+    """Lists the verbs in :data:`LIFECYCLE` order (commands and groups alike)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(super().list_commands(ctx), key=lambda name: PLACE[name][1])
+
+
+def arrange_commands(application: typer.Typer) -> None:
+    """Give every registered verb its panel; a verb missing from :data:`LIFECYCLE` is an
+    error here, not a command that silently lands somewhere."""
+    for entry in [*application.registered_commands, *application.registered_groups]:
+        if entry.name not in PLACE:
+            raise RuntimeError(f"CLI verb {entry.name!r} has no place in cli_app.LIFECYCLE")
+        entry.rich_help_panel = PLACE[entry.name][0]
+
+
 app = typer.Typer(
+    cls=LifecycleGroup,
     name="gleaner",
     help="Curate instruction-tuning data: ingest, rate, score, embed, select, finetune, evaluate.",
     no_args_is_help=True,
