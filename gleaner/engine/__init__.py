@@ -7,6 +7,13 @@ rows and ``process(batch) -> table`` (:mod:`gleaner.engine.stage`); the engine
 
 from gleaner.engine.failures import BatchUnavailable, FatalStageError, StageFailed
 from gleaner.engine.lease import LeaseHeld
+from gleaner.engine.llm_rows import (
+    Call,
+    Conversation,
+    LLMRowStage,
+    ParseFailure,
+    Reading,
+)
 from gleaner.engine.plan import PlanMismatch
 from gleaner.engine.runner import read_summary, run_stage
 from gleaner.engine.stage import (
@@ -22,12 +29,17 @@ from gleaner.engine.stage import (
 __all__ = [
     "AsyncBatchWorker",
     "BatchUnavailable",
+    "Call",
+    "Conversation",
     "BatchWorker",
     "Context",
     "FatalStageError",
+    "LLMRowStage",
     "LLMStage",
     "LeaseHeld",
+    "ParseFailure",
     "PlanMismatch",
+    "Reading",
     "Stage",
     "StageFailed",
     "read_summary",

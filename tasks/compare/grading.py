@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gleaner.llm.client import LLMClient, LLMError
+from gleaner.engine.llm_rows import Call, ParseFailure
 
 GRADING_SYSTEM = "You are a helpful assistant."
 GRADING_TEMPLATE = (
@@ -65,24 +65,6 @@ def prompt_text(turns: Sequence[Mapping[str, str]]) -> str:
     return "\n\n".join(f"{t['role'].capitalize()}: {t['content']}" for t in turns)
 
 
-@dataclass
-class Grade:
-    score: float | None
-    raw: str | None
-    attempts: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: float = 0.0
-    error: str | None = None
-    kind: str | None = None
-
-    def as_row(self) -> dict[str, Any]:
-        return {"score": self.score, "raw": self.raw, "attempts": self.attempts,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "latency_ms": self.latency_ms, "error": self.error, "error_kind": self.kind,
-                "status": "ok" if self.score is not None else "failed"}
-
-
 @dataclass(frozen=True)
 class GradingSettings:
     max_tokens: int = 1024
@@ -97,34 +79,17 @@ class GradingSettings:
                 "grammar": self.grammar}
 
 
-async def grade(client: LLMClient, question: str, answer: str,
-                settings: GradingSettings,
-                messages: Sequence[Mapping[str, str]] | None = None) -> Grade:
-    """One response graded; a fatal client error (key, model, dead server) is raised.
-    ``messages``: another FastChat grading prompt, rendered (MT-Bench's reference-based
-    and multi-turn ones); the default is ``single-v1`` of ``question`` and ``answer``."""
-    out = Grade(None, None)
-    extra = {"extra_body": {"grammar": RATING_GRAMMAR}} if settings.grammar else {}
-    messages = messages or grading_messages(question, answer)
-    for _ in range(settings.parse_retries + 1):
-        try:
-            completion = await client.chat(messages,
-                                           max_tokens=settings.max_tokens,
-                                           temperature=settings.temperature, **extra)
-        except LLMError as error:
-            if error.fatal:
-                raise
-            out.attempts += error.attempts
-            out.error, out.kind = str(error), error.kind
-            return out
-        out.attempts += completion.attempts
-        out.prompt_tokens += completion.prompt_tokens
-        out.completion_tokens += completion.completion_tokens
-        out.latency_ms += completion.latency_ms
-        out.raw = completion.text
-        out.score = parse_rating(completion.text)
-        if out.score is not None:
-            return out
-    out.error = f"no rating [[1-10]] in the judge's answer after {settings.parse_retries + 1} tries"
-    out.kind = "parse"
-    return out
+def read_rating(completion: Any) -> float:
+    rating = parse_rating(completion.text)
+    if rating is None:
+        raise ParseFailure("no rating [[1-10]] in the judge's answer")
+    return rating
+
+
+def grading_call(messages: Sequence[Mapping[str, str]], settings: GradingSettings) -> Call:
+    """One grading request (``messages``: ``single-v1`` of a question and an answer, or
+    another FastChat grading prompt rendered, as MT-Bench's) and how its rating is read."""
+    options = {"extra_body": {"grammar": RATING_GRAMMAR}} if settings.grammar else {}
+    return Call(read_rating, messages, max_tokens=settings.max_tokens,
+                temperature=settings.temperature, options=options,
+                parse_retries=settings.parse_retries)

@@ -8,7 +8,6 @@ cost one call each.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,9 +16,9 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import CompareConfig, EndpointConfig
-from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
+from gleaner.engine import Conversation, LLMRowStage, stage_schema
 from gleaner.llm.client import LLMClient
-from gleaner.tasks.compare.grading import GradingSettings, grade, grading_messages
+from gleaner.tasks.compare.grading import GradingSettings, grading_call, grading_messages
 
 GRADE_SCHEMA = stage_schema(
     pa.field("prompt_id", pa.string(), nullable=False),
@@ -30,20 +29,7 @@ GRADE_SCHEMA = stage_schema(
 )
 
 
-class GradeWorker(AsyncBatchWorker):
-    stage: GradeStage
-
-    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        stage = self.stage
-        items = rows.to_pylist()
-        grades = await asyncio.gather(*(grade(client, r["question"], r["response"],
-                                              stage.grading) for r in items))
-        out = [{**g.as_row(), "id": r["id"], "prompt_id": r["prompt_id"],
-                "judge_model": client.model} for r, g in zip(items, grades, strict=True)]
-        return rows_table(out, GRADE_SCHEMA)
-
-
-class GradeStage(LLMStage):
+class GradeStage(LLMRowStage):
     """GPT-4-LLM's judge: each response to each prompt scored 1-10 (single-answer grading)."""
 
     name = layout.COMPARE_JUDGE
@@ -79,8 +65,10 @@ class GradeStage(LLMStage):
         await client.chat(grading_messages("Say OK.", "OK."), max_tokens=1)
         return {}
 
-    def open(self) -> GradeWorker:
-        return GradeWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        reading = yield grading_call(grading_messages(row["question"], row["response"]),
+                                     self.grading)
+        return {"prompt_id": row["prompt_id"], "score": reading.value}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"prompt_id": "", "judge_model": self.endpoint.model}

@@ -12,7 +12,6 @@ text: never a score.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from collections.abc import Mapping
@@ -23,9 +22,9 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, StageSection
-from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
+from gleaner.engine import Conversation, LLMRowStage, stage_schema
 from gleaner.llm.client import LLMClient
-from gleaner.tasks.compare.grading import RATING_GRAMMAR, GradingSettings, grade
+from gleaner.tasks.compare.grading import RATING_GRAMMAR, GradingSettings, grading_call
 from gleaner.tasks.mtbench.prompts import PROMPT_VERSION, grading_messages, judge_prompt
 
 REQUEST_SCHEMA = pa.schema([
@@ -78,26 +77,7 @@ def grading_settings(config: GleanerConfig) -> GradingSettings:
         grammar=settings.grammar if settings.grammar is not None else offline)
 
 
-class GradeWorker(AsyncBatchWorker):
-    stage: GradeStage
-
-    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        settings, items = self.stage.grading, rows.to_pylist()
-        grades = await asyncio.gather(*(grade(
-            client, "", "", settings, messages=[{"role": "system", "content": r["system"]},
-                                                {"role": "user", "content": r["user"]}])
-            for r in items))
-        out = []
-        for row, result in zip(items, grades, strict=True):
-            graded = result.as_row()
-            out.append({**{k: row[k] for k in ("id", "question_id", "category", "turn",
-                                                "judge_prompt")},
-                        **{k: v for k, v in graded.items() if k != "score"},
-                        "rating": graded["score"], "judge_model": client.model})
-        return rows_table(out, GRADE_SCHEMA)
-
-
-class GradeStage(LLMStage):
+class GradeStage(LLMRowStage):
     """FastChat's single-answer grading of one model's MT-Bench answers."""
 
     follows_input = True  # answers regenerated: grade what changed, reuse the rest
@@ -138,8 +118,11 @@ class GradeStage(LLMStage):
         await client.chat([{"role": "user", "content": "Say OK."}], max_tokens=1, **extra)
         return {}
 
-    def open(self) -> GradeWorker:
-        return GradeWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        reading = yield grading_call([{"role": "system", "content": row["system"]},
+                                      {"role": "user", "content": row["user"]}], self.grading)
+        return {**{k: row[k] for k in ("question_id", "category", "turn", "judge_prompt")},
+                "rating": reading.value}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"judge_model": self.judge.model, "question_id": 0, "category": "", "turn": 0,

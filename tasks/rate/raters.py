@@ -6,7 +6,8 @@
   expected value over the tokens "0".."5". An endpoint that sends no logprobs
   makes the stage fall back to ``explain`` (and the row says so in ``mode``).
 
-A new back end is a class with ``name``, ``needs_logprobs`` and ``ask``, and one
+A new back end is a class with ``name``, ``needs_logprobs`` and ``call`` (the
+request and how its answer is read: gleaner.engine.llm_rows), and one
 ``register("rater", name)(...)`` line; ``rate.mode`` and ``--mode`` accept it.
 """
 
@@ -17,9 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gleaner.llm.client import SCORE_TOKENS_0_5, Completion, expected_score
+from gleaner.engine.llm_rows import Call, ParseFailure, Reading
+from gleaner.llm.client import SCORE_TOKENS_0_5, expected_score
 from gleaner.registry import register, registry
 from gleaner.tasks.rate.parse import parse_score
+
+NO_LOGPROBS = object()  # what score-only reads from an endpoint that sends no logprobs
 
 
 @dataclass
@@ -29,50 +33,46 @@ class RateOptions:
     top_logprobs: int = 20
 
 
-@dataclass
-class Answer:
-    """One answer read: a score, or why not (``no_logprobs``: the endpoint cannot score-only)."""
-
-    completion: Completion
-    score: float | None
-    raw: str | None
-    reason: str | None = None
-    no_logprobs: bool = False
-
-
 class Rater(Protocol):
     name: str
     needs_logprobs: bool
 
-    async def ask(self, client: Any, messages: Sequence[dict[str, str]],
-                  options: RateOptions) -> Answer: ...
+    def call(self, messages: Sequence[dict[str, str]], options: RateOptions) -> Call: ...
+
+
+def read_explained(completion: Any) -> float:
+    parsed = parse_score(completion.text)
+    if parsed.score is None:
+        raise ParseFailure(parsed.reason or "unparseable")
+    return parsed.score
+
+
+def read_expected_score(completion: Any) -> Reading:
+    if completion.top_logprobs is None:
+        return Reading(NO_LOGPROBS)
+    first = completion.top_logprobs[0]
+    raw = json.dumps(first, sort_keys=True)
+    score = expected_score(first, SCORE_TOKENS_0_5)
+    if score is None:
+        raise ParseFailure("no score token 0-5 in top_logprobs", raw)
+    return Reading(score, raw)
 
 
 class ExplainRater:
     name = "explain"
     needs_logprobs = False
 
-    async def ask(self, client: Any, messages: Sequence[dict[str, str]],
-                  options: RateOptions) -> Answer:
-        completion = await client.chat(messages, max_tokens=options.explain_max_tokens)
-        parsed = parse_score(completion.text)
-        return Answer(completion, parsed.score, completion.text, parsed.reason)
+    def call(self, messages: Sequence[dict[str, str]], options: RateOptions) -> Call:
+        return Call(read_explained, messages, max_tokens=options.explain_max_tokens)
 
 
 class ScoreOnlyRater:
     name = "score-only"
     needs_logprobs = True
 
-    async def ask(self, client: Any, messages: Sequence[dict[str, str]],
-                  options: RateOptions) -> Answer:
-        completion = await client.chat(messages, max_tokens=1, logprobs=True,
-                                       top_logprobs=options.top_logprobs)
-        if completion.top_logprobs is None:
-            return Answer(completion, None, None, "no logprobs", no_logprobs=True)
-        first = completion.top_logprobs[0]
-        score = expected_score(first, SCORE_TOKENS_0_5)
-        return Answer(completion, score, json.dumps(first, sort_keys=True),
-                      None if score is not None else "no score token 0-5 in top_logprobs")
+    def call(self, messages: Sequence[dict[str, str]], options: RateOptions) -> Call:
+        return Call(read_expected_score, messages, max_tokens=1,
+                    options={"logprobs": True, "top_logprobs": options.top_logprobs})
 
 
 register("rater", "explain")(ExplainRater())

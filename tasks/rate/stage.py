@@ -1,16 +1,15 @@
 """The rating stage (AlpaGasus, SPEC §1) on the engine: one rating row per example.
 
 Reads ``ingest`` (instruction, input, output and the conversation, so a
-multi-turn example is rated in context), asks the configured rater
-(:mod:`gleaner.tasks.rate.raters`) through the shared LLM client, retries
-unparseable answers ``parse_retries`` times and then records a parse failure
-with the raw text: never a zero. The engine does the rest (plan, parts, cache,
-failed batches, limits, summary).
+multi-turn example is rated in context) and asks the configured rater
+(:mod:`gleaner.tasks.rate.raters`). The engine's row loop (gleaner.engine.llm_rows)
+retries unparseable answers ``parse_retries`` times and then records a parse
+failure with the raw text: never a zero; the engine does the rest (plan, parts,
+cache, failed batches, limits, summary).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,10 +20,11 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, RateConfig
-from gleaner.engine import AsyncBatchWorker, Context, LLMStage, rows_table, stage_schema
-from gleaner.llm.client import LLMClient, LLMError
+from gleaner.engine import Context, stage_schema
+from gleaner.engine.llm_rows import Conversation, LLMRowStage, LLMRowWorker
+from gleaner.llm.client import LLMClient
 from gleaner.tasks.rate.prompt import RatingPrompt, build_prompt
-from gleaner.tasks.rate.raters import RateOptions, rater
+from gleaner.tasks.rate.raters import NO_LOGPROBS, RateOptions, rater
 
 log = logging.getLogger("gleaner.rate")
 BUCKETS = [i / 2 for i in range(11)]  # 0.0, 0.5, ..., 5.0
@@ -48,69 +48,31 @@ def histogram(scores: Sequence[float] | np.ndarray) -> dict[str, int]:
     return {f"{b:.1f}": int(n) for b, n in zip(BUCKETS, counts, strict=True)}
 
 
-async def rate_one(example: Mapping[str, Any], client: LLMClient, prompt: RatingPrompt,
-                   mode: str, options: RateOptions) -> dict[str, Any]:
-    """Rate one example; the row is ``ok`` with a score or ``failed`` with the reason.
-
-    A fatal client error (rejected key, unknown model, the local server died) is raised:
-    no other example of the stage can do better.
-    """
-    messages = prompt.messages(example)
-    row: dict[str, Any] = {"id": example["id"], "dimension": prompt.dimension,
-                           "model": client.model, "prompt_version": prompt.version,
-                           "mode": mode, "status": "failed", "raw": None, "score": None,
-                           "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
-                           "latency_ms": 0.0}
-    reason, tries = "not rated", 0
-    while tries <= options.parse_retries:
-        tries += 1
-        try:
-            answer = await rater(row["mode"]).ask(client, messages, options)
-        except LLMError as error:
-            if error.fatal:
-                raise
-            row["attempts"] += error.attempts
-            row.update(error=str(error), error_kind=error.kind)
-            return row
-        completion = answer.completion
-        row["attempts"] += completion.attempts
-        row["prompt_tokens"] += completion.prompt_tokens
-        row["completion_tokens"] += completion.completion_tokens
-        row["latency_ms"] += completion.latency_ms
-        if answer.no_logprobs:  # the endpoint's limitation, not a parse failure
-            row["mode"], tries = "explain", tries - 1
-            continue
-        row["raw"] = answer.raw
-        if answer.score is not None:
-            row.update(score=answer.score, status="ok")
-            return row
-        reason = answer.reason or "unparseable"
-    row.update(error=f"parse failure after {tries} answers: {reason}", error_kind="parse")
-    return row
-
-
 async def rate_batch(rows: list[dict[str, Any]], client: LLMClient, prompt: RatingPrompt,
                      mode: str, options: RateOptions | None = None) -> pa.Table:
     """Rate every example concurrently (the client's semaphore caps it): one row each, in
     input order, ``ok`` with a score or ``failed`` with the error; nothing is dropped."""
     options = options or RateOptions()
-    results = await asyncio.gather(*(rate_one(e, client, prompt, mode, options) for e in rows))
-    if any(r["mode"] != mode for r in results):
-        log.warning("endpoint model %r returned no logprobs: %s fell back to explain",
-                    client.model, mode)
-    return rows_table(results, RATING_SCHEMA)
+    stage = RateStage(RateConfig(endpoint=client.endpoint, mode=mode,
+                                 parse_retries=options.parse_retries,
+                                 explain_max_tokens=options.explain_max_tokens,
+                                 top_logprobs=options.top_logprobs))
+    stage.prompt = prompt
+    return await RateWorker(stage).aprocess(pa.Table.from_pylist(rows), client)
 
 
-class RateWorker(AsyncBatchWorker):
+class RateWorker(LLMRowWorker):
     stage: RateStage
 
     async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        stage = self.stage
-        return await rate_batch(rows.to_pylist(), client, stage.prompt, stage.mode,
-                                stage.options)
+        table = await super().aprocess(rows, client)
+        if any(m != self.stage.mode for m in table.column("mode").to_pylist()):
+            log.warning("endpoint model %r returned no logprobs: %s fell back to explain",
+                        client.model, self.stage.mode)
+        return table
 
 
-class RateStage(LLMStage):
+class RateStage(LLMRowStage):
     """AlpaGasus rating of every ingested example."""
 
     name = layout.RATE
@@ -161,6 +123,16 @@ class RateStage(LLMStage):
 
     def adopt(self, resolved: dict[str, Any]) -> None:
         self.mode = resolved.get("mode", self.mode)
+
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        """The configured rater's call; score-only without logprobs asks again in explain."""
+        messages = self.prompt.messages(row)
+        mode = self.mode
+        reading = yield rater(mode).call(messages, self.options)
+        if reading.value is NO_LOGPROBS:  # the endpoint's limitation, not a parse failure
+            mode = "explain"
+            reading = yield rater(mode).call(messages, self.options)
+        return {"score": reading.value, "mode": mode}
 
     def open(self) -> RateWorker:
         return RateWorker(self)

@@ -1,0 +1,191 @@
+"""The one row loop of every LLM stage: a stage says what to ask and how to read it.
+
+A stage that calls an LLM per row (rating, grading, judging, rewriting, answering)
+subclasses :class:`LLMRowStage` and writes one method, ``conversation(row)``: a
+generator that yields a :class:`Call` (or a list of calls asked at once), receives
+each :class:`Reading`, and returns the row's own fields::
+
+    class Shout(LLMRowStage):
+        def conversation(self, row):
+            reading = yield Call(messages=[{"role": "user", "content": row["text"]}],
+                                 parse=lambda completion: completion.text.upper())
+            return {"shout": reading.value}
+
+So a row may make a sequence of dependent calls (EVOL's M rewrites, then one
+rank-and-score call). Everything else lives here, once: asking through the
+stage's client (SDK back-off, cluster-wide limits, the Batch API replay), parse
+retries (``Call.parse`` raises :class:`ParseFailure` with the reason), a fatal
+client error stopping the stage, a transport failure or a parse failure after
+the retries becoming a ``failed`` row with its error, kind and the last raw
+answer, and each row's attempts, tokens and latency summed over all its calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from gleaner.engine.stage import AsyncBatchWorker, LLMStage, rows_table
+
+
+class ParseFailure(ValueError):
+    """The answer holds no value the stage can use; the message says why (asked again).
+    ``raw``: what to keep of the answer when it was the last one (default its text)."""
+
+    def __init__(self, reason: str, raw: str | None = None):
+        super().__init__(reason)
+        self.raw = raw
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What ``Call.parse`` read; ``raw``: what to keep of the answer (default its text)."""
+
+    value: Any
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request of a row: chat ``messages`` or a raw-text ``prompt``, and how to read it.
+
+    ``parse`` gets the :class:`~gleaner.llm.client.Completion` and returns the value (or
+    a :class:`Reading` to keep another raw text), or raises :class:`ParseFailure`.
+    ``options``: more request fields (``logprobs``, ``top_logprobs``, ``stop``, ``seed``,
+    ``extra_body`` such as llama.cpp's grammar). ``parse_retries`` None: the stage's.
+    """
+
+    parse: Callable[[Any], Any]
+    messages: Sequence[Mapping[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    parse_retries: int | None = None
+
+
+Conversation = Generator["Call | list[Call]", Any, "dict[str, Any]"]
+
+
+class RowFailed(Exception):
+    """The row cannot be made: a transport failure (after the client's retries) or no
+    parseable answer after the parse retries."""
+
+    def __init__(self, error: str, kind: str, raw: str | None):
+        super().__init__(error)
+        self.error, self.kind, self.raw = error, kind, raw
+
+
+@dataclass
+class RowCost:
+    """Requests, tokens and time one row spent, over all its calls and retries."""
+
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+
+    def add(self, completion: Any) -> None:
+        self.attempts += completion.attempts
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        self.latency_ms += completion.latency_ms
+
+    def as_row(self) -> dict[str, Any]:
+        return {"attempts": self.attempts, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "latency_ms": self.latency_ms}
+
+
+async def ask(client: Any, call: Call, parse_retries: int, cost: RowCost) -> Reading:
+    """One call, asked again while its answer does not parse; a fatal error is raised as is."""
+    from gleaner.llm.client import LLMError
+
+    retries = call.parse_retries if call.parse_retries is not None else parse_retries
+    raw: str | None = None
+    reason = "no answer"
+    for _ in range(retries + 1):
+        try:
+            if call.messages is not None:
+                completion = await client.chat(call.messages, max_tokens=call.max_tokens,
+                                               temperature=call.temperature, **call.options)
+            else:
+                completion = await client.complete(call.prompt or "", max_tokens=call.max_tokens,
+                                                   temperature=call.temperature, **call.options)
+        except LLMError as error:
+            if error.fatal:
+                raise
+            cost.attempts += error.attempts
+            raise RowFailed(str(error), error.kind, raw) from None
+        cost.add(completion)
+        raw = completion.text
+        try:
+            value = call.parse(completion)
+        except ParseFailure as failure:
+            reason = str(failure) or "unparseable"
+            raw = completion.text if failure.raw is None else failure.raw
+            continue
+        if isinstance(value, Reading):
+            return Reading(value.value, completion.text if value.raw is None else value.raw)
+        return Reading(value, completion.text)
+    raise RowFailed(f"parse failure after {retries + 1} answers: {reason}", "parse", raw)
+
+
+class LLMRowStage(LLMStage):
+    """An LLM stage whose rows each come from a :meth:`conversation`; the loop is the
+    engine's. Its schema holds ``raw`` (the last answer) and the LLM cost columns."""
+
+    @property
+    def parse_retries(self) -> int:
+        return int(getattr(self.section, "parse_retries", 2))
+
+    @abc.abstractmethod
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        """Yield calls for ``row``, receive each reading, return the row's own fields."""
+
+    def open(self) -> LLMRowWorker:
+        return LLMRowWorker(self)
+
+
+class LLMRowWorker(AsyncBatchWorker):
+    """Every row of a batch concurrently (the client's semaphore caps requests in flight);
+    one output row per input row, in input order."""
+
+    stage: LLMRowStage
+
+    async def aprocess(self, rows: pa.Table, client: Any) -> pa.Table:
+        made = await asyncio.gather(*(self.row(r, client) for r in rows.to_pylist()))
+        return rows_table(made, self.stage.schema)
+
+    async def row(self, row: dict[str, Any], client: Any) -> dict[str, Any]:
+        stage, cost = self.stage, RowCost()
+        out: dict[str, Any] = {**stage.row_defaults(), "id": row["id"], "raw": None}
+        steps = stage.conversation(row)
+        last: Reading | None = None
+        try:
+            step = next(steps)
+            while True:
+                if isinstance(step, list):
+                    readings = list(await asyncio.gather(*(
+                        ask(client, c, stage.parse_retries, cost) for c in step)))
+                    last = readings[-1] if readings else last
+                    step = steps.send(readings)
+                else:
+                    last = await ask(client, step, stage.parse_retries, cost)
+                    step = steps.send(last)
+        except StopIteration as done:
+            out.update({"raw": last.raw if last else None, **(done.value or {}),
+                        "status": "ok"})
+        except RowFailed as failed:
+            out.update(status="failed", error=failed.error[:2000], error_kind=failed.kind,
+                       raw=failed.raw)
+        finally:
+            steps.close()
+        out.update(cost.as_row())
+        if "raw" not in stage.schema.names:
+            out.pop("raw")
+        return out
