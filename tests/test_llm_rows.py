@@ -102,8 +102,8 @@ def count_flow(run_id: str, config: GleanerConfig, section: dict[str, Any]) -> d
     return run_stage(WordCount(CountSection.model_validate(section)), config, run_id)
 
 
-@pytest.fixture(autouse=True)
-def _by_value(ray_local):
+@pytest.fixture
+def toy_by_value(ray_local):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not installed
@@ -114,7 +114,7 @@ def pool(instructions: list[str]) -> pa.Table:
                               for i, text in enumerate(instructions)])
 
 
-def test_a_toy_stage_on_the_row_loop(prefect_api, tmp_path: Path) -> None:
+def test_a_toy_stage_on_the_row_loop(prefect_api, toy_by_value, tmp_path: Path) -> None:
     store = Store(str(tmp_path / "store"))
     instructions = ["one two three", "mumble mumble now", "silent here", "broken answer",
                     "four five six seven", "eight"]
