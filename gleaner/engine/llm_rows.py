@@ -35,11 +35,12 @@ from gleaner.engine.stage import AsyncBatchWorker, LLMStage, rows_table
 
 class ParseFailure(ValueError):
     """The answer holds no value the stage can use; the message says why (asked again).
-    ``raw``: what to keep of the answer when it was the last one (default its text)."""
+    ``raw``: what to keep of the answer when it was the last one (default its text);
+    ``kind``: the failed row's ``error_kind``."""
 
-    def __init__(self, reason: str, raw: str | None = None):
+    def __init__(self, reason: str, raw: str | None = None, kind: str = "parse"):
         super().__init__(reason)
-        self.raw = raw
+        self.raw, self.kind = raw, kind
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ async def ask(client: Any, call: Call, parse_retries: int, cost: RowCost) -> Rea
 
     retries = call.parse_retries if call.parse_retries is not None else parse_retries
     raw: str | None = None
-    reason = "no answer"
+    reason, kind = "no answer", "parse"
     for _ in range(retries + 1):
         try:
             if call.messages is not None:
@@ -126,13 +127,13 @@ async def ask(client: Any, call: Call, parse_retries: int, cost: RowCost) -> Rea
         try:
             value = call.parse(completion)
         except ParseFailure as failure:
-            reason = str(failure) or "unparseable"
+            reason, kind = str(failure) or "unparseable", failure.kind
             raw = completion.text if failure.raw is None else failure.raw
             continue
         if isinstance(value, Reading):
             return Reading(value.value, completion.text if value.raw is None else value.raw)
         return Reading(value, completion.text)
-    raise RowFailed(f"parse failure after {retries + 1} answers: {reason}", "parse", raw)
+    raise RowFailed(f"parse failure after {retries + 1} answers: {reason}", kind, raw)
 
 
 class LLMRowStage(LLMStage):
@@ -146,6 +147,10 @@ class LLMRowStage(LLMStage):
     @abc.abstractmethod
     def conversation(self, row: dict[str, Any]) -> Conversation:
         """Yield calls for ``row``, receive each reading, return the row's own fields."""
+
+    def carried(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Fields of the output row taken from the input row, failed or not."""
+        return {}
 
     def open(self) -> LLMRowWorker:
         return LLMRowWorker(self)
@@ -163,7 +168,8 @@ class LLMRowWorker(AsyncBatchWorker):
 
     async def row(self, row: dict[str, Any], client: Any) -> dict[str, Any]:
         stage, cost = self.stage, RowCost()
-        out: dict[str, Any] = {**stage.row_defaults(), "id": row["id"], "raw": None}
+        out: dict[str, Any] = {**stage.row_defaults(), **stage.carried(row), "id": row["id"],
+                               "raw": None}
         steps = stage.conversation(row)
         last: Reading | None = None
         try:

@@ -68,7 +68,10 @@ class GradeStage(LLMRowStage):
     def conversation(self, row: dict[str, Any]) -> Conversation:
         reading = yield grading_call(grading_messages(row["question"], row["response"]),
                                      self.grading)
-        return {"prompt_id": row["prompt_id"], "score": reading.value}
+        return {"score": reading.value}
+
+    def carried(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"prompt_id": row["prompt_id"]}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"prompt_id": "", "judge_model": self.endpoint.model}

@@ -12,7 +12,6 @@ resume, the summary. A teacher answer cut by ``max_tokens`` stays ``ok`` with
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,8 +21,7 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, RegenerateConfig
-from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
-from gleaner.llm.client import LLMClient, LLMError
+from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
 
 # How the teacher is asked; a change here must change the version (cached answers go stale).
 PROMPT_SCHEME = "conversation without its final assistant turn, as chat messages (v1)"
@@ -59,39 +57,14 @@ def teacher_messages(row: Mapping[str, Any], system_prompt: str | None = None
     return messages
 
 
-async def regenerate_one(row: Mapping[str, Any], client: LLMClient, settings: RegenerateConfig,
-                         version: str) -> dict[str, Any]:
-    """The teacher's answer to one example: ``ok`` with it, or ``failed`` with the error."""
-    out: dict[str, Any] = {"id": row["id"], "teacher_model": client.model,
-                           "prompt_version": version, "output_original": row.get("output"),
-                           "status": "failed", "output_teacher": None, "finish_reason": None}
-    try:
-        completion = await client.chat(teacher_messages(row, settings.system_prompt),
-                                       max_tokens=settings.max_tokens,
-                                       temperature=settings.temperature)
-    except LLMError as error:
-        if error.fatal:
-            raise
-        return {**out, "error": str(error), "error_kind": error.kind, "attempts": error.attempts}
-    out.update(attempts=completion.attempts, prompt_tokens=completion.prompt_tokens,
-               completion_tokens=completion.completion_tokens, latency_ms=completion.latency_ms,
-               finish_reason=completion.finish_reason)
+def read_answer(completion: Any) -> tuple[str, str | None]:
+    """The teacher's answer and why it stopped; an empty answer is a failure (not retried)."""
     if not completion.text.strip():
-        return {**out, "error": "the teacher answered with empty text", "error_kind": "empty"}
-    return {**out, "status": "ok", "output_teacher": completion.text.strip()}
+        raise ParseFailure("the teacher answered with empty text", kind="empty")
+    return completion.text.strip(), completion.finish_reason
 
 
-class RegenerateWorker(AsyncBatchWorker):
-    stage: RegenerateStage
-
-    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        stage = self.stage
-        results = await asyncio.gather(*(regenerate_one(r, client, stage.settings, stage.version)
-                                         for r in rows.to_pylist()))
-        return rows_table(results, REGENERATE_SCHEMA)
-
-
-class RegenerateStage(LLMStage):
+class RegenerateStage(LLMRowStage):
     """The teacher's answer to every ingested example, beside the original."""
 
     name = layout.REGENERATE
@@ -119,8 +92,16 @@ class RegenerateStage(LLMStage):
                 "max_tokens": self.settings.max_tokens,
                 "temperature": self.settings.temperature}
 
-    def open(self) -> RegenerateWorker:
-        return RegenerateWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        settings = self.settings
+        reading = yield Call(read_answer, teacher_messages(row, settings.system_prompt),
+                             max_tokens=settings.max_tokens, temperature=settings.temperature,
+                             parse_retries=0)
+        answer, finish_reason = reading.value
+        return {"output_teacher": answer, "finish_reason": finish_reason}
+
+    def carried(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"output_original": row.get("output")}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"teacher_model": self.endpoint.model, "prompt_version": self.version}

@@ -121,8 +121,10 @@ class GradeStage(LLMRowStage):
     def conversation(self, row: dict[str, Any]) -> Conversation:
         reading = yield grading_call([{"role": "system", "content": row["system"]},
                                       {"role": "user", "content": row["user"]}], self.grading)
-        return {**{k: row[k] for k in ("question_id", "category", "turn", "judge_prompt")},
-                "rating": reading.value}
+        return {"rating": reading.value}
+
+    def carried(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {k: row[k] for k in ("question_id", "category", "turn", "judge_prompt")}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"judge_model": self.judge.model, "question_id": 0, "category": "", "turn": 0,
