@@ -186,10 +186,6 @@ def check_runnable(layout: RunLayout, key: str, module_names: set[str] | None = 
     ``module_names``: the base model's sub-module names (from its config on the meta device),
     to check LoRA's target modules against.
     """
-    if layout.strategy == "fsdp" and not layout.use_gpu:
-        raise ValueError(
-            f"{key}.strategy 'fsdp' needs GPUs ({key}.use_gpu: true): accelerate runs FSDP on "
-            "accelerators only and falls back to plain data parallelism on CPU")
     if layout.strategy == "deepspeed" and not _installed("deepspeed"):
         raise ValueError(f"{key}.strategy 'deepspeed': DeepSpeed is not installed "
                          "(pip install 'gleaner[gpu]')")

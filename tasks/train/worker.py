@@ -85,6 +85,37 @@ def resume_point(checkpoint_dir: str | None) -> tuple[str | None, int | None]:
     return str(folder), int(json.loads(state_file.read_text())["global_step"])
 
 
+# ---- FSDP on CPU -----------------------------------------------------------------------------
+def enable_fsdp_on_cpu() -> None:
+    """Let accelerate run the FSDP2 plugin the trainer asks for on CPU processes (gloo).
+
+    accelerate 1.15 turns a CPU process group into ``MULTI_CPU`` and only switches to FSDP
+    for accelerator types (``accelerate/state.py``, ``AcceleratorState.__init__``), so on
+    CPU the trainer's ``fsdp`` arguments silently train plain DDP. FSDP2's ``fully_shard``
+    itself runs over gloo; this makes the state take the plugin it was given, and keeps it
+    when later ``AcceleratorState()`` calls copy the shared partial state back. Called in a
+    Ray Train worker of a CPU run with ``strategy: fsdp`` only (a GPU run needs nothing).
+    """
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    original = state.AcceleratorState.__init__
+    if getattr(original, "gleaner_cpu_fsdp", False):
+        return
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if (plugin is not None and self.distributed_type == DistributedType.MULTI_CPU
+                and getattr(self, "fsdp_plugin", None) is None):
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            state.PartialState().distributed_type = DistributedType.FSDP
+
+    init.gleaner_cpu_fsdp = True  # type: ignore[attr-defined]
+    state.AcceleratorState.__init__ = init  # type: ignore[method-assign]
+
+
 # ---- evidence of the layout ----------------------------------------------------------------
 def local_parameter_count(model: Any) -> int:
     """Parameters this rank holds: a sharded parameter counts its local shard (FSDP2's
@@ -202,6 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     table: pa.Table = ray.get(config["data"])
 
+    if layout.strategy == "fsdp" and not layout.use_gpu:
+        enable_fsdp_on_cpu()
     with contextlib.ExitStack() as stack:
         checkpoint = ray.train.get_checkpoint()
         restored = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
