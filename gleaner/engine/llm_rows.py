@@ -45,10 +45,13 @@ class ParseFailure(ValueError):
 
 @dataclass(frozen=True)
 class Reading:
-    """What ``Call.parse`` read; ``raw``: what to keep of the answer (default its text)."""
+    """What ``Call.parse`` read; ``raw``: what to keep of the answer (default its text).
+    A call that ``may_fail`` reads ``value`` None with the ``error`` and its ``kind``."""
 
     value: Any
     raw: str | None = None
+    error: str | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class Call:
     a :class:`Reading` to keep another raw text), or raises :class:`ParseFailure`.
     ``options``: more request fields (``logprobs``, ``top_logprobs``, ``stop``, ``seed``,
     ``extra_body`` such as llama.cpp's grammar). ``parse_retries`` None: the stage's.
+    ``may_fail``: a failed call does not fail the row; the conversation gets a Reading with
+    the error (AlpaGasus' judge keeps one order's review when the other order failed).
     """
 
     parse: Callable[[Any], Any]
@@ -68,6 +73,7 @@ class Call:
     temperature: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
     parse_retries: int | None = None
+    may_fail: bool = False  # a failure is read as a Reading, and the row goes on
 
 
 Conversation = Generator["Call | list[Call]", Any, "dict[str, Any]"]
@@ -136,6 +142,16 @@ async def ask(client: Any, call: Call, parse_retries: int, cost: RowCost) -> Rea
     raise RowFailed(f"parse failure after {retries + 1} answers: {reason}", kind, raw)
 
 
+async def ask_or_fail(client: Any, call: Call, parse_retries: int, cost: RowCost) -> Reading:
+    """:func:`ask`; when the call ``may_fail``, its failure as a Reading instead."""
+    try:
+        return await ask(client, call, parse_retries, cost)
+    except RowFailed as failed:
+        if not call.may_fail:
+            raise
+        return Reading(None, failed.raw, failed.error, failed.kind)
+
+
 class LLMRowStage(LLMStage):
     """An LLM stage whose rows each come from a :meth:`conversation`; the loop is the
     engine's. Its schema holds ``raw`` (the last answer) and the LLM cost columns."""
@@ -177,15 +193,15 @@ class LLMRowWorker(AsyncBatchWorker):
             while True:
                 if isinstance(step, list):
                     readings = list(await asyncio.gather(*(
-                        ask(client, c, stage.parse_retries, cost) for c in step)))
+                        ask_or_fail(client, c, stage.parse_retries, cost) for c in step)))
                     last = readings[-1] if readings else last
                     step = steps.send(readings)
                 else:
-                    last = await ask(client, step, stage.parse_retries, cost)
+                    last = await ask_or_fail(client, step, stage.parse_retries, cost)
                     step = steps.send(last)
-        except StopIteration as done:
-            out.update({"raw": last.raw if last else None, **(done.value or {}),
-                        "status": "ok"})
+        except StopIteration as done:  # the conversation may set its own status and error
+            out.update({"raw": last.raw if last else None, "status": "ok",
+                        **(done.value or {})})
         except RowFailed as failed:
             out.update(status="failed", error=failed.error[:2000], error_kind=failed.kind,
                        raw=failed.raw)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gleaner.config import EndpointConfig
-from gleaner.llm.client import LLMClient, LLMError
+from gleaner.engine.llm_rows import Call, ParseFailure, Reading, RowCost, ask_or_fail
+from gleaner.llm.client import LLMClient
 from gleaner.tasks.evaluate.verdicts import RULES, Outcome, Verdict, order_outcome, verdict
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -151,6 +152,20 @@ class PairJudgement:
         }
 
 
+def read_scores(completion: Any) -> tuple[float, float]:
+    scores = parse_scores(completion.text)
+    if scores is None:
+        raise ParseFailure("unparseable review: no two scores on the first line")
+    return scores
+
+
+def review_of(reading: Reading, cost: RowCost | None = None) -> Review:
+    """One order's review from what the row loop read (its cost, when it is known alone)."""
+    cost = cost or RowCost()
+    return Review(reading.value, reading.raw or "", cost.attempts, reading.error,
+                  cost.prompt_tokens, cost.completion_tokens, reading.kind)
+
+
 def judged(pair: Pair, a_first: Review, b_first: Review, rule: str) -> PairJudgement:
     """Map both orders to A's outcomes (A is Assistant 1, then Assistant 2) and combine."""
     first = None if a_first.scores is None else order_outcome(*a_first.scores, a_is_assistant=1)
@@ -187,37 +202,30 @@ class Judge:
                 "max_tokens": self.max_tokens, "temperature": self.temperature,
                 "grammar": bool(self.grammar), "parse_retries": self.parse_retries}
 
-    async def _review(self, client: LLMClient, messages: list[dict[str, str]]) -> Review:
-        raw, prompt_tokens, completion_tokens, attempts = "", 0, 0, 0
-        extra = {"extra_body": {"grammar": self.grammar}} if self.grammar else {}
-        for _ in range(self.parse_retries + 1):
-            try:
-                completion = await client.chat(messages, max_tokens=self.max_tokens,
-                                                temperature=self.temperature, **extra)
-            except LLMError as error:  # transport retries already spent; message is key-free
-                if error.fatal:
-                    raise
-                return Review(None, raw, attempts + error.attempts, str(error), prompt_tokens,
-                              completion_tokens, error.kind)
-            attempts += completion.attempts
-            prompt_tokens += completion.prompt_tokens
-            completion_tokens += completion.completion_tokens
-            raw = completion.text
-            scores = parse_scores(raw)
-            if scores is not None:
-                return Review(scores, raw, attempts, None, prompt_tokens, completion_tokens)
-        return Review(None, raw, attempts, "unparseable review: no two scores on the first line",
-                      prompt_tokens, completion_tokens, "parse")
+    def call(self, question: str, answer_1: str, answer_2: str) -> Call:
+        """One order's request; a failure leaves the other order's review standing."""
+        options = {"extra_body": {"grammar": self.grammar}} if self.grammar else {}
+        return Call(read_scores, judge_messages(question, answer_1, answer_2),
+                    max_tokens=self.max_tokens, temperature=self.temperature, options=options,
+                    parse_retries=self.parse_retries, may_fail=True)
+
+    def calls(self, pair: Pair) -> list[Call]:
+        """Both orders: A's answer as Assistant 1, then as Assistant 2."""
+        return [self.call(pair.question, pair.answer_a, pair.answer_b),
+                self.call(pair.question, pair.answer_b, pair.answer_a)]
+
+    async def _review(self, client: LLMClient, call: Call) -> Review:
+        cost = RowCost()
+        reading = await ask_or_fail(client, call, self.parse_retries, cost)
+        return review_of(reading, cost)
 
     async def judge_with(self, client: LLMClient, pairs: Sequence[Pair],
                          rule: str = "alpagasus") -> list[PairJudgement]:
         """Both orders of every pair through ``client``; results in the order of ``pairs``."""
 
         async def one(pair: Pair) -> PairJudgement:
-            a_first, b_first = await asyncio.gather(
-                self._review(client, judge_messages(pair.question, pair.answer_a, pair.answer_b)),
-                self._review(client, judge_messages(pair.question, pair.answer_b, pair.answer_a)),
-            )
+            a_first, b_first = await asyncio.gather(*(self._review(client, call)
+                                                      for call in self.calls(pair)))
             return judged(pair, a_first, b_first, rule)
 
         return list(await asyncio.gather(*(one(p) for p in pairs)))

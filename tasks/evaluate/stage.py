@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, StageSection
-from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
+from gleaner.engine import Conversation, LLMRowStage, stage_schema
 from gleaner.llm.client import LLMClient
 from gleaner.tasks.evaluate.judge import (
     JUDGE_TEMPERATURE,
@@ -27,6 +27,8 @@ from gleaner.tasks.evaluate.judge import (
     Judge,
     Pair,
     judge_messages,
+    judged,
+    review_of,
 )
 
 PAIR_SCHEMA = pa.schema([
@@ -76,20 +78,7 @@ def judge_section(config: GleanerConfig) -> StageSection:
                         failure_budget=e.failure_budget)
 
 
-class JudgeWorker(AsyncBatchWorker):
-    stage: JudgeStage
-
-    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        judge = self.stage.judge
-        pairs = [Pair(r["test_set"], r["key"], r["question"], r["answer_a"], r["answer_b"])
-                 for r in rows.to_pylist()]
-        results = await judge.judge_with(client, pairs)
-        out = [{**j.as_row(), "id": row_id, "judge_model": judge.endpoint.model}
-               for j, row_id in zip(results, rows.column("id").to_pylist(), strict=True)]
-        return rows_table(out, JUDGEMENT_SCHEMA)
-
-
-class JudgeStage(LLMStage):
+class JudgeStage(LLMRowStage):
     """AlpaGasus' pairwise judge over one test set of one comparison."""
 
     follows_input = True  # answers regenerated: judge the changed pairs, reuse the rest
@@ -124,8 +113,15 @@ class JudgeStage(LLMStage):
                           temperature=JUDGE_TEMPERATURE)
         return {}
 
-    def open(self) -> JudgeWorker:
-        return JudgeWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        """Both orders at once; the row is failed when either order is, with both reviews."""
+        pair = Pair(row["test_set"], row["key"], row["question"], row["answer_a"],
+                    row["answer_b"])
+        a_first, b_first = yield self.judge.calls(pair)
+        judgement = judged(pair, review_of(a_first), review_of(b_first), "alpagasus")
+        fields = {k: v for k, v in judgement.as_row().items()
+                  if k not in ("attempts", "prompt_tokens", "completion_tokens")}
+        return {**fields, "judge_model": self.judge.endpoint.model}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"judge_model": self.endpoint.model}
