@@ -12,12 +12,15 @@ each :class:`Reading`, and returns the row's own fields::
             return {"shout": reading.value}
 
 So a row may make a sequence of dependent calls (EVOL's M rewrites, then one
-rank-and-score call). Everything else lives here, once: asking through the
-stage's client (SDK back-off, cluster-wide limits, the Batch API replay), parse
-retries (``Call.parse`` raises :class:`ParseFailure` with the reason), a fatal
-client error stopping the stage, a transport failure or a parse failure after
-the retries becoming a ``failed`` row with its error, kind and the last raw
-answer, and each row's attempts, tokens and latency summed over all its calls.
+rank-and-score call). A conversation that catches :class:`RowFailed` and returns
+says what it made before the failure (the row stays failed, with those fields).
+
+Everything else lives here, once: asking through the stage's client (SDK back-off,
+cluster-wide limits, the Batch API replay), parse retries (``Call.parse`` raises
+:class:`ParseFailure` with the reason), a fatal client error stopping the stage,
+a transport failure or a parse failure after the retries becoming a ``failed``
+row with its error, kind and the last raw answer, and each row's attempts,
+tokens and latency summed over all its calls.
 """
 
 from __future__ import annotations
@@ -191,23 +194,40 @@ class LLMRowWorker(AsyncBatchWorker):
         try:
             step = next(steps)
             while True:
-                if isinstance(step, list):
-                    readings = list(await asyncio.gather(*(
-                        ask_or_fail(client, c, stage.parse_retries, cost) for c in step)))
-                    last = readings[-1] if readings else last
-                    step = steps.send(readings)
-                else:
-                    last = await ask_or_fail(client, step, stage.parse_retries, cost)
-                    step = steps.send(last)
+                try:
+                    if isinstance(step, list):
+                        readings = list(await asyncio.gather(*(
+                            ask_or_fail(client, c, stage.parse_retries, cost) for c in step)))
+                        last = readings[-1] if readings else last
+                        reply: Any = readings
+                    else:
+                        last = reply = await ask_or_fail(client, step, stage.parse_retries,
+                                                         cost)
+                except RowFailed as failed:
+                    out.update(status="failed", error=failed.error[:2000],
+                               error_kind=failed.kind, raw=failed.raw)
+                    out.update(made_so_far(steps, failed))
+                    break
+                step = steps.send(reply)
         except StopIteration as done:  # the conversation may set its own status and error
             out.update({"raw": last.raw if last else None, "status": "ok",
                         **(done.value or {})})
-        except RowFailed as failed:
-            out.update(status="failed", error=failed.error[:2000], error_kind=failed.kind,
-                       raw=failed.raw)
         finally:
             steps.close()
         out.update(cost.as_row())
         if "raw" not in stage.schema.names:
             out.pop("raw")
         return out
+
+
+def made_so_far(steps: Conversation, failed: RowFailed) -> dict[str, Any]:
+    """What a conversation that catches the failure says it made before it (EVOL's versions);
+    nothing when it does not catch it."""
+    try:
+        steps.throw(failed)
+    except StopIteration as done:
+        return {k: v for k, v in (done.value or {}).items()
+                if k not in ("status", "error", "error_kind", "raw")}
+    except RowFailed:
+        return {}
+    return {}

@@ -3,15 +3,15 @@
 One row per seed example of the run's ``ingest``: the versions (the seed first), the method
 of each round, the scores of the one rank-and-score call, its raw answer. The rounds of a
 seed are sequential (each rewrites the previous version); seeds run concurrently under the
-client's limits. A rewrite that fails or comes back empty, or a ranking that cannot be read
-after ``parse_retries`` more asks, makes the row ``failed`` with the error and whatever was
-made so far (versions, raw answer). Rows are cached by (seed id, the settings below).
+client's limits (the engine's row loop, gleaner.engine.llm_rows). A rewrite that fails or
+comes back empty, or a ranking that cannot be read after ``parse_retries`` more asks, makes
+the row ``failed`` with the error and whatever was made so far (versions, raw answer). Rows
+are cached by (seed id, the settings below).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, EvolConfig
-from gleaner.engine import AsyncBatchWorker, LLMStage, rows_table, stage_schema
-from gleaner.llm.client import Completion, LLMClient, LLMError
+from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
+from gleaner.engine.llm_rows import RowFailed
 from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.evol import prompts
 from gleaner.tasks.evol.parse import parse_scores
@@ -47,76 +47,24 @@ def seed_of(row: Mapping[str, Any]) -> tuple[str, str]:
     return question, row.get("output") or ""
 
 
-class _Row:
-    """One seed's row being made, with what its calls cost."""
-
-    def __init__(self, row: Mapping[str, Any], kind: prompts.Kind, model: str):
-        self.question, response = seed_of(row)
-        seed_text = self.question if kind == "complexity" else response
-        self.out: dict[str, Any] = {
-            "id": row["id"], "kind": kind, "instruction": self.question, "model": model,
-            "versions": [seed_text], "methods": ["seed"], "scores": None, "raw": None,
-            "status": "failed", "attempts": 0, "prompt_tokens": 0, "completion_tokens": 0,
-            "latency_ms": 0.0}
-
-    def spend(self, completion: Completion) -> None:
-        for key in ("attempts", "prompt_tokens", "completion_tokens", "latency_ms"):
-            self.out[key] += getattr(completion, key)
-
-    def fail(self, error: str, kind: str) -> dict[str, Any]:
-        return {**self.out, "error": error, "error_kind": kind}
+def read_rewrite(completion: Any) -> str:
+    text = prompts.clean_rewrite(completion.text)
+    if not text:
+        raise ParseFailure("the rewriter answered with empty text", kind="empty")
+    return text
 
 
-async def evolve_one(row: Mapping[str, Any], client: LLMClient, stage: EvolStage
-                     ) -> dict[str, Any]:
-    """A seed's M rewrites and their ranking; raises only a fatal client error."""
-    s, kind = stage.settings, stage.kind
-    made = _Row(row, kind, client.model)
-    versions = made.out["versions"]
-    try:
-        for method in prompts.round_methods(kind, row["id"], s.rounds):
-            ask = prompts.rewrite_prompt(kind, method, versions[-1], made.question)
-            completion = await client.chat([{"role": "user", "content": ask}],
-                                           max_tokens=s.max_tokens, temperature=s.temperature)
-            made.spend(completion)
-            text = prompts.clean_rewrite(completion.text)
-            if not text:
-                return made.fail(f"round {len(versions)} ({method}): the rewriter answered "
-                                 "with empty text", "empty")
-            versions.append(text)
-            made.out["methods"].append(method)
-        extra = ({"extra_body": {"grammar": prompts.rank_grammar(kind, len(versions))}}
-                 if s.score_grammar else {})
-        reason = ""
-        for _ in range(s.parse_retries + 1):
-            completion = await client.chat(
-                [{"role": "user", "content": prompts.rank_prompt(kind, versions, made.question)}],
-                max_tokens=s.score_max_tokens, temperature=0.0, **extra)
-            made.spend(completion)
-            made.out["raw"] = completion.text
-            parsed = parse_scores(completion.text, len(versions))
-            if parsed.scores is not None:
-                return {**made.out, "scores": parsed.scores, "status": "ok"}
-            reason = parsed.reason or "unreadable"
-        return made.fail(f"rank-and-score answer unreadable after {s.parse_retries + 1} tries: "
-                         f"{reason}", "parse")
-    except LLMError as error:
-        if error.fatal:
-            raise
-        made.out["attempts"] += error.attempts
-        return made.fail(str(error), error.kind)
+def score_reader(count: int) -> Callable[[Any], list[int]]:
+    def read(completion: Any) -> list[int]:
+        parsed = parse_scores(completion.text, count)
+        if parsed.scores is None:
+            raise ParseFailure(f"rank-and-score answer unreadable: {parsed.reason}")
+        return parsed.scores
+
+    return read
 
 
-class EvolWorker(AsyncBatchWorker):
-    stage: EvolStage
-
-    async def aprocess(self, rows: pa.Table, client: LLMClient) -> pa.Table:
-        results = await asyncio.gather(*(evolve_one(r, client, self.stage)
-                                         for r in rows.to_pylist()))
-        return rows_table(results, EVOL_SCHEMA)
-
-
-class EvolStage(LLMStage):
+class EvolStage(LLMRowStage):
     """DEITA's EVOL complexity (instructions) or quality (responses) of every seed."""
 
     input_stage = layout.INGEST
@@ -148,8 +96,31 @@ class EvolStage(LLMStage):
                 "score_max_tokens": s.score_max_tokens, "parse_retries": s.parse_retries,
                 "score_grammar": bool(s.score_grammar)}
 
-    def open(self) -> EvolWorker:
-        return EvolWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        """The seed's M rewrites (each of the previous version), then one ranking of all;
+        a failure keeps the versions made so far."""
+        s, kind = self.settings, self.kind
+        question, response = seed_of(row)
+        versions = [question if kind == "complexity" else response]
+        methods = ["seed"]
+        try:
+            for method in prompts.round_methods(kind, row["id"], s.rounds):
+                ask = prompts.rewrite_prompt(kind, method, versions[-1], question)
+                rewrite = yield Call(read_rewrite, [{"role": "user", "content": ask}],
+                                     max_tokens=s.max_tokens, temperature=s.temperature,
+                                     parse_retries=0)
+                versions.append(rewrite.value)
+                methods.append(method)
+            options = ({"extra_body": {"grammar": prompts.rank_grammar(kind, len(versions))}}
+                       if s.score_grammar else {})
+            ranking = yield Call(
+                score_reader(len(versions)),
+                [{"role": "user", "content": prompts.rank_prompt(kind, versions, question)}],
+                max_tokens=s.score_max_tokens, options=options)
+        except RowFailed:
+            return {"instruction": question, "versions": versions, "methods": methods}
+        return {"instruction": question, "versions": versions, "methods": methods,
+                "scores": ranking.value}
 
     def row_defaults(self) -> dict[str, Any]:
         return {"kind": self.kind, "instruction": "", "model": self.endpoint.model}
