@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ class Call:
     options: Mapping[str, Any] = field(default_factory=dict)
     parse_retries: int | None = None
     may_fail: bool = False  # a failure is read as a Reading, and the row goes on
+    model: str | None = None  # which of the stage's endpoints (by model); None: the first
 
 
 Conversation = Generator["Call | list[Call]", Any, "dict[str, Any]"]
@@ -182,10 +184,17 @@ class LLMRowWorker(AsyncBatchWorker):
     stage: LLMRowStage
 
     async def aprocess(self, rows: pa.Table, client: Any) -> pa.Table:
-        made = await asyncio.gather(*(self.row(r, client) for r in rows.to_pylist()))
+        """``client``: the stage's first endpoint's; the others' share its cap on requests
+        in flight (DEITA's two scorer models on one server)."""
+        clients = {None: client, client.model: client}
+        async with contextlib.AsyncExitStack() as stack:
+            for endpoint in self.stage.endpoints()[1:]:
+                clients[endpoint.model] = await stack.enter_async_context(
+                    self.stage.client(endpoint, sharing=client))
+            made = await asyncio.gather(*(self.row(r, clients) for r in rows.to_pylist()))
         return rows_table(made, self.stage.schema)
 
-    async def row(self, row: dict[str, Any], client: Any) -> dict[str, Any]:
+    async def row(self, row: dict[str, Any], clients: dict[str | None, Any]) -> dict[str, Any]:
         stage, cost = self.stage, RowCost()
         out: dict[str, Any] = {**stage.row_defaults(), **stage.carried(row), "id": row["id"],
                                "raw": None}
@@ -197,12 +206,13 @@ class LLMRowWorker(AsyncBatchWorker):
                 try:
                     if isinstance(step, list):
                         readings = list(await asyncio.gather(*(
-                            ask_or_fail(client, c, stage.parse_retries, cost) for c in step)))
+                            ask_or_fail(clients[c.model], c, stage.parse_retries, cost)
+                            for c in step)))
                         last = readings[-1] if readings else last
                         reply: Any = readings
                     else:
-                        last = reply = await ask_or_fail(client, step, stage.parse_retries,
-                                                         cost)
+                        last = reply = await ask_or_fail(clients[step.model], step,
+                                                         stage.parse_retries, cost)
                 except RowFailed as failed:
                     out.update(status="failed", error=failed.error[:2000],
                                error_kind=failed.kind, raw=failed.raw)

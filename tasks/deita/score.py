@@ -207,6 +207,37 @@ class HFScorer:
 
 
 # ---- back end (b): an OpenAI-compatible endpoint with top_logprobs ------------------
+def read_expected_score(completion: Any) -> float:
+    """The expected score over the tokens 1..6 of the answer's one position."""
+    from gleaner.engine.llm_rows import ParseFailure
+    from gleaner.llm.client import expected_score
+
+    if not completion.top_logprobs:
+        raise ParseFailure("the endpoint returned no top_logprobs")
+    value = expected_score(completion.top_logprobs[0], SCORE_TOKENS)
+    if value is None:
+        raise ParseFailure("none of the tokens 1..6 is among the top_logprobs")
+    return value
+
+
+def score_call(prompt: str, top_logprobs: int, model: str | None = None) -> Any:
+    """One scorer request (raw text, one token, top_logprobs); asked once, its failure kept
+    as the prompt's outcome. ``model``: which of the stage's two scorer endpoints."""
+    from gleaner.engine.llm_rows import Call
+
+    return Call(read_expected_score, prompt=prompt, max_tokens=1,
+                options={"logprobs": top_logprobs}, parse_retries=0, may_fail=True, model=model)
+
+
+def scored(reading: Any, cost: Any = None) -> Scored:
+    """A prompt's outcome from what the row loop read (its cost, when known alone)."""
+    error = None if reading.error is None else f"{reading.kind}: {reading.error}"
+    spent = {} if cost is None else {"attempts": cost.attempts,
+                                     "prompt_tokens": cost.prompt_tokens,
+                                     "completion_tokens": cost.completion_tokens}
+    return Scored(reading.value, error, reading.kind, **spent)
+
+
 @register("scorer", "endpoint")
 class EndpointScorer:
     """DEITA's scorer served behind ``/v1/completions`` (raw text, 1 token, top_logprobs),
@@ -220,24 +251,11 @@ class EndpointScorer:
         self.name = client.model
 
     async def one(self, prompt: str) -> Scored:
-        from gleaner.llm.client import LLMError, expected_score
+        from gleaner.engine.llm_rows import RowCost, ask_or_fail
 
-        try:
-            completion = await self.client.complete(
-                prompt, max_tokens=1, temperature=0.0, logprobs=self.top_logprobs)
-        except LLMError as error:
-            if error.fatal:
-                raise
-            return Scored(None, f"{error.kind}: {error}", error.kind, error.attempts)
-        cost = {"attempts": completion.attempts, "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens}
-        if not completion.top_logprobs:
-            return Scored(None, "the endpoint returned no top_logprobs", "parse", **cost)
-        value = expected_score(completion.top_logprobs[0], SCORE_TOKENS)
-        if value is None:
-            return Scored(None, "none of the tokens 1..6 is among the top_logprobs", "parse",
-                          **cost)
-        return Scored(value, **cost)
+        cost = RowCost()
+        reading = await ask_or_fail(self.client, score_call(prompt, self.top_logprobs), 0, cost)
+        return scored(reading, cost)
 
     async def ascore(self, prompts: Sequence[str]) -> list[Scored]:
         return list(await asyncio.gather(*(self.one(p) for p in prompts)))

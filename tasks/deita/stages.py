@@ -11,7 +11,6 @@ Both are cached across runs by (example id, settings), like every engine stage.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +20,10 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import EmbedConfig, EndpointConfig, ScoreConfig
 from gleaner.devices import placement
-from gleaner.engine import AsyncBatchWorker, LLMStage, Stage, rows_table, stage_schema
+from gleaner.engine import Conversation, LLMRowStage, Stage, rows_table, stage_schema
+from gleaner.engine.stage import COST_COLUMNS
 from gleaner.registry import registry
+from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.deita import embed as embed_tasks
 from gleaner.tasks.deita import score as score_tasks
 
@@ -121,31 +122,7 @@ class ScoreStage(_ScoreBase, Stage):
         return HFScoreWorker(self.settings)
 
 
-class EndpointScoreWorker(AsyncBatchWorker):
-    stage: EndpointScoreStage
-
-    def process(self, rows: pa.Table) -> pa.Table:
-        from gleaner.llm.client import run_on_worker_loop
-
-        return run_on_worker_loop(self.aprocess(rows, None))
-
-    async def aprocess(self, rows: pa.Table, client: Any) -> pa.Table:
-        stage = self.stage
-        examples = rows.to_pylist()
-        c_prompts, q_prompts = score_tasks.turn_prompts(examples)
-        # one cap on the requests in flight for both models: resources.concurrency per batch
-        async with stage.client(stage.complexity_endpoint) as c_client, \
-                stage.client(stage.quality_endpoint, sharing=c_client) as q_client:
-            top = stage.settings.top_logprobs
-            c_scores, q_scores = await asyncio.gather(
-                score_tasks.EndpointScorer(c_client, top).ascore(c_prompts),
-                score_tasks.EndpointScorer(q_client, top).ascore(q_prompts))
-        out = score_tasks.score_rows(examples, c_scores, q_scores, c_client.model,
-                                     q_client.model)
-        return rows_table(out, SCORE_SCHEMA)
-
-
-class EndpointScoreStage(_ScoreBase, LLMStage):
+class EndpointScoreStage(_ScoreBase, LLMRowStage):
     """DEITA's scorers behind an OpenAI-compatible /v1/completions endpoint (vLLM)."""
 
     def __init__(self, section: ScoreConfig):
@@ -172,8 +149,21 @@ class EndpointScoreStage(_ScoreBase, LLMStage):
                               logprobs=self.settings.top_logprobs)
         return {}
 
-    def open(self) -> EndpointScoreWorker:
-        return EndpointScoreWorker(self)
+    def conversation(self, row: dict[str, Any]) -> Conversation:
+        """Every turn's complexity and quality prompt at once, each scored once; a row with a
+        failed prompt is failed with the first three errors."""
+        turns = user_assistant_pairs(row["conversation"])
+        top = self.settings.top_logprobs
+        complexity, quality = self.complexity_endpoint.model, self.quality_endpoint.model
+        calls = [score_tasks.score_call(score_tasks.complexity_prompt(u), top, complexity)
+                 for u, _ in turns]
+        calls += [score_tasks.score_call(score_tasks.quality_prompt(u, a), top, quality)
+                  for u, a in turns]
+        readings = (yield calls) if calls else []
+        outcomes = [score_tasks.scored(r) for r in readings]
+        [record] = score_tasks.score_rows([row], outcomes[:len(turns)], outcomes[len(turns):],
+                                          complexity, quality)
+        return {k: v for k, v in record.items() if k not in COST_COLUMNS}
 
 
 def score_stage(section: ScoreConfig) -> Stage:
