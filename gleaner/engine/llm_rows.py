@@ -195,39 +195,46 @@ class LLMRowWorker(AsyncBatchWorker):
         return rows_table(made, self.stage.schema)
 
     async def row(self, row: dict[str, Any], clients: dict[str | None, Any]) -> dict[str, Any]:
-        stage, cost = self.stage, RowCost()
-        out: dict[str, Any] = {**stage.row_defaults(), **stage.carried(row), "id": row["id"],
-                               "raw": None}
-        steps = stage.conversation(row)
-        last: Reading | None = None
-        try:
-            step = next(steps)
-            while True:
-                try:
-                    if isinstance(step, list):
-                        readings = list(await asyncio.gather(*(
-                            ask_or_fail(clients[c.model], c, stage.parse_retries, cost)
-                            for c in step)))
-                        last = readings[-1] if readings else last
-                        reply: Any = readings
-                    else:
-                        last = reply = await ask_or_fail(clients[step.model], step,
-                                                         stage.parse_retries, cost)
-                except RowFailed as failed:
-                    out.update(status="failed", error=failed.error[:2000],
-                               error_kind=failed.kind, raw=failed.raw)
-                    out.update(made_so_far(steps, failed))
-                    break
-                step = steps.send(reply)
-        except StopIteration as done:  # the conversation may set its own status and error
-            out.update({"raw": last.raw if last else None, "status": "ok",
-                        **(done.value or {})})
-        finally:
-            steps.close()
-        out.update(cost.as_row())
+        stage = self.stage
+        out = await converse(stage.conversation(row), clients, stage.parse_retries,
+                             {**stage.row_defaults(), **stage.carried(row), "id": row["id"]})
         if "raw" not in stage.schema.names:
             out.pop("raw")
         return out
+
+
+async def converse(steps: Conversation, clients: Mapping[str | None, Any], parse_retries: int,
+                   out: dict[str, Any]) -> dict[str, Any]:
+    """Drive one row's conversation to its output row (``out``: the fields it starts with):
+    ok with what it returned, or failed with the error; its cost summed over every call.
+    A fatal client error is raised. ``clients``: by model, None naming the first."""
+    cost = RowCost()
+    out = {**out, "raw": None}
+    last: Reading | None = None
+    try:
+        step = next(steps)
+        while True:
+            try:
+                if isinstance(step, list):
+                    readings = list(await asyncio.gather(*(
+                        ask_or_fail(clients[c.model], c, parse_retries, cost) for c in step)))
+                    last = readings[-1] if readings else last
+                    reply: Any = readings
+                else:
+                    last = reply = await ask_or_fail(clients[step.model], step, parse_retries,
+                                                     cost)
+            except RowFailed as failed:
+                out.update(status="failed", error=failed.error[:2000], error_kind=failed.kind,
+                           raw=failed.raw)
+                out.update(made_so_far(steps, failed))
+                break
+            step = steps.send(reply)
+    except StopIteration as done:  # the conversation may set its own status and error
+        out.update({"raw": last.raw if last else None, "status": "ok", **(done.value or {})})
+    finally:
+        steps.close()
+    out.update(cost.as_row())
+    return out
 
 
 def made_so_far(steps: Conversation, failed: RowFailed) -> dict[str, Any]:

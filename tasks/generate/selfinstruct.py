@@ -33,8 +33,9 @@ import pyarrow as pa
 from gleaner import layout
 from gleaner.config import EndpointConfig, GenerateConfig, GleanerConfig
 from gleaner.engine import rows_table, stage_schema
+from gleaner.engine.llm_rows import Call, Conversation, converse
 from gleaner.engine.rounds import RoundStage, run_rounds
-from gleaner.llm.client import Completion, LLMClient, LLMError
+from gleaner.llm.client import LLMClient
 from gleaner.schema import Example
 from gleaner.store import Store
 from gleaner.tasks.generate import as_ingest
@@ -92,6 +93,11 @@ class Pool:
             self.origins.append(origin)
         if example_id is not None:
             self.ids.add(example_id)
+
+
+def read_answer(completion: Any) -> tuple[str, str | None]:
+    """The answer as given (parsed into tasks when the round settles) and why it stopped."""
+    return completion.text, completion.finish_reason
 
 
 def request_seed(seed: int, index: int, number: int) -> int:
@@ -181,29 +187,26 @@ class SelfInstructStage(RoundStage):
 
     async def _ask_one(self, client: LLMClient, index: int, number: int, context: list[int]
                        ) -> dict[str, Any]:
+        row = {"id": f"{index:05d}-{number:03d}", "round": index, "request": number,
+               "context": context, "tasks": [], "answer": None, "finish_reason": None}
+        out = await converse(self.request(index, number, context), {None: client}, 0, row)
+        out.pop("raw")
+        return out
+
+    def request(self, index: int, number: int, context: list[int]) -> Conversation:
+        """One request of a round: the prompt showing the sampled tasks, answered once (the
+        round's tasks are parsed from it when the round settles)."""
         s = self.settings
         text = self.prompt.encode([self.pool.tasks[i] for i in context])
-        row: dict[str, Any] = {"id": f"{index:05d}-{number:03d}", "round": index,
-                               "request": number, "context": context, "tasks": [],
-                               "status": "ok", "answer": None, "finish_reason": None}
-        options: dict[str, Any] = {"max_tokens": s.max_tokens, "temperature": s.temperature,
-                                   "top_p": s.top_p, "stop": list(s.stop)}
+        options: dict[str, Any] = {"top_p": s.top_p, "stop": list(s.stop)}
         if s.send_seed:
             options["seed"] = request_seed(s.seed, index, number)
-        try:
-            if s.route == "completions":
-                completion: Completion = await client.complete(text, **options)
-            else:
-                completion = await client.chat([{"role": "user", "content": text}], **options)
-        except LLMError as error:
-            if error.fatal:
-                raise
-            return {**row, "status": "failed", "error": str(error), "error_kind": error.kind,
-                    "attempts": error.attempts}
-        return {**row, "answer": completion.text, "finish_reason": completion.finish_reason,
-                "attempts": completion.attempts, "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "latency_ms": completion.latency_ms}
+        messages = None if s.route == "completions" else [{"role": "user", "content": text}]
+        reading = yield Call(read_answer, messages, prompt=text if messages is None else None,
+                             max_tokens=s.max_tokens, temperature=s.temperature,
+                             options=options, parse_retries=0)
+        answer, finish_reason = reading.value
+        return {"answer": answer, "finish_reason": finish_reason}
 
     def settle(self, index: int, rows: list[dict[str, Any]]) -> pa.Table:
         kept_before = self.pool.generated
