@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gleaner.config import GleanerConfig  # noqa: E402
-from gleaner.cost.plan import plan_sources  # noqa: E402
-from gleaner.cost.report import plan_text  # noqa: E402
 from gleaner.engine.summary import estimate_cost  # noqa: E402
 from gleaner.store import Store  # noqa: E402
+from gleaner.tasks.cost.plan import plan_sources  # noqa: E402
+from gleaner.tasks.cost.report import plan_text  # noqa: E402
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_random_9k.json"
 EVAL_SETS = ROOT.parent / "shared" / "data" / "eval_sets"

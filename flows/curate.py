@@ -17,8 +17,6 @@ from prefect.runtime import flow_run
 
 from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
-from gleaner.cost.plan import plan_run
-from gleaner.cost.report import actual_cost, check_budget, keep_plan
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.evaluate_flow import evaluate_flow
 from gleaner.flows.finetune_flow import finetune_flow
@@ -29,6 +27,8 @@ from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import new_run_id, record_run
 from gleaner.runtime import init_ray
 from gleaner.store import Store
+from gleaner.tasks.cost.plan import plan_run
+from gleaner.tasks.cost.report import actual_cost, check_budget, keep_plan
 from gleaner.tasks.evaluate.eval_sets import check_evaluation_inputs
 from gleaner.tasks.publish.release import previous_run, release
 

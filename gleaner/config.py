@@ -531,7 +531,7 @@ class MTBenchConfig(StageSection):
 class ArmConfig(Section):
     """One arm of an experiment: a selector with its settings (a ``SelectConfig``) and a name.
     A string is the short form: ``full``, ``random@9k``, ``alpagasus@τ4.5``, ``deita@6k``,
-    ``ifd@5%``, ``longest@1k``, any of them with ``+dpo`` (gleaner.tasks.experiment.arms)."""
+    ``ifd@5%``, ``longest@1k``, any of them with ``+dpo`` (gleaner.arm_spec)."""
 
     name: str  # the arm's name (a path and model name)
     selector: str  # a registered selector (random, threshold, deita, ifd, longest, ...)
@@ -549,7 +549,7 @@ class ArmConfig(Section):
     @classmethod
     def _short_form(cls, value: Any) -> Any:
         if isinstance(value, str | dict):
-            from gleaner.tasks.experiment.arms import parse_arm
+            from gleaner.arm_spec import parse_arm
 
             return parse_arm(value)
         return value
@@ -595,7 +595,7 @@ class ExperimentConfig(Section):
 
     @model_validator(mode="after")
     def _arms_agree(self) -> ExperimentConfig:
-        from gleaner.tasks.experiment.arms import check_arms
+        from gleaner.arm_spec import check_arms
 
         check_arms(self.arms, self.baseline)
         return self

@@ -4,15 +4,18 @@ Config choices, CLI choices and the reports derive from these, so a new
 selector is one file with one registration line::
 
     from gleaner.registry import register
+    from gleaner.tasks.select.selectors import Selector
 
-    @register("selector", "toy")
-    def select_toy(data, settings): ...
+    def shortest(data, request):  # (Candidates, SelectRequest) -> Manifest
+        ...
 
-Built-in entries live in the modules named in :data:`BUILTINS` (imported the
-first time a registry is used). Others come from plugins: modules named in the
-``GLEANER_PLUGINS`` environment variable (comma-separated), or installed
-packages exposing the ``gleaner.plugins`` entry-point group; importing a plugin
-runs its ``register`` lines.
+    register("selector", "shortest")(Selector(run=shortest, default_sort="length"))
+
+Built-in entries live in the modules pyproject.toml names in the ``gleaner.builtins``
+entry-point group, one per kind (imported the first time a registry is used).
+Others come from plugins: modules named in the ``GLEANER_PLUGINS`` environment
+variable (comma-separated), or installed packages exposing the ``gleaner.plugins``
+entry-point group; importing a plugin runs its ``register`` lines.
 """
 
 from __future__ import annotations
@@ -27,17 +30,13 @@ T = TypeVar("T")
 PLUGINS_ENV = "GLEANER_PLUGINS"
 ENTRY_POINT_GROUP = "gleaner.plugins"
 
-# kind -> the modules whose import registers the built-in entries
-BUILTINS: dict[str, tuple[str, ...]] = {
-    "selector": ("gleaner.tasks.select.selectors",),
-    "signal": ("gleaner.tasks.select.signals",),
-    "rater": ("gleaner.tasks.rate.raters",),
-    "scorer": ("gleaner.tasks.deita.score",),
-    "generation_backend": ("gleaner.tasks.evaluate.backends",),
-    "eval_set": ("gleaner.tasks.evaluate.eval_sets",),
-    "export_format": ("gleaner.tasks.publish.export",),
-    "response_source": ("gleaner.tasks.compare.sources",),
-}
+BUILTINS_GROUP = "gleaner.builtins"  # entry points: kind -> the module registering its entries
+
+
+def builtin_modules(kind: str) -> list[str]:
+    """The modules whose import registers ``kind``'s built-in entries (pyproject.toml's
+    ``gleaner.builtins`` entry points), so this shared layer names no stage module."""
+    return [e.value for e in importlib.metadata.entry_points(group=BUILTINS_GROUP, name=kind)]
 
 
 class Registry(Generic[T]):
@@ -58,7 +57,7 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        for module in BUILTINS.get(self.kind, ()):
+        for module in builtin_modules(self.kind):
             importlib.import_module(module)
         load_plugins()
 

@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from gleaner.config import GleanerConfig
-from gleaner.cost.plan import plan_sources
-from gleaner.cost.report import OverBudget, actual_cost, check_budget, keep_plan, plan_text
 from gleaner.store import Store
+from gleaner.tasks.cost.plan import plan_sources
+from gleaner.tasks.cost.report import OverBudget, actual_cost, check_budget, keep_plan, plan_text
 from tests.support.openai_server import OpenAIStub, Reply, request_text
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from gleaner.config import EndpointConfig, GleanerConfig
-from gleaner.doctor import Check, check_endpoint, check_packages, exit_code
+from gleaner.flows.doctor import Check, check_endpoint, check_packages, exit_code
 from tests.support.openai_server import OpenAIStub, Reply, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

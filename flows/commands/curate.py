@@ -83,7 +83,7 @@ def format_summary(summary: dict[str, Any], api_url: str | None = None) -> str:
     if summary.get("evaluate"):
         lines += evaluation_lines(summary["evaluate"])
     if summary.get("cost"):
-        from gleaner.cost.report import cost_lines
+        from gleaner.tasks.cost.report import cost_lines
 
         lines += cost_lines(summary["cost"])
     url = flow_run_url(api_url, summary.get("flow_run_id"))
@@ -98,8 +98,8 @@ def cost_gate(sources: list[str], config: Any, run_id: str, dry_run: bool, yes: 
     budget.max_usd (refused unless --yes). None: no budget, the flow makes the plan."""
     if not dry_run and config.budget.max_usd is None:
         return None
-    from gleaner.cost.plan import plan_sources
-    from gleaner.cost.report import OverBudget, check_budget, plan_text
+    from gleaner.tasks.cost.plan import plan_sources
+    from gleaner.tasks.cost.report import OverBudget, check_budget, plan_text
     from gleaner.tasks.ingest.ingest import IngestError
 
     try:

@@ -24,7 +24,7 @@ def doctor(
     Each line is ok, warning or FAILED with what to do; the exit code is 1 when something
     a run with this config needs is broken.
     """
-    from gleaner.doctor import exit_code, format_checks, run_checks
+    from gleaner.flows.doctor import exit_code, format_checks, run_checks
 
     config = build_config(config_file, **{"store.url": store})
     checks = run_checks(config, refresh_llama=refresh_llama)

@@ -32,9 +32,9 @@ def plan(
     sent: the run's finished parts and the cache are subtracted; nothing is written."""
     config = build_config(config_file, **{"store.url": store, "run_id": run_id,
                                           "ingest.limit": limit})
-    from gleaner.cost.plan import plan_sources
-    from gleaner.cost.report import plan_text
     from gleaner.runs import new_run_id
+    from gleaner.tasks.cost.plan import plan_sources
+    from gleaner.tasks.cost.report import plan_text
     from gleaner.tasks.ingest.ingest import IngestError
 
     try:

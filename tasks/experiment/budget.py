@@ -1,6 +1,6 @@
 """The grid's budget guard: what an experiment would train, generate and send, before it spends.
 
-Built on the cost plan (gleaner.cost.plan): the pool's LLM stages the arms need
+Built on the cost plan (gleaner.tasks.cost.plan): the pool's LLM stages the arms need
 (rating, DEITA's scorers behind an endpoint) are planned by the engine's own
 bookkeeping (finished parts and the cache subtracted, the stage's real request
 bodies counted); each arm's judging against the baseline by ``plan_judge``
@@ -25,7 +25,10 @@ import pyarrow as pa
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
-from gleaner.cost.plan import (
+from gleaner.engine.runner import read_summary
+from gleaner.models import SMOLLM2_NAME
+from gleaner.store import Store
+from gleaner.tasks.cost.plan import (
     StagePlan,
     llm_stages,
     plan_finetunes,
@@ -33,10 +36,7 @@ from gleaner.cost.plan import (
     plan_stage,
     priced,
 )
-from gleaner.cost.report import OverBudget, plan_markdown, plan_text
-from gleaner.engine.runner import read_summary
-from gleaner.models import SMOLLM2_NAME
-from gleaner.store import Store
+from gleaner.tasks.cost.report import OverBudget, plan_markdown, plan_text
 from gleaner.tasks.experiment.arms import Selection, plan_selections
 from gleaner.tasks.experiment.pool import needed_stages, pool_run
 from gleaner.tasks.train.memory_plan import model_shape, plan_for_section
@@ -96,9 +96,9 @@ def judge_entries(store: Store, run_id: str, config: GleanerConfig, selection: S
 
 def mt_bench_entry(store: Store, run_id: str, config: GleanerConfig, model: str) -> StagePlan:
     """Two grades per question; the answers shown counted at their token cap (upper bound)."""
-    from gleaner.cost.tokens import counter_for
     from gleaner.engine.replay import CHAT_URL
     from gleaner.llm.client import chat_request, request_body
+    from gleaner.tasks.cost.tokens import counter_for
     from gleaner.tasks.mtbench.prompts import grading_messages, judge_prompt
     from gleaner.tasks.mtbench.questions import load_questions
 
@@ -285,7 +285,7 @@ def check_guard(plan: dict[str, Any], approved: bool) -> None:
 def plan_only(config: GleanerConfig, run_id: str) -> dict[str, Any]:
     """The plan without running anything (``gleaner experiment --plan``): a pool not ingested
     yet is ingested into a scratch store, so nothing is written."""
-    from gleaner.cost.plan import scratch_ingest
+    from gleaner.tasks.cost.plan import scratch_ingest
 
     store = Store(config.store.url, config.store.options)
     pool = pool_run(config, run_id)

@@ -8,7 +8,7 @@ cache (the engine's own :func:`~gleaner.engine.runner.stage_work` and
 changed. The requests themselves are the stage's own, recorded by running its
 worker against a client that only writes requests down (the Batch API's
 :class:`~gleaner.engine.replay.ReplayWorker` with no answers): their bodies are
-exactly what would be sent, counted by :mod:`gleaner.cost.tokens`. Completion
+exactly what would be sent, counted by :mod:`gleaner.tasks.cost.tokens`. Completion
 tokens are the recorded mean per request where the store holds usage of the
 same requests, else each request's ``max_tokens`` (an upper bound, said so).
 Parse retries are not planned. Then each stage is priced synchronously and at
@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, PriceConfig
-from gleaner.cost.tokens import CharsPerToken, calibrated, counter_for
 from gleaner.engine.batches import InputIndex, read_segments
 from gleaner.engine.cache import cache_files
 from gleaner.engine.plan import Plan, PlanMismatch, settings_key
@@ -41,8 +40,9 @@ from gleaner.engine.runner import StageWork, cache_hits, stage_work
 from gleaner.engine.stage import LLMStage
 from gleaner.engine.summary import estimate_cost
 from gleaner.store import Store
+from gleaner.tasks.cost.tokens import CharsPerToken, calibrated, counter_for
 
-log = logging.getLogger("gleaner.cost")
+log = logging.getLogger("gleaner.tasks.cost")
 CALIBRATION_ROWS = 400  # recorded rows the chars-per-token ratio is fitted on, at most
 FINETUNE_SAMPLE = 500  # examples tokenised to count a fine-tune's tokens
 
@@ -286,7 +286,7 @@ def plan_finetunes(config: GleanerConfig, pool: pa.Table) -> list[FinetunePlan]:
     sample = pool.slice(0, FINETUNE_SAMPLE).to_pylist()
     source = config.finetune.base_model
     try:
-        from gleaner.cost.tokens import load_tokenizer
+        from gleaner.tasks.cost.tokens import load_tokenizer
 
         if source is None:
             from gleaner.models import smollm2_gguf

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from gleaner.config import BudgetConfig, EndpointConfig
 from gleaner.engine.replay import CHAT_URL
 
-log = logging.getLogger("gleaner.cost")
+log = logging.getLogger("gleaner.tasks.cost")
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_REPLY = 3
 
