@@ -453,8 +453,9 @@ class GenerationConfig(Section):
 
 class EvaluateConfig(Section):
     judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
-    # registered test sets (vicuna, koala, ...) or JSONL paths
-    test_sets: list[str] = Field(default_factory=lambda: ["vicuna"])
+    # registered test sets or JSONL paths; koala ships with gleaner (vicuna and wizardlm, with
+    # non-commercial terms, need evaluate.eval_sets_dir: tasks/evaluate/data/NOTICE)
+    test_sets: list[str] = Field(default_factory=lambda: ["koala"])
     # how the two orders combine: alpagasus or fastchat
     rule: Literal["alpagasus", "fastchat"] = "alpagasus"
     max_new_tokens: int = 256  # token cap of each answer

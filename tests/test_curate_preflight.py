@@ -77,8 +77,13 @@ def test_what_is_checked_and_when(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "vicuna_test_set.jsonl").mkdir()
     with pytest.raises(EvalSetError, match=r"evaluate\.eval_sets_dir = '\.'"):
         check_readable(["vicuna"], ".")
-    # A known set with no folder at all, and the folder named by the environment.
-    with pytest.raises(EvalSetError, match=r"evaluate\.test_sets: .*evaluate\.eval_sets_dir"):
+    # A known set with no folder: the copies shipped with gleaner, where the licence allows;
+    # Vicuna's questions are non-commercial, so it needs a folder, and the error says why.
+    monkeypatch.delenv("GLEANER_EVAL_SETS", raising=False)
+    check_readable(["koala", "sinstruct", "mt_bench"], None)
+    with pytest.raises(EvalSetError, match=r"evaluate\.test_sets: .*not shipped with gleaner "
+                                           r"\(its questions are CC-BY-NC-4\.0.*"
+                                           r"evaluate\.eval_sets_dir"):
         check_readable(["vicuna"], None)
     monkeypatch.setenv("GLEANER_EVAL_SETS", "nowhere")
     with pytest.raises(EvalSetError, match=r"\$GLEANER_EVAL_SETS = 'nowhere'.*current directory"):

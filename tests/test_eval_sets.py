@@ -57,8 +57,8 @@ def test_bad_rows_name_file_line_and_field(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(EvalSetError, match="file not found"):
         load_eval_set(str(tmp_path / "missing.jsonl"))
     monkeypatch.delenv("GLEANER_EVAL_SETS", raising=False)
-    with pytest.raises(EvalSetError, match="eval_sets_dir"):
-        load_eval_set("koala", None)
+    with pytest.raises(EvalSetError, match="not shipped with gleaner.*eval_sets_dir"):
+        load_eval_set("wizardlm", None)  # non-commercial terms: the user's folder only
 
 
 def test_answer_files_validate_fields(tmp_path: Path) -> None:
@@ -74,3 +74,36 @@ def test_answer_files_validate_fields(tmp_path: Path) -> None:
     path.write_text('{"prompt": "Q", "answer": ["list"]}\n')
     with pytest.raises(AnswerFileError, match=r"field 'answer' must be a string"):
         load_answers(str(path))
+
+
+def test_the_shipped_sets_are_the_upstream_files_and_load_with_no_folder(monkeypatch,
+                                                                         shared_data) -> None:
+    """koala, sinstruct and MT-Bench (questions and GPT-4 references) ship with the package,
+    byte for byte the files of their upstream repositories, named in its NOTICE."""
+    from gleaner.config import GleanerConfig
+    from gleaner.tasks.evaluate.eval_sets import SHIPPED, load_eval_set
+    from gleaner.tasks.mtbench.questions import load_questions
+
+    monkeypatch.delenv("GLEANER_EVAL_SETS", raising=False)
+    notice = (SHIPPED / "NOTICE").read_text()
+    for name in ("koala_test_set.jsonl", "sinstruct_test_set.jsonl", "mt_bench_question.jsonl",
+                 "mt_bench/reference_answer_gpt-4.jsonl"):
+        assert (SHIPPED / name).read_bytes() == (shared_data / "eval_sets" / name).read_bytes()
+        assert name in notice
+    assert "Apache License" in (SHIPPED / "LICENSE-Apache-2.0.txt").read_text()
+    assert len(load_eval_set("koala")) == 180 and len(load_eval_set("sinstruct")) == 252
+    questions = load_questions(GleanerConfig())
+    assert len(questions) == 80 and sum(q.references is not None for q in questions) == 30
+    assert GleanerConfig().evaluate.test_sets == ["koala"]  # the default resolves anywhere
+
+
+def test_doctor_passes_the_default_test_set_with_no_folder(monkeypatch) -> None:
+    from gleaner.config import GleanerConfig
+    from gleaner.flows.doctor import check_test_sets
+
+    monkeypatch.delenv("GLEANER_EVAL_SETS", raising=False)
+    [check] = check_test_sets(GleanerConfig())
+    assert (check.name, check.status) == ("test-set:koala", "ok")
+    assert check.detail.startswith("180 prompts in ") and "tasks/evaluate/data" in check.detail
+    [vicuna] = check_test_sets(GleanerConfig().with_overrides({"evaluate.test_sets": ["vicuna"]}))
+    assert vicuna.status == "failed" and "CC-BY-NC-4.0" in vicuna.detail  # says why, and where

@@ -3,9 +3,12 @@
 Every loader yields the same record, :class:`EvalPrompt`: the instruction and
 (for Self-Instruct) the instance input kept apart so a fine-tuned model gets
 them in its own prompt template, and ``question`` = what the judge reads.
-A named set resolves to ``<eval_sets_dir>/<file>``; anything else is a path or
-fsspec URL of a JSONL file whose rows hold a ``prompt`` field (an ``id`` is
-optional). Bad rows stop the load with the file, line and field named.
+A named set resolves to ``<eval_sets_dir>/<file>`` (``evaluate.eval_sets_dir``, else
+``$GLEANER_EVAL_SETS``), else to the copy shipped in this package (``data/``: the sets
+whose licences allow it, named in ``data/NOTICE``; Vicuna's and WizardLM's carry
+non-commercial terms and are not shipped); anything else is a path or fsspec URL of a
+JSONL file whose rows hold a ``prompt`` field (an ``id`` is optional). Bad rows stop
+the load with the file, line and field named.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -22,6 +26,25 @@ from gleaner.jsonl import json_lines
 from gleaner.registry import register, registry
 
 EVAL_SETS_ENV = "GLEANER_EVAL_SETS"
+SHIPPED = Path(__file__).resolve().parent / "data"  # the sets gleaner may redistribute
+# the known sets not shipped, and why (their upstream terms)
+NOT_SHIPPED = {
+    "vicuna": "its questions are CC-BY-NC-4.0 (lm-sys/FastChat issue #2073); get "
+              "eval/table/question.jsonl of github.com/lm-sys/vicuna-blog-eval",
+    "wizardlm": "its data is CC-BY-NC-4.0, research use only; get "
+                "WizardLM/data/WizardLM_testset.jsonl of github.com/nlpxucan/WizardLM",
+}
+
+
+def eval_sets_folder(configured: str | None = None) -> str | None:
+    """The folder named sets are read from: configured, else $GLEANER_EVAL_SETS (None: the
+    shipped copies)."""
+    return configured or os.environ.get(EVAL_SETS_ENV)
+
+
+def shipped_file(file_name: str) -> str | None:
+    path = SHIPPED / file_name
+    return str(path) if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -115,14 +138,18 @@ def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Read
         reader = known[key][1] if key in known else _generic
         return name, explicit, reader
     if key in known:
-        directory = eval_sets_dir or os.environ.get(EVAL_SETS_ENV)
-        if not directory:
+        file_name, reader = known[key]
+        directory = eval_sets_folder(eval_sets_dir)
+        if directory:
+            return key, posixpath.join(directory.rstrip("/"), file_name), reader
+        shipped = shipped_file(file_name)
+        if shipped is None:
+            why = NOT_SHIPPED.get(key, "gleaner does not ship it")
             raise EvalSetError(
-                f"test set {spec!r} is a known set, but no folder holds it: set "
-                f"evaluate.eval_sets_dir or ${EVAL_SETS_ENV} to the folder with "
-                f"{known[key][0]}"
-            )
-        return key, posixpath.join(directory.rstrip("/"), known[key][0]), known[key][1]
+                f"test set {spec!r} is not shipped with gleaner ({why}): set "
+                f"evaluate.eval_sets_dir or ${EVAL_SETS_ENV} to the folder holding "
+                f"{file_name}")
+        return key, shipped, reader
     stem = posixpath.basename(spec).rsplit(".", 1)[0] or spec
     return stem, spec, _generic
 

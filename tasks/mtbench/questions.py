@@ -11,14 +11,13 @@ reference answer stops the load, naming the file and the question.
 
 from __future__ import annotations
 
-import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 from gleaner.config import GleanerConfig
 from gleaner.jsonl import json_lines
-from gleaner.tasks.evaluate.eval_sets import EVAL_SETS_ENV, EvalSetError
+from gleaner.tasks.evaluate.eval_sets import EvalSetError, eval_sets_folder, shipped_file
 from gleaner.tasks.mtbench.prompts import NEED_REF_CATS
 
 QUESTIONS_FILE = "mt_bench_question.jsonl"
@@ -34,16 +33,18 @@ class MTQuestion:
 
 
 def files(config: GleanerConfig) -> tuple[str, str]:
-    """(questions, references) URLs: configured, else in the eval-sets folder."""
+    """(questions, references) URLs: configured, else in the eval-sets folder, else FastChat's
+    files shipped with gleaner (Apache-2.0, tasks/evaluate/data/NOTICE)."""
     settings = config.mt_bench
-    folder = config.evaluate.eval_sets_dir or os.environ.get(EVAL_SETS_ENV)
-    if (settings.questions_file is None or settings.references_file is None) and not folder:
-        raise EvalSetError(f"MT-Bench: set mt_bench.questions_file and references_file, or "
-                           f"evaluate.eval_sets_dir / ${EVAL_SETS_ENV} to the folder holding "
-                           f"{QUESTIONS_FILE} and {REFERENCES_FILE}")
-    base = (folder or "").rstrip("/")
-    return (settings.questions_file or posixpath.join(base, QUESTIONS_FILE),
-            settings.references_file or posixpath.join(base, REFERENCES_FILE))
+    folder = eval_sets_folder(config.evaluate.eval_sets_dir)
+
+    def where(file_name: str) -> str:
+        if folder:
+            return posixpath.join(folder.rstrip("/"), file_name)
+        return shipped_file(file_name) or file_name
+
+    return (settings.questions_file or where(QUESTIONS_FILE),
+            settings.references_file or where(REFERENCES_FILE))
 
 
 def _two(value: Any, where: str, field: str) -> tuple[str, str]:
