@@ -48,5 +48,5 @@ def compare_flow(run_id: str, config: GleanerConfig,
 def run_compare(config: GleanerConfig, run_id: str,
                 responses: list[str] | None = None) -> dict[str, Any]:
     """The flow in one Prefect API + Ray, judged by the offline server when no judge is set."""
-    with offline_endpoints(config, grader=True) as live, execution_environment(live):
+    with offline_endpoints(config, "grader") as live, execution_environment(live):
         return compare_flow(run_id=run_id, config=live, responses=responses)

@@ -63,7 +63,8 @@ def curate_flow(
     check_budget(plan, approved=approve_cost)
     keep_plan(st, run_id, plan)
     downstream = cfg.curate.downstream == "subflow"
-    with offline_endpoints(cfg, rater=True, judge=downstream and cfg.curate.evaluate) as live:
+    roles = ["rater", "judge"] if downstream and cfg.curate.evaluate else ["rater"]
+    with offline_endpoints(cfg, *roles) as live:
         summary["rate"] = rate_flow(run_id=run_id, config=live)
         summary["score"] = score_flow(run_id=run_id, config=live)
         summary["embed"] = embed_flow(run_id=run_id, config=live)

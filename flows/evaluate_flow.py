@@ -47,7 +47,7 @@ def evaluate_flow(run_id: str | None = None, config: GleanerConfig | None = None
 
     if (answers_a is None) != (answers_b is None):
         raise ValueError("judging answer files needs both --answers-a and --answers-b")
-    with offline_endpoints(config, judge=True) as live:
+    with offline_endpoints(config, "judge") as live:
         if answers_a and answers_b:
             summary = run_evaluate_answers(store, run_id, live, answers_a, answers_b, rule, limit)
         else:

@@ -53,7 +53,7 @@ def scorer_train_flow(run_id: str, config: GleanerConfig, kind: str) -> dict[str
 
 def run_evol(config: GleanerConfig, run_id: str, kind: str) -> dict[str, Any]:
     """The EVOL flow in one Prefect API + Ray; the offline server rewrites when none is set."""
-    with offline_endpoints(config, rewriter=True) as live, execution_environment(live):
+    with offline_endpoints(config, "rewriter") as live, execution_environment(live):
         return evol_flow(run_id=run_id, config=live, kind=kind)
 
 

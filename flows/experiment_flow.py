@@ -69,7 +69,8 @@ def experiment_flow(config: str | dict[str, Any] | GleanerConfig | None = None,
     budget.announce(store, run_id, plan)
     budget.check_guard(plan, approved)
     selections = plan_selections(cfg, pool)
-    with offline_endpoints(cfg, rater=layout.RATE in plan["pool_stages"], judge=True) as live:
+    roles = ["rater", "judge"] if layout.RATE in plan["pool_stages"] else ["judge"]
+    with offline_endpoints(cfg, *roles) as live:
         summaries = {stage: pool_stage(store, pool, live, stage) for stage in plan["pool_stages"]}
         chosen = select_all(run_id, live, selections)
         arms = run_arms(run_id, live, selections, chosen, summaries)

@@ -73,12 +73,12 @@ def _rounds_environment(config: GleanerConfig) -> Iterator[None]:
 
 def run_generate(config: GleanerConfig, run_id: str, seeds: str, count: int) -> dict[str, Any]:
     """The self-instruct flow, on the offline server when no endpoint is set."""
-    with offline_endpoints(config, generator=True) as live, _rounds_environment(live):
+    with offline_endpoints(config, "generator") as live, _rounds_environment(live):
         return self_instruct_flow(run_id=run_id, config=live, seeds=seeds, count=count)
 
 
 def run_regenerate(config: GleanerConfig, run_id: str, into: str | None = None,
                    answers_out: str | None = None) -> dict[str, Any]:
     """The regenerate flow in one Prefect API + Ray, on the offline server without endpoint."""
-    with offline_endpoints(config, teacher=True) as live, execution_environment(live):
+    with offline_endpoints(config, "teacher") as live, execution_environment(live):
         return regenerate_flow(run_id=run_id, config=live, into=into, answers_out=answers_out)

@@ -21,7 +21,7 @@ from gleaner.tasks.mtbench.run import markdown, run_mt_bench
 def mt_bench_flow(run_id: str, config: GleanerConfig, model: str) -> dict[str, Any]:
     """``model`` (a fine-tuned name of the run, ``base``, a folder, an HF id) on MT-Bench."""
     store = Store(config.store.url, config.store.options)
-    with offline_endpoints(config, judge=True) as live:
+    with offline_endpoints(config, "judge") as live:
         summary = run_mt_bench(store, run_id, live, model)
     create_markdown_artifact(markdown=markdown(summary),
                              key=artifact_key("mt-bench", run_id, summary["model"]),

@@ -30,5 +30,5 @@ def rate_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
 
 def run_rate(config: GleanerConfig, run_id: str) -> dict[str, Any]:
     """The flow in one Prefect API + Ray, on the offline server when no endpoint is set."""
-    with offline_endpoints(config, rater=True) as live, execution_environment(live):
+    with offline_endpoints(config, "rater") as live, execution_environment(live):
         return rate_flow(run_id=run_id, config=live)

@@ -35,8 +35,10 @@ BUILTINS_GROUP = "gleaner.builtins"  # entry points: kind -> the module register
 
 def builtin_modules(kind: str) -> list[str]:
     """The modules whose import registers ``kind``'s built-in entries (pyproject.toml's
-    ``gleaner.builtins`` entry points), so this shared layer names no stage module."""
-    return [e.value for e in importlib.metadata.entry_points(group=BUILTINS_GROUP, name=kind)]
+    ``gleaner.builtins`` entry points named ``kind`` or ``kind.<module>``), so this shared
+    layer names no stage module."""
+    return [e.value for e in importlib.metadata.entry_points(group=BUILTINS_GROUP)
+            if e.name == kind or e.name.startswith(f"{kind}.")]
 
 
 class Registry(Generic[T]):

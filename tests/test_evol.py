@@ -168,7 +168,13 @@ def test_offline_server_settings_for_the_grader_and_the_rewriter() -> None:
     from types import SimpleNamespace
 
     from gleaner.config import GleanerConfig
-    from gleaner.llm.offline import with_offline_grader, with_offline_rewriter
+    from gleaner.llm.offline import with_offline
+
+    def with_offline_grader(config, server):
+        return with_offline(config, server, "grader")
+
+    def with_offline_rewriter(config, server):
+        return with_offline(config, server, "rewriter")
 
     server = SimpleNamespace(base_url="http://127.0.0.1:9/v1", model="smollm2",
                              state_path="/tmp/state.json")

@@ -72,7 +72,7 @@ def test_rate_path_reports_a_dead_local_server(prefect_api, ray_local, tmp_path)
     store = Store(str(tmp_path / "store"))
     store.write_part("dead", "ingest", 0, examples_to_table(examples(range(6))))
     config = GleanerConfig().with_overrides({"store.url": store.url})
-    with offline_endpoints(config, rater=True) as live:
+    with offline_endpoints(config, "rater") as live:
         pid = json.loads(Path(live.rate.endpoint.local_server).read_text())["pid"]
         os.kill(pid, signal.SIGILL)
         wait_dead(pid)
@@ -105,7 +105,7 @@ def test_judge_path_reports_a_dead_local_server(prefect_api, ray_local, tmp_path
                                 for i in range(3)))
         answers[side] = str(path)
     config = GleanerConfig().with_overrides({"store.url": str(tmp_path / "store")})
-    with offline_endpoints(config, judge=True) as live:
+    with offline_endpoints(config, "judge") as live:
         pid = json.loads(Path(live.evaluate.judge.local_server).read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_dead(pid)

@@ -1,10 +1,10 @@
 """The judge gleaner starts itself (llama.cpp + SmolLM2) gets the offline settings on both paths
 (the curate flow's shared server, the evaluate flow's own), and its verdicts parse.
 
-The rule is ``gleaner.llm.offline.with_offline_judge``: the offline token cap and llama.cpp's
-GBNF grammar for the score line. The grammar reaches the wire only when it is on: checked on a
-loopback stub that records request bodies, and against the real llama.cpp server, whose
-constrained reviews must all parse.
+The rule is the judge's offline role (``with_offline(config, server, "judge")``): the
+offline token cap and llama.cpp's GBNF grammar for the score line. The grammar reaches
+the wire only when it is on: checked on a loopback stub that records request bodies, and
+against the real llama.cpp server, whose constrained reviews must all parse.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from gleaner.config import GleanerConfig
-from gleaner.llm.offline import offline_endpoints
-from gleaner.llm.offline import with_offline_judge as offline_judge
+from gleaner.llm.offline import offline_endpoints, with_offline
 from gleaner.tasks.evaluate.judge import SCORE_LINE_GRAMMAR, Pair, parse_scores
 from gleaner.tasks.evaluate.stage import make_judge
 from tests.support.openai_server import OpenAIStub, Reply
@@ -39,7 +38,7 @@ PAIRS = [
 
 def with_offline_judge(cfg: GleanerConfig, base_url: str, model: str) -> GleanerConfig:
     server = SimpleNamespace(base_url=base_url, model=model, state_path="/nonexistent.json")
-    return offline_judge(cfg, server)
+    return with_offline(cfg, server, "judge")
 
 
 def config(**overrides: object) -> GleanerConfig:
@@ -106,11 +105,11 @@ def assert_offline_reviews_parse(cfg: GleanerConfig) -> None:
 @pytest.mark.timeout(600)
 def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """curate's one llama.cpp server for rater and judge: the judge still gets the offline rule."""
-    with offline_endpoints(config(), rater=True, judge=True) as live:
+    with offline_endpoints(config(), "rater", "judge") as live:
         assert live.evaluate.judge.base_url == live.rate.endpoint.base_url
         assert live.evaluate.judge.model == "smollm2-135m-instruct"
         # a base_url now: used as it is, no new server
-        with offline_endpoints(live, judge=True) as judging:
+        with offline_endpoints(live, "judge") as judging:
             assert judging is live
         assert_offline_reviews_parse(live)
 
@@ -119,6 +118,6 @@ def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
 @pytest.mark.timeout(600)
 def test_evaluate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """The evaluate flow alone, no judge configured: it starts the server under the same rule."""
-    with offline_endpoints(config(), judge=True) as judging:
+    with offline_endpoints(config(), "judge") as judging:
         assert judging.evaluate.judge.base_url.startswith("http://127.0.0.1:")
         assert_offline_reviews_parse(judging)

@@ -18,6 +18,8 @@ from gleaner import layout
 from gleaner.config import CompareConfig, EndpointConfig
 from gleaner.engine import Conversation, LLMRowStage, stage_schema
 from gleaner.llm.client import LLMClient
+from gleaner.llm.offline import OfflineRole, capped_concurrency
+from gleaner.registry import register
 from gleaner.tasks.compare.grading import GradingSettings, grading_call, grading_messages
 
 GRADE_SCHEMA = stage_schema(
@@ -89,3 +91,10 @@ class GradeStage(LLMRowStage):
         bars = " ".join(f"{k}:{v}" for k, v in (summary.get("histogram") or {}).items())
         return (f"judge `{summary['judge_model']}`: {summary.get('scored', 0):,} responses "
                 f"graded 1-10 ({bars})\n\n" + counts_markdown(summary))
+
+
+register("offline_role", "grader")(OfflineRole(
+    "compare.judge", lambda c: {
+        "compare.max_tokens": min(c.compare.max_tokens, c.compare.offline_max_tokens),
+        "compare.grammar": c.compare.grammar is not False,  # forced to "Rating: [[n]]"
+        **capped_concurrency(c, "compare.resources")}))

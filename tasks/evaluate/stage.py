@@ -21,6 +21,8 @@ from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, StageSection
 from gleaner.engine import Conversation, LLMRowStage, stage_schema
 from gleaner.llm.client import LLMClient
+from gleaner.llm.offline import OfflineRole, capped_concurrency
+from gleaner.registry import register
 from gleaner.tasks.evaluate.judge import (
     JUDGE_TEMPERATURE,
     SCORE_LINE_GRAMMAR,
@@ -125,3 +127,12 @@ class JudgeStage(LLMRowStage):
 
     def row_defaults(self) -> dict[str, Any]:
         return {"judge_model": self.endpoint.model}
+
+
+register("offline_role", "judge")(OfflineRole(
+    "evaluate.judge", lambda c: {
+        **capped_concurrency(c, "evaluate.judge_resources"),
+        "evaluate.judge_max_tokens": c.evaluate.offline_judge_max_tokens,
+        "evaluate.judge_grammar": c.evaluate.judge_grammar is not False},
+    "no judge endpoint configured: judging with the offline SmolLM2 server; set "
+    "evaluate.judge.base_url (e.g. https://api.openai.com/v1) for GPT-4"))

@@ -21,6 +21,8 @@ from gleaner import layout
 from gleaner.config import EndpointConfig, EvolConfig
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
 from gleaner.engine.llm_rows import RowFailed
+from gleaner.llm.offline import OfflineRole, capped_concurrency
+from gleaner.registry import register
 from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.evol import prompts
 from gleaner.tasks.evol.parse import parse_scores
@@ -140,3 +142,10 @@ class EvolStage(LLMRowStage):
         return (f"EVOL {summary.get('kind')} with `{summary.get('model')}`: "
                 f"{summary.get('seeds_ok', 0):,} seeds, {summary.get('items', 0):,} scored "
                 f"versions (scores {counts})\n\n" + counts_markdown(summary))
+
+
+register("offline_role", "rewriter")(OfflineRole(
+    "evol.endpoint", lambda c: {  # short rewrites (a 2,048-token context), "[k] Score: n"
+        "evol.max_tokens": min(c.evol.max_tokens, c.evol.offline_max_tokens),
+        "evol.score_grammar": c.evol.score_grammar is not False,
+        **capped_concurrency(c, "evol.resources")}))

@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import EndpointConfig, RegenerateConfig
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
+from gleaner.llm.offline import OfflineRole, maker_settings
+from gleaner.registry import register
 
 # How the teacher is asked; a change here must change the version (cached answers go stale).
 PROMPT_SCHEME = "conversation without its final assistant turn, as chat messages (v1)"
@@ -119,3 +121,9 @@ class RegenerateStage(LLMRowStage):
         return (f"teacher `{summary['teacher_model']}`: {summary.get('answered', 0):,} answered "
                 f"({summary.get('truncated', 0):,} cut at {summary['max_tokens']} tokens)\n\n"
                 + counts_markdown(summary))
+
+
+register("offline_role", "teacher")(OfflineRole(
+    "regenerate.endpoint", maker_settings("regenerate"),
+    "no regenerate endpoint configured: the offline SmolLM2 server answers (a 135M model: "
+    "expect poor answers); set regenerate.endpoint.base_url for a real teacher"))

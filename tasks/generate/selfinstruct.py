@@ -36,6 +36,8 @@ from gleaner.engine import rows_table, stage_schema
 from gleaner.engine.llm_rows import Call, Conversation, converse
 from gleaner.engine.rounds import RoundStage, run_rounds
 from gleaner.llm.client import LLMClient
+from gleaner.llm.offline import OfflineRole, maker_settings
+from gleaner.registry import register
 from gleaner.schema import Example
 from gleaner.store import Store
 from gleaner.tasks.generate import as_ingest
@@ -376,3 +378,10 @@ def run_self_instruct(config: GleanerConfig, run_id: str, seeds: str, count: int
                             minimum=section.num_prompt_instructions)
     stage = SelfInstructStage(section, tasks, load_prompt(section.prompt_file), count, seeds)
     return run_rounds(stage, config, run_id)
+
+
+register("offline_role", "generator")(OfflineRole(
+    "generate.endpoint", maker_settings("generate"),
+    "no generate endpoint configured: the offline SmolLM2 server answers (a 135M model: "
+    "expect most of its output to be filtered); set generate.endpoint.base_url for a real "
+    "model"))

@@ -23,6 +23,8 @@ from gleaner.config import EndpointConfig, RateConfig
 from gleaner.engine import Context, stage_schema
 from gleaner.engine.llm_rows import Conversation, LLMRowStage, LLMRowWorker
 from gleaner.llm.client import LLMClient
+from gleaner.llm.offline import OfflineRole, capped_concurrency
+from gleaner.registry import register
 from gleaner.tasks.rate.prompt import RatingPrompt, build_prompt
 from gleaner.tasks.rate.raters import NO_LOGPROBS, RateOptions, rater
 
@@ -175,3 +177,8 @@ class RateStage(LLMRowStage):
         if summary.get("status") == "stopped":
             lines += ["", f"**Stopped**: {summary['stopped_because']}"]
         return "\n".join(lines)
+
+
+register("offline_role", "rater")(OfflineRole(
+    "rate.endpoint", lambda c: {"rate.mode": c.rate.mode or "score-only",
+                                **capped_concurrency(c, "rate.resources")}))
