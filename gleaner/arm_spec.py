@@ -66,12 +66,19 @@ def parse_arm(value: str | dict[str, Any]) -> dict[str, Any]:
     elif match := _FRACTION.match(setting):
         fields["fraction"] = float(match.group(1)) / 100
     elif match := _TAU.match(setting):
-        key = "tau" if fields["selector"] == "deita" else "threshold"
-        fields[key] = float(match.group(1))
+        fields["tau" if uses_tau(fields["selector"]) else "threshold"] = float(match.group(1))
     else:
         raise ValueError(f"arm {value!r}: after '@' comes a size (9k, 1000), a share of the pool "
                          f"(5%) or a threshold (τ4.5), not {setting!r}")
     return fields
+
+
+def uses_tau(selector: str) -> bool:
+    """Whether ``@τ`` sets the selector's diversity threshold (else a score threshold); an
+    unknown selector is left to the config's own check, which names the known ones."""
+    from gleaner.registry import registry
+
+    return selector in registry("selector") and registry("selector").get(selector).uses_tau
 
 
 def check_arms(arms: list[ArmConfig], baseline: str | None) -> None:
@@ -87,6 +94,9 @@ def check_arms(arms: list[ArmConfig], baseline: str | None) -> None:
         if chosen.budgeted and arm.budget is None and arm.fraction is None and not arm.size_of:
             raise ValueError(f"arm {arm.name!r}: selector {arm.selector!r} keeps a budget: give "
                              "budget, fraction (or, for random, size_of)")
+        if arm.size_of is not None and not chosen.sized_like_another:
+            raise ValueError(f"arm {arm.name!r}: selector {arm.selector!r} cannot keep as many "
+                             "as another arm (size_of)")
         if arm.size_of is not None and arm.size_of not in names:
             raise ValueError(f"arm {arm.name!r}: size_of names no arm ({arm.size_of!r})")
         if arm.size_of == arm.name:

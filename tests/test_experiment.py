@@ -378,3 +378,25 @@ def test_a_dpo_arm_trains_on_a_compare_runs_pairs_from_its_twins_fine_tune(
     text = (tmp_path / "store" / "runs" / "experiment-tiny" / "experiment" / "tiny" /
             "table.md").read_text()
     assert "| random-8-dpo | random + DPO | 8 |" in text
+
+
+def test_the_grid_asks_selectors_for_traits_not_names() -> None:
+    """A plugin selector with DEITA's traits gets @τ as its tau and a tau in its settings,
+    with no name checked anywhere; size_of is refused where the selector cannot take it."""
+    from gleaner.config import GleanerConfig
+    from gleaner.registry import register, registry
+    from gleaner.tasks.experiment.arms import plan_selections
+    from gleaner.tasks.select.selectors import Selector, selector
+
+    if "spread" not in registry("selector"):
+        register("selector", "spread")(Selector(selector("deita").run, "evol",
+                                                needs_vectors=True, uses_tau=True))
+    config = GleanerConfig.model_validate({"experiment": {"arms": [
+        "full", {"name": "spread-6", "selector": "spread", "budget": 6, "tau": 0.5}]}})
+    spread = next(s for s in plan_selections(config, "pool") if s.name == "spread-6")
+    assert spread.settings["tau"] == 0.5 and "seed" not in spread.settings
+    short = GleanerConfig.model_validate({"experiment": {"arms": ["full", "spread@τ0.7"]}})
+    assert short.experiment.arms[1].tau == 0.7 and short.experiment.arms[1].threshold is None
+    with pytest.raises(ValueError, match="cannot keep as many as another arm"):
+        GleanerConfig.model_validate({"experiment": {"arms": [
+            "random@4", {"name": "d", "selector": "deita", "size_of": "random-4"}]}})

@@ -47,9 +47,9 @@ def selection_settings(arm: ArmConfig, config: GleanerConfig) -> dict[str, Any]:
                            "threshold": threshold}
     if chosen.budgeted:
         out.update(budget=arm.budget, fraction=arm.fraction)
-    if chosen.needs_vectors:
+    if chosen.uses_tau:
         out["tau"] = arm.tau
-    if arm.selector == "random":
+    if chosen.uses_seed:
         out["seed"] = arm.seed
     return out
 

@@ -66,6 +66,8 @@ def _done(store: Store, run_id: str, entry: StagePlan) -> StagePlan:
 
 def sizes(selections: list[Selection], pool_rows: int) -> dict[str, tuple[int, str]]:
     """Each selection's size as its settings say (exact, or an upper bound, said so)."""
+    from gleaner.registry import registry
+
     out: dict[str, tuple[int, str]] = {}
     for s in selections:
         settings = s.settings
@@ -75,7 +77,7 @@ def sizes(selections: list[Selection], pool_rows: int) -> dict[str, tuple[int, s
             out[s.name] = (round(settings["fraction"] * pool_rows), f"{settings['fraction']:.1%}")
         elif settings.get("budget") is not None:
             out[s.name] = (min(settings["budget"], pool_rows), f"budget {settings['budget']:,}")
-        elif settings["selector"] == "full":
+        elif registry("selector").get(settings["selector"]).keeps_everything:
             out[s.name] = (pool_rows, "the whole pool")
         else:
             out[s.name] = (pool_rows, "at most the whole pool (a threshold decides)")

@@ -373,6 +373,10 @@ class Selector:
     needs_vectors: bool = False
     own_threshold: bool = False  # --threshold is its own parameter, not a filter first
     budgeted: bool = True  # keeps a budget (or a fraction of the pool); False: a rule decides
+    uses_tau: bool = False  # a diversity threshold is part of its settings (DEITA)
+    uses_seed: bool = False  # its pick depends on a seed (random)
+    sized_like_another: bool = False  # can keep as many as another arm did (size_of)
+    keeps_everything: bool = False  # selects the whole pool
 
 
 def _threshold(data: Candidates, r: SelectRequest) -> Manifest:
@@ -414,11 +418,11 @@ def _full(data: Candidates, r: SelectRequest) -> Manifest:
 register("selector", "threshold")(Selector(_threshold, "rating", own_threshold=True,
                                            budgeted=False))
 register("selector", "topk")(Selector(_topk, "evol"))
-register("selector", "random")(Selector(_random))
-register("selector", "deita")(Selector(_deita, "evol", needs_vectors=True))
+register("selector", "random")(Selector(_random, uses_seed=True, sized_like_another=True))
+register("selector", "deita")(Selector(_deita, "evol", needs_vectors=True, uses_tau=True))
 register("selector", "ifd")(Selector(_ifd, "ifd"))
 register("selector", "longest")(Selector(_longest, "response_tokens"))
-register("selector", "full")(Selector(_full, budgeted=False))
+register("selector", "full")(Selector(_full, budgeted=False, keeps_everything=True))
 
 
 def selector(name: str) -> Selector:
