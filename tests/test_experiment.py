@@ -395,8 +395,11 @@ def test_the_grid_asks_selectors_for_traits_not_names() -> None:
         "full", {"name": "spread-6", "selector": "spread", "budget": 6, "tau": 0.5}]}})
     spread = next(s for s in plan_selections(config, "pool") if s.name == "spread-6")
     assert spread.settings["tau"] == 0.5 and "seed" not in spread.settings
-    short = GleanerConfig.model_validate({"experiment": {"arms": ["full", "spread@τ0.7"]}})
-    assert short.experiment.arms[1].tau == 0.7 and short.experiment.arms[1].threshold is None
+    from gleaner.arm_spec import parse_arm
+
+    assert parse_arm("spread@τ0.7") == {"name": "spread-t0_7", "selector": "spread",
+                                        "tau": 0.7}
+    assert parse_arm("alpagasus@τ4.5")["threshold"] == 4.5  # a threshold for the others
     with pytest.raises(ValueError, match="cannot keep as many as another arm"):
         GleanerConfig.model_validate({"experiment": {"arms": [
             "random@4", {"name": "d", "selector": "deita", "size_of": "random-4"}]}})
