@@ -76,7 +76,8 @@ def test_every_registry_kind_has_its_builtins_declared() -> None:
         group="gleaner.builtins")}
     kinds = {name.split(".")[0] for name in declared}
     assert kinds >= {"selector", "signal", "rater", "scorer", "generation_backend",
-                     "eval_set", "export_format", "response_source", "offline_role"}
+                     "eval_set", "export_format", "response_source", "offline_role",
+                     "planned_stage"}
     for name, module in declared.items():
         assert module.startswith("gleaner.tasks."), (name, module)
     for kind in kinds:

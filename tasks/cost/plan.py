@@ -325,19 +325,13 @@ def offline(endpoint: EndpointConfig) -> EndpointConfig:
 
 
 def llm_stages(config: GleanerConfig) -> list[LLMStage]:
-    """The engine LLM stages curate runs over the ingested pool, as configured."""
+    """The engine LLM stages curate runs over the ingested pool, as configured: each stage
+    registers how it is planned (``register("planned_stage", name)``: the stage for a config,
+    or None when the config does not run it)."""
     from gleaner.registry import registry
-    from gleaner.tasks.deita.stages import EndpointScoreStage
-    from gleaner.tasks.rate.stage import RateStage
 
-    rate = config.rate
-    if rate.endpoint.base_url is None:  # the offline rater's one rule (gleaner.llm.offline)
-        rate = rate.model_copy(update={"mode": rate.mode or "score-only",
-                                       "endpoint": offline(rate.endpoint)})
-    stages: list[LLMStage] = [RateStage(rate)]
-    if registry("scorer").get(config.score.backend).uses_endpoint:
-        stages.append(EndpointScoreStage(config.score))
-    return stages
+    made = (plan(config) for _, plan in registry("planned_stage").items())
+    return [stage for stage in made if stage is not None]
 
 
 def run_plan(store: Store, run_id: str, config: GleanerConfig, input_store: Store,

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gleaner import layout
-from gleaner.config import EmbedConfig, EndpointConfig, ScoreConfig
+from gleaner.config import EmbedConfig, EndpointConfig, GleanerConfig, ScoreConfig
 from gleaner.devices import placement
 from gleaner.engine import Conversation, LLMRowStage, Stage, rows_table, stage_schema
 from gleaner.engine.stage import COST_COLUMNS
-from gleaner.registry import registry
+from gleaner.registry import register, registry
 from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.deita import embed as embed_tasks
 from gleaner.tasks.deita import score as score_tasks
@@ -164,6 +164,14 @@ class EndpointScoreStage(_ScoreBase, LLMRowStage):
         [record] = score_tasks.score_rows([row], outcomes[:len(turns)], outcomes[len(turns):],
                                           complexity, quality)
         return {k: v for k, v in record.items() if k not in COST_COLUMNS}
+
+
+@register("planned_stage", "score")
+def planned_scoring(config: GleanerConfig) -> EndpointScoreStage | None:
+    """The endpoint scorer's calls for the cost plan (a scorer on Ray actors costs none)."""
+    if registry("scorer").get(config.score.backend).uses_endpoint:
+        return EndpointScoreStage(config.score)
+    return None
 
 
 def score_stage(section: ScoreConfig) -> Stage:

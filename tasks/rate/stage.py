@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gleaner import layout
-from gleaner.config import EndpointConfig, RateConfig
+from gleaner.config import EndpointConfig, GleanerConfig, RateConfig
 from gleaner.engine import Context, stage_schema
 from gleaner.engine.llm_rows import Conversation, LLMRowStage, LLMRowWorker
 from gleaner.llm.client import LLMClient
@@ -182,3 +182,15 @@ class RateStage(LLMRowStage):
 register("offline_role", "rater")(OfflineRole(
     "rate.endpoint", lambda c: {"rate.mode": c.rate.mode or "score-only",
                                 **capped_concurrency(c, "rate.resources")}))
+
+
+@register("planned_stage", "rate")
+def planned_rating(config: GleanerConfig) -> RateStage:
+    """The rating as the cost plan counts it (the offline rater's one rule when no endpoint)."""
+    from gleaner.tasks.cost.plan import offline
+
+    rate = config.rate
+    if rate.endpoint.base_url is None:
+        rate = rate.model_copy(update={"mode": rate.mode or "score-only",
+                                       "endpoint": offline(rate.endpoint)})
+    return RateStage(rate)
