@@ -21,24 +21,39 @@ LIFECYCLE: dict[str, tuple[str, ...]] = {
     "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
     "Operate": ("curate", "plan", "doctor"),
 }
-PLACE = {verb: (panel, i) for i, (panel, verb) in enumerate(
-    (panel, verb) for panel, verbs in LIFECYCLE.items() for verb in verbs)}
+
+
+def lifecycle() -> dict[str, list[str]]:
+    """:data:`LIFECYCLE` with every registered pool stage's verb at the end of its panel."""
+    from gleaner.engine.catalog import pool_stages
+
+    panels = {panel: list(verbs) for panel, verbs in LIFECYCLE.items()}
+    for entry in pool_stages().values():
+        panels[entry.panel].append(entry.verb)
+    return panels
+
+
+def places() -> dict[str, tuple[str, int]]:
+    return {verb: (panel, i) for i, (panel, verb) in enumerate(
+        (panel, verb) for panel, verbs in lifecycle().items() for verb in verbs)}
 
 
 class LifecycleGroup(TyperGroup):
-    """Lists the verbs in :data:`LIFECYCLE` order (commands and groups alike)."""
+    """Lists the verbs in life-cycle order (commands and groups alike)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(super().list_commands(ctx), key=lambda name: PLACE[name][1])
+        place = places()
+        return sorted(super().list_commands(ctx), key=lambda name: place[name][1])
 
 
 def arrange_commands(application: typer.Typer) -> None:
-    """Give every registered verb its panel; a verb missing from :data:`LIFECYCLE` is an
+    """Give every registered verb its panel; a verb with no place in the life-cycle is an
     error here, not a command that silently lands somewhere."""
+    place = places()
     for entry in [*application.registered_commands, *application.registered_groups]:
-        if entry.name not in PLACE:
+        if entry.name not in place:
             raise RuntimeError(f"CLI verb {entry.name!r} has no place in cli_app.LIFECYCLE")
-        entry.rich_help_panel = PLACE[entry.name][0]
+        entry.rich_help_panel = place[entry.name][0]
 
 
 app = typer.Typer(

@@ -17,12 +17,14 @@ from prefect.runtime import flow_run
 
 from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
+from gleaner.engine.catalog import pool_stage
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.evaluate_flow import evaluate_flow
 from gleaner.flows.finetune_flow import finetune_flow
 from gleaner.flows.ingest_flow import ingest_flow
 from gleaner.flows.rate_flow import rate_flow
 from gleaner.flows.select_flow import select_flow
+from gleaner.flows.signal_flows import pool_stage_flow
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import new_run_id, record_run
 from gleaner.runtime import init_ray
@@ -64,10 +66,13 @@ def curate_flow(
     keep_plan(st, run_id, plan)
     downstream = cfg.curate.downstream == "subflow"
     roles = ["rater", "judge"] if downstream and cfg.curate.evaluate else ["rater"]
+    roles += [role for name in cfg.curate.signals for role in pool_stage(name).roles]
     with offline_endpoints(cfg, *roles) as live:
         summary["rate"] = rate_flow(run_id=run_id, config=live)
         summary["score"] = score_flow(run_id=run_id, config=live)
         summary["embed"] = embed_flow(run_id=run_id, config=live)
+        for name in cfg.curate.signals:
+            summary[name] = pool_stage_flow(name=name, run_id=run_id, config=live)
         summary["select"] = select_flow(run_id=run_id, config=live)
         summary.update(release(live, run_id, summary, before))
         if downstream and cfg.curate.train:

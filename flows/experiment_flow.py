@@ -26,11 +26,12 @@ from gleaner import layout
 from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
 from gleaner.engine import read_summary
+from gleaner.engine.catalog import pool_stages
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.ingest_flow import ingest_flow
 from gleaner.flows.rate_flow import rate_flow
 from gleaner.flows.reward_flow import reward_score_flow
-from gleaner.flows.signal_flows import ifd_flow, length_flow
+from gleaner.flows.signal_flows import ifd_flow, length_flow, pool_stage_flow
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runtime import init_ray
 from gleaner.store import Store
@@ -70,6 +71,8 @@ def experiment_flow(config: str | dict[str, Any] | GleanerConfig | None = None,
     budget.check_guard(plan, approved)
     selections = plan_selections(cfg, pool)
     roles = ["rater", "judge"] if layout.RATE in plan["pool_stages"] else ["judge"]
+    roles += [role for stage in plan["pool_stages"] if stage in pool_stages()
+              for role in pool_stages()[stage].roles]
     with offline_endpoints(cfg, *roles) as live:
         summaries = {stage: pool_stage(store, pool, live, stage) for stage in plan["pool_stages"]}
         chosen = select_all(run_id, live, selections)
@@ -86,6 +89,8 @@ def pool_stage(store: Store, pool: str, config: GleanerConfig, stage: str) -> di
     """One pool stage an arm reads, run by its flow (resumed, cached), or as the pool has it."""
     if stage in POOL_FLOWS:
         return POOL_FLOWS[stage](run_id=pool, config=config)
+    if stage in pool_stages():
+        return pool_stage_flow(name=stage, run_id=pool, config=config)
     summary = read_summary(store, pool, stage)
     if summary is None:
         raise ValueError(f"an arm reads stage {stage!r}, which run {pool!r} does not hold and "

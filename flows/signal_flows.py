@@ -1,4 +1,5 @@
-"""IFD (Cherry LLM / Superfiltering) and response lengths as Prefect flows, run by the engine."""
+"""Signal stages as Prefect flows, run by the engine: IFD (Cherry LLM / Superfiltering),
+response lengths, and any stage of the pool-stage registry (gleaner.engine.catalog)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from prefect_ray import RayTaskRunner
 
 from gleaner.config import GleanerConfig
 from gleaner.engine import run_stage
+from gleaner.engine.catalog import pool_stage
+from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
 from gleaner.store import Store
@@ -32,6 +35,25 @@ def length_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     summary = run_stage(LengthStage(config.length), config, run_id)
     record_run(Store(config.store.url, config.store.options), run_id, config, length=summary)
     return summary
+
+
+@flow(name="pool-stage", flow_run_name="{name}-{run_id}", task_runner=RayTaskRunner(),
+      validate_parameters=False)
+def pool_stage_flow(name: str, run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """A registered pool stage over the run's ingested examples (``config`` already has its
+    offline roles wired: :func:`run_pool_stage`)."""
+    summary = run_stage(pool_stage(name).make(config), config, run_id)
+    record_run(Store(config.store.url, config.store.options), run_id, config,
+               **{name: summary})
+    return summary
+
+
+def run_pool_stage(name: str, run_id: str, config: GleanerConfig) -> dict[str, Any]:
+    """The stage's flow in one Prefect API + Ray, gleaner's server taking the roles that
+    have no endpoint (what its CLI verb runs)."""
+    with offline_endpoints(config, *pool_stage(name).roles) as live, \
+            execution_environment(live):
+        return pool_stage_flow(name=name, run_id=run_id, config=live)
 
 
 def run_ifd(run_id: str, config: GleanerConfig) -> dict[str, Any]:

@@ -352,6 +352,17 @@ class ScorerTrainConfig(TrainerSection):
     preset: Literal["alpaca", "lima"] = "alpaca"  # its optimiser and schedule; template raw
 
 
+class TagConfig(StageSection):
+    """InsTag (Lu et al. 2023, SPEC §9): an LLM tags each instruction with open-set intention
+    tags (``gleaner tag``); tag count is complexity, tag coverage diversity."""
+
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)  # the tagger (ChatGPT's)
+    max_tokens: int = Field(512, ge=1)  # token cap of the JSON list of tags
+    parse_retries: int = Field(2, ge=0)  # re-asks of an answer that is no JSON list of tags
+    offline_max_tokens: int = Field(192, ge=1)  # the cap when the offline SmolLM2 tags
+    resources: Resources = resources(batch_size=256, concurrency=16)
+
+
 class EvolConfig(StageSection):
     """DEITA's EVOL data (SPEC §2, §8): M rewrites of each seed, one rank-and-score call."""
 
@@ -378,6 +389,8 @@ class SelectConfig(Section):
     seed: int = 0  # the random selector's seed
     # a share of the pool instead of a budget (IFD keeps the top 5 %); None: the budget
     fraction: float | None = Field(None, gt=0.0, le=1.0)
+    # InsTag: a tag used by fewer examples of the pool than this is dropped before selecting
+    min_label_frequency: int = Field(1, ge=1)
 
     @field_validator("selector")
     @classmethod
@@ -612,6 +625,13 @@ class CurateConfig(Section):
     # event: only emit gleaner.selection.completed, and let the deployment triggers in
     # prefect.yaml start the finetune and evaluate deployments on their own work pools.
     downstream: Literal["subflow", "event"] = "subflow"
+    # more signal stages to run before selecting, by name (the pool-stage registry: tag)
+    signals: list[str] = Field(default_factory=list)
+
+    @field_validator("signals")
+    @classmethod
+    def _known_stages(cls, names: list[str]) -> list[str]:
+        return [registered("pool_stage", name) for name in names]
 
 
 class BatchAPIConfig(Section):
@@ -668,6 +688,7 @@ class GleanerConfig(Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     evol: EvolConfig = Field(default_factory=EvolConfig)
+    tag: TagConfig = Field(default_factory=TagConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -82,5 +82,5 @@ def test_every_registry_kind_has_its_builtins_declared() -> None:
         assert module.startswith("gleaner.tasks."), (name, module)
     for kind in kinds:
         assert registry(kind).names(), kind  # importing the modules registered entries
-    assert registry("offline_role").names() == ["generator", "grader", "judge", "rater",
-                                                "rewriter", "teacher"]
+    assert {"generator", "grader", "judge", "rater", "rewriter", "teacher", "tagger"} <= set(
+        registry("offline_role").names())

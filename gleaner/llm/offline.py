@@ -45,6 +45,13 @@ def section_of(config: GleanerConfig, dotted: str) -> Any:
     return node
 
 
+def offline_endpoint(endpoint: Any) -> Any:
+    """What a role without an endpoint is planned with: the offline server's model (free)."""
+    from gleaner.llm.local_server import DEFAULT_ALIAS
+
+    return endpoint.model_copy(update={"model": DEFAULT_ALIAS})
+
+
 def capped_concurrency(config: GleanerConfig, resources: str) -> dict[str, Any]:
     """At most OFFLINE_CONCURRENCY requests in flight for ``resources`` (a dotted key)."""
     current = section_of(config, resources).concurrency

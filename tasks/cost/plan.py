@@ -319,9 +319,9 @@ def plan_finetunes(config: GleanerConfig, pool: pa.Table) -> list[FinetunePlan]:
 # ---- the whole run -----------------------------------------------------------------------------
 def offline(endpoint: EndpointConfig) -> EndpointConfig:
     """The endpoint a role without one gets: the offline llama.cpp server's model (free)."""
-    from gleaner.llm.local_server import DEFAULT_ALIAS
+    from gleaner.llm.offline import offline_endpoint
 
-    return endpoint.model_copy(update={"model": DEFAULT_ALIAS})
+    return offline_endpoint(endpoint)
 
 
 def llm_stages(config: GleanerConfig) -> list[LLMStage]:
@@ -338,7 +338,8 @@ def run_plan(store: Store, run_id: str, config: GleanerConfig, input_store: Stor
              stages: Callable[[GleanerConfig], list[LLMStage]] = llm_stages) -> dict[str, Any]:
     """The plan of ``run_id`` whose ingested pool is in ``input_store`` (the run's store, or
     a scratch one for a plan made before ingesting)."""
-    entries = [p for stage in stages(config)
+    runs = {layout.RATE, layout.SCORE, *config.curate.signals}  # what curate runs
+    entries = [p for stage in stages(config) if stage.name in runs
                for p in plan_stage(stage, store, run_id, input_store, config)]
     if config.curate.evaluate:
         entries += plan_judge(config)

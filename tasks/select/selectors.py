@@ -335,12 +335,15 @@ class Candidates:
     columns: dict[str, np.ndarray]
     vectors: np.ndarray | None = None
     vector_ok: np.ndarray | None = None
+    # list-valued signals (InsTag's tags): one list per example, None where there is none
+    labels: dict[str, list[list[str] | None]] = field(default_factory=dict)
 
     def subset(self, rows: np.ndarray) -> Candidates:
         return Candidates(
             [self.ids[i] for i in rows], {k: v[rows] for k, v in self.columns.items()},
             None if self.vectors is None else self.vectors[rows],
-            None if self.vector_ok is None else self.vector_ok[rows])
+            None if self.vector_ok is None else self.vector_ok[rows],
+            {k: [v[i] for i in rows] for k, v in self.labels.items()})
 
     def column(self, name: str) -> np.ndarray:
         if not self.ids:  # an empty pool has every column, empty
@@ -362,6 +365,7 @@ class SelectRequest:
     seed: int
     size: int | None = None  # random: as many as another selection kept
     fraction: float | None = None  # a share of the pool instead of the budget
+    min_label_frequency: int = 1  # InsTag: labels rarer than this over the pool are dropped
 
 
 @dataclass(frozen=True)

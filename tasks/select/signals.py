@@ -23,6 +23,7 @@ class Signal:
     column: str  # the column of that stage
     title: str  # for the report
     edges: tuple[float, ...]  # histogram bin edges
+    labels: bool = False  # a list of labels per example (selectors read it; no histogram)
 
     def bins(self) -> np.ndarray:
         return np.asarray(self.edges, dtype=np.float64)

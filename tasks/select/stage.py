@@ -45,11 +45,22 @@ def load_candidates(store: Store, run_id: str, need_vectors: bool) -> Candidates
     ids = read_examples(store, run_id, ["id"]).column("id").to_pylist()
     where = {example_id: row for row, example_id in enumerate(ids)}
     columns: dict[str, np.ndarray] = {}
+    label_columns: dict[str, list[list[str] | None]] = {}
     for signal in signals():
         if not store.has_stage(run_id, signal.stage):
             continue
         table = store.read_stage(run_id, signal.stage)
         if signal.column not in table.column_names:
+            continue
+        if signal.labels:
+            labels: list[list[str] | None] = [None] * len(ids)
+            for example_id, value, status in zip(table.column("id").to_pylist(),
+                                                 table.column(signal.column).to_pylist(),
+                                                 table.column("status").to_pylist(), strict=True):
+                row = where.get(example_id)
+                if row is not None and status == "ok" and value is not None:
+                    labels[row] = list(value)
+            label_columns[signal.name] = labels
             continue
         values = np.full(len(ids), np.nan)
         for example_id, value, status in zip(table.column("id").to_pylist(),
@@ -59,7 +70,7 @@ def load_candidates(store: Store, run_id: str, need_vectors: bool) -> Candidates
             if row is not None and status == "ok" and value is not None:
                 values[row] = value
         columns[signal.name] = values
-    data = Candidates(ids, columns)
+    data = Candidates(ids, columns, labels=label_columns)
     if need_vectors and not ids:  # an empty pool (a generator that kept nothing)
         data.vectors, data.vector_ok = np.zeros((0, 1), np.float32), np.zeros(0, dtype=bool)
     elif need_vectors:
@@ -90,7 +101,8 @@ def select_manifest(data: Candidates, config: GleanerConfig, size: int | None = 
     if threshold is None and chosen.own_threshold:
         threshold = config.rate.threshold
     return run_selector(data, s.selector, SelectRequest(s.sort_by, s.budget, s.tau, threshold,
-                                                        s.seed, size, s.fraction))
+                                                        s.seed, size, s.fraction,
+                                                        s.min_label_frequency))
 
 
 def write_curated(store: Store, run_id: str, manifest: Manifest) -> int:
