@@ -154,6 +154,8 @@ def test_a_toy_stage_on_the_row_loop(prefect_api, toy_by_value, tmp_path: Path) 
 
 
 STAGE_PACKAGES = ("tasks", "flows")
+# It asks an endpoint one question to diagnose it (key, model, logprobs) and runs no rows.
+NOT_A_STAGE = {"flows/doctor.py"}
 
 
 def test_no_stage_catches_the_clients_errors_or_loops_on_parse_retries() -> None:
@@ -170,4 +172,4 @@ def test_no_stage_catches_the_clients_errors_or_loops_on_parse_retries() -> None
                 if "LLMError" in names or (isinstance(node, ast.For)
                                            and "parse_retries" in ast.unparse(node.iter)):
                     offenders.add(str(path.relative_to(ROOT)))
-    assert not offenders, sorted(offenders)
+    assert offenders == NOT_A_STAGE, sorted(offenders ^ NOT_A_STAGE)
