@@ -72,8 +72,10 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, ra
         assert again.exit_code == 0, again.output
         assert stub.count() == requests
     assert summary["test_sets"]["vicuna"] == {
-        "win": 2, "tie": 0, "lose": 0, "failed": 0, "winning_score": 2.0,
-        "prompt_tokens": 4000, "completion_tokens": 400, "cost_usd": 0.144}
+        "win": 2, "tie": 0, "lose": 0, "failed": 0, "winning_score": 2.0, "win_rate": 1.0,
+        "lc_win_rate": 1.0, "prompt_tokens": 4000, "completion_tokens": 400, "cost_usd": 0.144}
+    assert summary["overall"]["win_rate"] == pytest.approx((2 + 0.5) / 3, abs=1e-4)
+    assert summary["overall"]["lc_win_rate"] is not None
     assert {k: summary["test_sets"]["koala"][k] for k in ("win", "tie", "lose", "failed")} == {
         "win": 0, "tie": 1, "lose": 0, "failed": 1}
     assert summary["overall"]["winning_score"] == pytest.approx((2 - 0) / 3 + 1, abs=1e-4)
@@ -86,7 +88,9 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, ra
     assert fastchat["rule"] == "fastchat" and fastchat["test_sets"]["vicuna"]["win"] == 2
     base = store / "runs" / "eval-run" / "evaluate" / "curated-vs-random"
     assert (base / "wtl.png").read_bytes().startswith(b"\x89PNG")
-    assert "| vicuna | 2 | 0 | 0 | 0 | 2.000 |" in (base / "report.md").read_text()
+    report = (base / "report.md").read_text()
+    assert "| vicuna | 2 | 0 | 0 | 0 | 2.000 | 100.0 % | 100.0 % |" in report
+    assert "LC win rate" in report and "LC win rate" in human.stdout
     unmatched = json.loads((base / "unmatched.json").read_text())
     assert {(u["file"], u["prompt"]) for u in unmatched} == {("a", "Only A"), ("b", "Only B")}
 

@@ -41,12 +41,13 @@ def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
     lines = [f"evaluate: {evaluation['model_a']} vs {evaluation['model_b']} "
              f"({evaluation['rule']} rule, judge {evaluation['judge_model']})",
              f"  {'test set':<14} {'win':>5} {'tie':>5} {'lose':>5} {'failed':>7} "
-             f"{'winning score':>14}"]
+             f"{'winning score':>14} {'LC win rate':>12}"]
     rows = [*evaluation["test_sets"].items(), ("overall", evaluation["overall"])]
     for name, part in rows:
-        score = part.get("winning_score")
+        score, lc = part.get("winning_score"), part.get("lc_win_rate")
         lines.append(f"  {name:<14} {part['win']:>5} {part['tie']:>5} {part['lose']:>5} "
-                     f"{part['failed']:>7} {'n/a' if score is None else f'{score:.3f}':>14}")
+                     f"{part['failed']:>7} {'n/a' if score is None else f'{score:.3f}':>14} "
+                     f"{'n/a' if lc is None else f'{100 * lc:.1f} %':>12}")
     lines.append(f"  report: {evaluation['report']}")
     return lines
 

@@ -166,8 +166,8 @@ def evaluate_text(summary: dict[str, Any]) -> str:
 
 
 def evaluate_json(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("win", "tie", "lose", "failed", "winning_score", "prompt_tokens",
-            "completion_tokens", "cost_usd")
+    keys = ("win", "tie", "lose", "failed", "winning_score", "win_rate", "lc_win_rate",
+            "prompt_tokens", "completion_tokens", "cost_usd")
     result = {k: v for k, v in summary.items() if k not in ("markdown", "unmatched")}
     result["test_sets"] = {n: {k: t[k] for k in keys} for n, t in summary["test_sets"].items()}
     result["overall"] = {k: summary["overall"][k] for k in keys}

@@ -162,9 +162,11 @@ def judge_models(judgements: dict[str, pa.Table]) -> list[str]:
 def tally_table(table: pa.Table, rule: str, price: PriceConfig) -> Tally:
     """W/T/L of one test set under ``rule``, from the per-order outcomes stored."""
     part = Tally()
-    for first, second in zip(table.column("outcome_a_first").to_pylist(),
-                             table.column("outcome_b_first").to_pylist(), strict=True):
-        part.add(verdict(first, second, rule))
+    for first, second, answer_a, answer_b in zip(
+            table.column("outcome_a_first").to_pylist(), table.column("outcome_b_first")
+            .to_pylist(), table.column("answer_a").to_pylist(),
+            table.column("answer_b").to_pylist(), strict=True):
+        part.add(verdict(first, second, rule), len(answer_a or ""), len(answer_b or ""))
     part.prompt_tokens = int(sum(table.column("prompt_tokens").to_pylist()))
     part.completion_tokens = int(sum(table.column("completion_tokens").to_pylist()))
     part.cost_usd = (part.prompt_tokens * price.prompt + part.completion_tokens * price.completion
@@ -316,7 +318,8 @@ def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
                              description=f"pairwise evaluation ({summary['rule']} rule)")
     create_table_artifact(key=(key[:94] + "-table"), table=[
         {"test_set": name, **{k: part[k] for k in ("win", "tie", "lose", "failed",
-                                                   "winning_score", "cost_usd")}}
+                                                   "winning_score", "win_rate",
+                                                   "lc_win_rate", "cost_usd")}}
         for name, part in {**summary["test_sets"], "overall": summary["overall"]}.items()])
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gleaner.tasks.evaluate.length_control import LengthControlled, length_controlled
+
 WIN, TIE, LOSE, FAILED = "win", "tie", "lose", "failed"
 Outcome = Literal["win", "tie", "lose"]
 Verdict = Literal["win", "tie", "lose", "failed"]
@@ -69,9 +71,19 @@ class Tally:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     extra: dict[str, int] = field(default_factory=dict)
+    # (verdict, len(A's answer), len(B's answer)) of each pair, for the length-controlled rate
+    lengths: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def add(self, outcome: Verdict) -> None:
+    def add(self, outcome: Verdict, length_a: int | None = None,
+            length_b: int | None = None) -> None:
         setattr(self, outcome, getattr(self, outcome) + 1)
+        if length_a is not None and length_b is not None:
+            self.lengths.append((outcome, length_a, length_b))
+
+    def length_controlled(self) -> LengthControlled:
+        """The raw and the length-controlled win rate (AlpacaEval 2's) of the pairs."""
+        verdicts, a, b = zip(*self.lengths, strict=True) if self.lengths else ((), (), ())
+        return length_controlled(list(verdicts), list(a), list(b))
 
     @property
     def judged(self) -> int:
@@ -90,6 +102,7 @@ class Tally:
         self.cost_usd += other.cost_usd
         for key, value in other.extra.items():
             self.extra[key] = self.extra.get(key, 0) + value
+        self.lengths += other.lengths
 
     def as_dict(self) -> dict[str, object]:
         score = self.winning_score
@@ -100,6 +113,7 @@ class Tally:
             "failed": self.failed,
             "judged": self.judged,
             "winning_score": None if score is None else round(score, 4),
+            **self.length_controlled().as_dict(),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cost_usd": round(self.cost_usd, 6),
@@ -126,19 +140,26 @@ def markdown_table(per_set: Mapping[str, Tally], model_a: str, model_b: str, rul
     lines = [
         f"### {model_a} vs {model_b} (rule: {rule})",
         "",
-        "| test set | win | tie | lose | judge failures | winning score | judge tokens "
-        "| cost (USD) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| test set | win | tie | lose | judge failures | winning score | win rate "
+        "| LC win rate | judge tokens | cost (USD) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rows = list(per_set.items()) + [("**overall**", overall(per_set))]
     for name, part in rows:
-        score = part.winning_score
+        score, rates = part.winning_score, part.length_controlled()
         lines.append(
             f"| {name} | {part.win} | {part.tie} | {part.lose} | {part.failed} | "
-            f"{'n/a' if score is None else f'{score:.3f}'} | "
+            f"{'n/a' if score is None else f'{score:.3f}'} | {percent(rates.win_rate)} | "
+            f"{percent(rates.lc_win_rate)} | "
             f"{part.prompt_tokens + part.completion_tokens} | {part.cost_usd:.4f} |"
         )
+    lines += ["", "Win rate: (W + T/2) / N. LC win rate: the judge's preference at equal answer "
+              "lengths (AlpacaEval 2's length-controlled win rate; docs/methods.md)."]
     return "\n".join(lines) + "\n"
+
+
+def percent(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{100 * rate:.1f} %"
 
 
 def stacked_bar_png(per_set: Mapping[str, Tally], model_a: str, model_b: str) -> bytes:

@@ -179,8 +179,8 @@ def arm_record(arm: str, selection: Selection, chosen: dict[str, Any],
             "mean_response_tokens": chosen["mean_response_tokens"], "finetune": finetune}
 
 
-TALLY_KEYS = ("win", "tie", "lose", "failed", "winning_score", "prompt_tokens",
-              "completion_tokens", "cost_usd")
+TALLY_KEYS = ("win", "tie", "lose", "failed", "winning_score", "win_rate", "lc_win_rate",
+              "prompt_tokens", "completion_tokens", "cost_usd")
 
 
 def compact(evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -62,12 +62,16 @@ def grid_result(run_id: str, config: GleanerConfig, pool_run: str,
             "arms": arms, "failed_arms": [a["arm"] for a in arms if a.get("status") != "ok"]}
 
 
+def _lc(rate: float | None) -> str:
+    return "—" if rate is None else f"{100 * rate:.1f} %"
+
+
 def grid_markdown(result: Mapping[str, Any]) -> str:
     sets = list(result["test_sets"])
     head = ["arm", "selector", "examples", "mean resp. chars", "train tokens", "train s",
             "signals $", "judge $"]
     for name in sets:
-        head += [f"{name} W/T/L", f"{name} score", f"{name} failed"]
+        head += [f"{name} W/T/L", f"{name} score", f"{name} LC win rate", f"{name} failed"]
     mt = result.get("mt_bench")
     if mt:
         head.append("MT-Bench")
@@ -88,9 +92,10 @@ def grid_markdown(result: Mapping[str, Any]) -> str:
         tallies = (arm.get("evaluation") or {}).get("test_sets") or {}
         for name in sets:
             part = tallies.get(name)
-            row += (["baseline", "—", "—"] if arm.get("baseline") else ["—"] * 3) if not part \
-                else [f"{part['win']}/{part['tie']}/{part['lose']}",
-                      _num(part["winning_score"]), str(part["failed"])]
+            row += (["baseline", "—", "—", "—"] if arm.get("baseline") else ["—"] * 4) \
+                if not part else [f"{part['win']}/{part['tie']}/{part['lose']}",
+                                  _num(part["winning_score"]), _lc(part.get("lc_win_rate")),
+                                  str(part["failed"])]
         if mt:
             row.append(_num((arm.get("mt_bench") or {}).get("overall"), 2))
         lines.append("| " + " | ".join(row) + " |")
@@ -178,5 +183,6 @@ def publish(store: Store, run_id: str, result: Mapping[str, Any]) -> None:
     for arm in result["arms"]:
         for name, part in ((arm.get("evaluation") or {}).get("test_sets") or {}).items():
             rows.append({"arm": arm["arm"], "test_set": name, **{
-                k: part[k] for k in ("win", "tie", "lose", "failed", "winning_score")}})
+                k: part.get(k) for k in ("win", "tie", "lose", "failed", "winning_score",
+                                         "lc_win_rate")}})
     create_table_artifact(key=key[:94] + "-table", table=rows or [{"arm": "none judged"}])
