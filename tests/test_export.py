@@ -84,8 +84,9 @@ def test_parquet_keeps_plain_columns(examples, tmp_path):
     assert pq.ParquetFile(path).metadata.num_row_groups > 1
 
 
-def test_parquet_loads_with_datasets_if_installed(examples, tmp_path):
-    datasets = pytest.importorskip("datasets")  # not a dependency; checked when present
+def test_parquet_loads_with_datasets(examples, tmp_path):
+    import datasets
+
     path = tmp_path / "data.parquet"
     write_dataset(examples, str(path))
     loaded = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -110,6 +111,14 @@ def test_to_s3(examples, s3, fmt):
     assert result["path"] == url and result["rows"] == examples.num_rows
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint_url"]},
                            skip_instance_cache=True)
+    if fmt == "hf":  # a folder datasets reads back
+        import datasets
+
+        loaded = datasets.load_from_disk(url, storage_options={
+            "client_kwargs": {"endpoint_url": s3["endpoint_url"]}})
+        assert loaded.num_rows == examples.num_rows
+        assert loaded["id"] == examples.column("id").to_pylist()
+        return
     with fs.open(url, "rb") as handle:
         if fmt == "parquet":
             assert pq.read_table(handle).equals(examples)
@@ -137,6 +146,30 @@ def test_a_failure_half_way_leaves_nothing(examples, tmp_path, s3, where):
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3["endpoint_url"]},
                                skip_instance_cache=True)
         assert not fs.exists(url)
+
+
+def test_select_writes_a_datasets_folder_that_loads_back_with_the_same_rows(tmp_path) -> None:
+    """``gleaner select --format hf --out DIR``: ``datasets.load_from_disk`` reads back the
+    selected examples, row for row, in selection order."""
+    import datasets
+    from typer.testing import CliRunner
+
+    from gleaner.flows.cli import app
+    from gleaner.schema import Example, examples_to_table
+
+    store = Store(str(tmp_path / "store"))
+    pool = examples_to_table([Example("t", i, f"Question {i}?", "", f"Answer {i}.")
+                              for i in range(12)])
+    store.write_part("hf", "ingest", 0, pool)
+    out = tmp_path / "export" / "selected-hf"
+    result = CliRunner().invoke(app, [
+        "select", "--run-id", "hf", "--store", store.url, "--selector", "random",
+        "--budget", "5", "--out", str(out), "--format", "hf", "--json"])
+    assert result.exit_code == 0, result.output
+    loaded = datasets.load_from_disk(str(out))
+    curated = store.read_stage("hf", "curated")
+    assert loaded.num_rows == 5 and loaded.to_list() == curated.to_pylist()
+    assert not any(p.name.startswith("selected-hf.tmp-") for p in out.parent.iterdir())
 
 
 def test_unknown_extension_needs_a_format():

@@ -9,7 +9,9 @@ formats, whose records follow the shape fine-tuning tools expect:
   when an example has them;
 - ``jsonl``: the same records, one per line, with the example ``id``;
 - ``sharegpt``: a JSON array of ``{id, conversations: [{from, value}]}``;
-- ``parquet``: the columns as they are (``datasets.load_dataset("parquet", ...)`` reads them).
+- ``parquet``: the columns as they are (``datasets.load_dataset("parquet", ...)`` reads them);
+- ``hf``: a Hugging Face ``datasets`` folder (``save_to_disk``; ``load_from_disk`` reads it),
+  the columns as they are.
 
 Files appear whole or not at all: the write runs in an fsspec transaction
 (temp file + move on a local disk, multipart upload completed only on commit
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -146,6 +149,36 @@ register("export_format", "jsonl")(_write_jsonl)
 register("export_format", "parquet")(_write_parquet)
 
 
+class HFDatasetFolder:
+    """``datasets``' ``save_to_disk`` folder: written to a temporary folder beside the target,
+    then moved into place file by file, so a failure while writing leaves nothing at the
+    destination."""
+
+    folder = True
+
+    def write(self, path: str, batches: Iterator[pa.RecordBatch],
+              storage_options: dict[str, Any] | None) -> tuple[str, int]:
+        import datasets
+
+        table = pa.Table.from_batches(list(batches))
+        dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
+        fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
+        staging = f"{fs_path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+        dataset.save_to_disk(fs.unstrip_protocol(staging),
+                             storage_options=fs_options(path, storage_options) or None)
+        if fs.exists(fs_path):
+            fs.rm(fs_path, recursive=True)
+        for written in fs.find(staging):  # file by file: object stores have no folder move
+            target = posixpath.join(fs_path, posixpath.relpath(written, staging))
+            fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            fs.mv(written, target)
+        fs.rm(staging, recursive=True) if fs.exists(staging) else None
+        return fs.unstrip_protocol(fs_path), table.num_rows
+
+
+register("export_format", "hf")(HFDatasetFolder())
+
+
 def write_dataset(
     data: Data,
     path: str,
@@ -156,6 +189,9 @@ def write_dataset(
     """Write examples to ``path`` (local or any fsspec URL) in a registered export format."""
     fmt = fmt or infer_format(path)
     writer = registry("export_format").get(fmt)
+    if getattr(writer, "folder", False):
+        written, rows = writer.write(path, record_batches(data, batch_rows), storage_options)
+        return {"path": written, "format": fmt, "rows": rows}
     fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
     parent = posixpath.dirname(fs_path)
     if parent:
