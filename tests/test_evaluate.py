@@ -99,7 +99,7 @@ def test_cli_refuses_half_an_answer_pair(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: Path,
+def test_flow_generates_with_two_models_and_judges(prefect_api, ray_local, tiny_model_dir: Path,
                                                    smol_tokenizer_dir: Path, shared_data: Path,
                                                    tmp_path: Path) -> None:
     from gleaner.config import GleanerConfig
