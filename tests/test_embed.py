@@ -1,5 +1,7 @@
 """Embeddings: the encoder matches sentence-transformers, the engine's Ray actors match the
-in-process encoder, and the embed stage resumes and reuses its cross-run cache."""
+in-process encoder, and the embed stage resumes and reuses its cross-run cache. DEITA's
+causal-LM embedding (SmolLM2's last hidden state) is tested in test_score.py, beside the HF
+scorer, so the GGUF is loaded once for both."""
 
 from __future__ import annotations
 
@@ -99,15 +101,3 @@ def test_embed_stage_resumes_and_uses_the_cache(ray_local, tmp_path, encoder):
     # The plan guard: other batch settings on a run with output are refused, not mixed.
     with pytest.raises(ValueError, match="batch_size"):
         embed_examples(store, "run-a", config.with_overrides({"embed.resources.batch_size": 5}))
-
-
-@pytest.mark.slow  # loads SmolLM2 from its GGUF (~20 s)
-def test_causal_lm_last_hidden_state_embeddings():
-    """DEITA's choice: the last token's final hidden state; left padding must not change it."""
-    lm = Encoder(None, pooling="last", batch_size=3)
-    assert lm.name.endswith("#last-hidden") and lm.dim == lm.model.config.hidden_size
-    together = lm.encode(TEXTS[:3])
-    alone = np.stack([lm.encode([t])[0] for t in TEXTS[:3]])
-    np.testing.assert_allclose(together, alone, atol=1e-3)
-    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
-    assert not np.allclose(together[0], together[1])

@@ -25,7 +25,7 @@ def marker_judge(body: dict) -> Reply:
     answers = dict(ANSWER_RE.findall(body["messages"][1]["content"]))
     if "[s=" not in answers["1"]:  # the judge stage's probe request: any valid review
         return Reply("5 5\nA probe.")
-    s1, s2 = (float(re.search(r"\[s=([\d.]+)\]", answers[k]).group(1)) for k in ("1", "2"))
+    s1, s2 = (float(re.search(r"\[s=(-?[\d.]+)\]", answers[k]).group(1)) for k in ("1", "2"))
     if s1 < 0 or s2 < 0:
         return Reply("I cannot decide.")
     return Reply(f"{s1:g} {s2:g}\nExplained.", prompt_tokens=1000, completion_tokens=100)
@@ -103,7 +103,7 @@ def test_cli_refuses_half_an_answer_pair(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_flow_generates_with_two_models_and_judges(prefect_api, tiny_model_dir: Path,
+def test_flow_generates_with_two_models_and_judges(prefect_api, ray_local, tiny_model_dir: Path,
                                                    smol_tokenizer_dir: Path, shared_data: Path,
                                                    tmp_path: Path) -> None:
     from gleaner.config import GleanerConfig

@@ -14,7 +14,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.flows.cli import app
 from gleaner.flows.rate_flow import run_rate
 from gleaner.schema import Example, examples_to_table
 from gleaner.store import Store
@@ -95,11 +99,14 @@ def test_a_score_only_run_that_fell_back_to_explain_reruns_cleanly(
         assert resumed["rated"] == 20 and stub.count() == sent + 1 + 5  # probe + lost batch
 
 
+def _rate_args(store: Store, url: str, run_id: str, *extra: str) -> list[str]:
+    return ["rate", "--run-id", run_id, "--store", store.url, "--base-url", url, "--model", "stub",
+            "--mode", "explain", "--batch-size", "10", "--json", *extra]
+
+
 def _cli(store: Store, url: str, run_id: str, env: dict[str, str], *extra: str
          ) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gleaner.flows.cli", "rate", "--run-id", run_id,
-               "--store", store.url, "--base-url", url, "--model", "stub", "--mode", "explain",
-               "--batch-size", "10", "--json", *extra]
+    command = [sys.executable, "-m", "gleaner.flows.cli", *_rate_args(store, url, run_id, *extra)]
     return subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -168,24 +175,34 @@ def test_two_runners_on_one_run_never_send_an_example_twice(
     store.write_part("twice", "ingest", 0, examples_to_table(examples(keys)))
     per_example: Counter[str] = Counter()
     lock = threading.Lock()
+    refused = threading.Event()
 
     def slow_rater(body: dict) -> Reply:
         key = example_key(body)
         if key:
             with lock:
                 per_example[key] += 1
-        return Reply(f"3\n{request_text(body)[:10]}", delay_s=0.2)
+        # slow until the second runner has refused: the first one is still rating (and holds
+        # the lease) when the second one comes; then the rest at once
+        return Reply(f"3\n{request_text(body)[:10]}", delay_s=0 if refused.is_set() else 0.2)
 
     with OpenAIStub(slow_rater) as stub:
-        env = _env(prefect_api)
-        first = _cli(store, stub.base_url, "twice", env, "--concurrency", "2")
-        time.sleep(1.0)
-        second = _cli(store, stub.base_url, "twice", env, "--concurrency", "2")
-        results = [p.communicate(timeout=600) for p in (first, second)]
-    by_code = {p.returncode: r for p, r in zip((first, second), results, strict=True)}
-    assert set(by_code) == {0, 1}, [err[-2000:] for _, err in results]
-    out, refused = by_code[0][0], by_code[1][1]
-    assert "is being run by" in refused  # the one that came second refuses, naming the holder
+        # the first runner is its own process; the second comes once the first holds the
+        # lease, through the same CLI in this process (another pid, same host)
+        first = _cli(store, stub.base_url, "twice", _env(prefect_api), "--concurrency", "2")
+        lease, deadline = layout.lease_path(store, "twice", "rate"), time.monotonic() + 240
+        while not store.exists(lease):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first runner never took the lease"
+            time.sleep(0.05)
+        second = CliRunner().invoke(app, _rate_args(store, stub.base_url, "twice",
+                                                    "--concurrency", "2"))
+        refused.set()
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.exit_code == 1, (second.output[-2000:], second.exception)
+    # the one that came second refuses, naming the holder
+    assert "is being run by" in second.output and f"pid {first.pid}" in second.output
     assert set(per_example) == set(keys) and max(per_example.values()) == 1
     assert json.loads(out.strip().splitlines()[-1])["rated"] == 120
 

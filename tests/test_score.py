@@ -153,9 +153,11 @@ def test_a_rejected_key_is_fatal_for_the_scorer():
             endpoint_scores(endpoint, [complexity_prompt("q")])
 
 
-@pytest.mark.slow
-def test_hf_scorer_on_smollm2_gguf():
-    """The real offline model: two examples, values in [1, 6], batching does not change them."""
+@pytest.mark.slow  # loads SmolLM2 from its GGUF (~20 s), once for the scorer and the embedding
+def test_hf_scorer_and_last_hidden_state_embeddings_on_smollm2_gguf():
+    """The real offline model: two examples, values in [1, 6], batching does not change them.
+    Then DEITA's embedding from the same loaded model (one GGUF load in the process, not one
+    per test): the last token's final hidden state; left padding must not change it."""
     from gleaner.tasks.deita.score import HFScorer
 
     scorer = HFScorer(None, device="cpu", batch_size=4)
@@ -179,6 +181,17 @@ def test_hf_scorer_on_smollm2_gguf():
     row = worker.process(pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)).to_pylist()[0]
     assert row["status"] == "ok" and 1.0 <= row["evol"] <= 36.0
     assert "SmolLM2" in row["complexity_model"]
+
+    from gleaner.tasks.deita.embed import Encoder
+    from tests.test_embed import TEXTS
+
+    lm = Encoder(None, pooling="last", batch_size=3)
+    assert lm.name.endswith("#last-hidden") and lm.dim == lm.model.config.hidden_size
+    together = lm.encode(TEXTS[:3])
+    alone = np.stack([lm.encode([t])[0] for t in TEXTS[:3]])
+    np.testing.assert_allclose(together, alone, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    assert not np.allclose(together[0], together[1])
 
 
 def test_the_two_scorer_models_share_one_cap_on_requests_in_flight():
