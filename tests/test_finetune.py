@@ -469,6 +469,47 @@ def test_fsdp_and_ddp_reach_the_same_losses_and_fsdp_ranks_hold_half_the_paramet
     assert sum(fsdp["rank_parameters"]) == pytest.approx(whole, rel=0.01)
 
 
+def gpu_extra_ready() -> bool:
+    import importlib.util
+
+    return cuda_devices() >= 2 and all(importlib.util.find_spec(m) is not None
+                                       for m in ("deepspeed", "bitsandbytes"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not gpu_extra_ready(), reason=(
+    "DeepSpeed ZeRO-3 and QLoRA run on CUDA only (DeepSpeed's ZeRO-3 partitioning and "
+    "bitsandbytes' 4-bit kernels need GPUs): this needs 2 GPUs and the gpu extra "
+    "(pip install 'gleaner[gpu]'); on CPU both are refused by name before any worker starts "
+    "(tests/test_memory_plan.py)"))
+def test_deepspeed_zero3_shards_and_qlora_trains_adapters_on_gpus(
+        ray_local, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from gleaner.config import GleanerConfig
+    from gleaner.store import Store
+    from gleaner.tasks.train.finetune import count_parameters
+    from gleaner.tasks.train.run import run_finetune
+
+    table = pa.Table.from_pylist([record(f"Question {i}?", f"Answer {i}.") for i in range(16)])
+    store = Store(str(tmp_path / "store"))
+    overrides = {"max_steps": 2, "effective_batch_size": 4, "per_device_batch_size": 2,
+                 "max_length": 64}
+    zero3 = run_finetune(store, "zero3", GleanerConfig().with_overrides({
+        "finetune.base_model": str(tiny_model_dir), "finetune.strategy": "deepspeed",
+        "finetune.num_workers": 2, "finetune.use_gpu": True, "finetune.overrides": overrides}),
+        table, name="curated")
+    whole = count_parameters(str(tiny_model_dir))
+    assert zero3["strategy"] == "deepspeed" and zero3["world_size"] == 2
+    assert all(abs(n - whole / 2) < 0.1 * whole for n in zero3["rank_parameters"])
+    qlora = run_finetune(store, "qlora", GleanerConfig().with_overrides({
+        "finetune.base_model": str(tiny_model_dir), "finetune.peft": "qlora",
+        "finetune.use_gpu": True, "finetune.overrides": overrides}), table, name="curated")
+    assert qlora["peft"] == "qlora" and qlora["steps"] == 2
+    assert (Path(store.run_path("qlora", "finetune", "curated", "model")) / "config.json"
+            ).exists()
+
+
 class _DiesOnce:
     """A trainer callback that kills its worker process at ``step`` the first time only (a
     marker file remembers), as a node lost mid-run would. It waits a few seconds first: Ray
