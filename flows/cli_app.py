@@ -19,7 +19,7 @@ LIFECYCLE: dict[str, tuple[str, ...]] = {
     "Judge it": ("rate", "score", "embed", "ifd", "length", "compare", "reward", "scorer"),
     "Choose": ("select",),
     "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
-    "Operate": ("curate", "plan", "doctor"),
+    "Operate": ("curate", "plan", "doctor", "config"),
 }
 
 

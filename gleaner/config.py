@@ -7,6 +7,7 @@ Secrets never live here: API keys are read from the environment variable that
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -675,6 +676,36 @@ class PrefectConfig(Section):
     api_url: str | None = None  # None: start or reuse a local Prefect server on loopback
 
 
+# Keys that moved: old dotted key -> its new one. A config with an old key still loads (with
+# a warning naming the new key); `gleaner config upgrade FILE` rewrites the file.
+RENAMED_KEYS: dict[str, str] = {
+    "evaluate.generation_batch_size": "evaluate.generation.batch_size",
+}
+
+
+def upgrade_document(document: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """``document`` with every renamed key under its new name (a new key already set wins);
+    the (old, new) pairs that were moved."""
+    import copy
+
+    data, moved = copy.deepcopy(document), []
+    for old, new in RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node: Any = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = data
+        for key in new_parents:
+            target = target.setdefault(key, {})
+        target.setdefault(new_leaf, value)
+        moved.append((old, new))
+    return data, moved
+
+
 class GleanerConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     run_id: str | None = None  # the run to work on; None: a new id per run
@@ -702,6 +733,17 @@ class GleanerConfig(Section):
     length: LengthConfig = Field(default_factory=LengthConfig)
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data, moved = upgrade_document(data)
+        for old, new in moved:
+            warnings.warn(f"config key {old} is now {new}: `gleaner config upgrade FILE` "
+                          "rewrites a file", FutureWarning, stacklevel=2)
+        return data
 
     def with_overrides(self, overrides: dict[str, Any]) -> GleanerConfig:
         """Apply dotted-key overrides (``{"rate.endpoint.model": "gpt-4"}``); None means unset."""

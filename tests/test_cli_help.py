@@ -41,4 +41,4 @@ def test_help_lists_the_verbs_grouped_in_the_order_a_user_meets_them() -> None:
     assert panels == ["Options", *LIFECYCLE]
     listed = re.findall(r"^│ ([a-z][a-z-]*) ", result.output, re.M)
     assert listed == [verb for verbs in lifecycle().values() for verb in verbs]
-    assert listed[:2] == ["ingest", "generate"] and listed[-1] == "doctor"
+    assert listed[:2] == ["ingest", "generate"] and listed[-2:] == ["doctor", "config"]

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gleaner.config import GleanerConfig, load_config
 
@@ -84,6 +85,45 @@ def test_every_config_key_the_docs_name_exists() -> None:
     assert len(named) > 30  # the docs do name keys: the pattern finds them
     missing = {key: sorted(docs) for key, docs in named.items() if not config_key_exists(key)}
     assert not missing
+    from gleaner.config import RENAMED_KEYS
+
+    deprecated = {key: sorted(docs) for key, docs in named.items() if key in RENAMED_KEYS}
+    assert not deprecated  # the docs name the new keys only
+
+
+@pytest.mark.parametrize("old", sorted(__import__("gleaner.config").config.RENAMED_KEYS))
+def test_a_renamed_key_loads_the_same_settings_and_warns(old: str, tmp_path: Path) -> None:
+    """Each old key of the rename table still works, with a warning naming its new key, and
+    `gleaner config upgrade --write` rewrites a file to the new key."""
+    from typer.testing import CliRunner
+
+    from gleaner.config import RENAMED_KEYS, load_config
+    from gleaner.flows.cli import app
+
+    new = RENAMED_KEYS[old]
+
+    def nested(dotted: str, value: object) -> dict:
+        for part in reversed(dotted.split(".")):
+            value = {part: value}
+        return value  # type: ignore[return-value]
+
+    def read(config: GleanerConfig, dotted: str) -> object:
+        node: object = config
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    value = 3  # a value every renamed key takes
+    with pytest.warns(FutureWarning, match=re.escape(f"{old} is now {new}")):
+        via_old = GleanerConfig.model_validate(nested(old, value))
+    assert read(via_old, new) == value == read(GleanerConfig.model_validate(nested(new, value)),
+                                               new)
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(nested(old, value)))
+    result = CliRunner().invoke(app, ["config", "upgrade", str(path), "--write"])
+    assert result.exit_code == 0, result.output
+    assert read(load_config(path), new) == value
+    assert old.rsplit(".", 1)[1] not in path.read_text()
 
 
 def test_the_config_reference_is_made_from_the_schema_and_up_to_date() -> None:

@@ -5,6 +5,7 @@ Add one import line per module here.
 
 from gleaner.flows.commands import (
     compare,  # noqa: F401
+    config,  # noqa: F401
     curate,  # noqa: F401
     deita,  # noqa: F401
     doctor,  # noqa: F401
