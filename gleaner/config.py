@@ -454,6 +454,10 @@ class GenerationConfig(Section):
         if self.backend == "endpoint" and (self.endpoint is None or not self.endpoint.base_url):
             raise ValueError("evaluate.generation.backend 'endpoint' needs "
                              "evaluate.generation.endpoint.base_url (the server answering)")
+        if self.backend == "vllm" and self.tensor_parallel_size and not self.gpus:
+            raise ValueError(
+                f"evaluate.generation.tensor_parallel_size {self.tensor_parallel_size} spans that "
+                "many GPUs: set evaluate.generation.gpus to it (each replica asks Ray for them)")
         if self.tensor_parallel_size and self.gpus and self.tensor_parallel_size != self.gpus:
             raise ValueError(
                 f"evaluate.generation.tensor_parallel_size {self.tensor_parallel_size} spans "
@@ -700,7 +704,9 @@ def upgrade_document(document: dict[str, Any]) -> tuple[dict[str, Any], list[tup
         *new_parents, new_leaf = new.split(".")
         target = data
         for key in new_parents:
-            target = target.setdefault(key, {})
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
         target.setdefault(new_leaf, value)
         moved.append((old, new))
     return data, moved
@@ -751,6 +757,10 @@ class GleanerConfig(Section):
         for dotted, value in overrides.items():
             if value is None:
                 continue
+            if dotted in RENAMED_KEYS:  # a flag or parameter under its old name
+                warnings.warn(f"config key {dotted} is now {RENAMED_KEYS[dotted]}",
+                              FutureWarning, stacklevel=2)
+                dotted = RENAMED_KEYS[dotted]
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:

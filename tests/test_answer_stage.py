@@ -61,6 +61,9 @@ def test_vllm_engine_arguments_name_dtype_parallelism_and_memory() -> None:
     with pytest.raises(ValueError, match="tensor_parallel_size 2 spans that many GPUs"):
         GleanerConfig().with_overrides({"evaluate.generation": {
             "backend": "vllm", "gpus": 4, "tensor_parallel_size": 2}})
+    with pytest.raises(ValueError, match="set evaluate.generation.gpus to it"):
+        GleanerConfig().with_overrides({"evaluate.generation": {
+            "backend": "vllm", "tensor_parallel_size": 2}})  # no GPUs asked of Ray
 
 
 def test_answering_on_gpus_the_cluster_lacks_is_refused_before_any_work(

@@ -118,6 +118,9 @@ def test_a_renamed_key_loads_the_same_settings_and_warns(old: str, tmp_path: Pat
         via_old = GleanerConfig.model_validate(nested(old, value))
     assert read(via_old, new) == value == read(GleanerConfig.model_validate(nested(new, value)),
                                                new)
+    with pytest.warns(FutureWarning, match=re.escape(f"{old} is now {new}")):
+        flagged = GleanerConfig().with_overrides({old: value})  # a CLI flag or parameter
+    assert read(flagged, new) == value
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(nested(old, value)))
     result = CliRunner().invoke(app, ["config", "upgrade", str(path), "--write"])

@@ -403,3 +403,14 @@ def test_the_grid_asks_selectors_for_traits_not_names() -> None:
     with pytest.raises(ValueError, match="cannot keep as many as another arm"):
         GleanerConfig.model_validate({"experiment": {"arms": [
             "random@4", {"name": "d", "selector": "deita", "size_of": "random-4"}]}})
+
+
+def test_a_dpo_arm_shares_its_twins_fine_tune_whatever_the_twins_name() -> None:
+    from gleaner.config import GleanerConfig
+    from gleaner.tasks.experiment.arms import plan_selections
+
+    config = GleanerConfig.model_validate({"experiment": {"arms": [
+        "random@8+dpo", {"name": "mine", "selector": "random", "budget": 8}]}})
+    dpo, twin = plan_selections(config, "pool")
+    assert dpo.dpo and not twin.dpo and dpo.key != twin.key
+    assert dpo.sft_model == twin.sft_model == twin.model != dpo.model  # trained once

@@ -176,3 +176,18 @@ def test_unknown_extension_needs_a_format():
     assert infer_format("x/y.JSONL") == "jsonl"
     with pytest.raises(ValueError, match="cannot tell the export format"):
         infer_format("data.txt")
+
+
+def test_hf_replaces_the_old_folder_and_refuses_an_empty_selection(examples, tmp_path):
+    """A new export replaces the old folder whole (no staging or old folder left); zero rows,
+    which datasets cannot load back, is a clear error that leaves the old folder as it was."""
+    import datasets
+
+    out = tmp_path / "ds"
+    write_dataset(examples.slice(0, 3), str(out), fmt="hf")
+    write_dataset(examples, str(out), fmt="hf")
+    assert datasets.load_from_disk(str(out)).num_rows == examples.num_rows
+    with pytest.raises(ValueError, match="nothing to export in the hf format"):
+        write_dataset(examples.slice(0, 0), str(out), fmt="hf")
+    assert datasets.load_from_disk(str(out)).num_rows == examples.num_rows
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ds")) == ["ds"]

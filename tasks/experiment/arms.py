@@ -33,6 +33,7 @@ class Selection:
     needs: list[str] = field(default_factory=list)  # selection signals it reads
     sft_model: str = ""  # the supervised fine-tune (the model itself unless dpo)
     dpo: bool = False  # then DPO from sft_model on the pool run's pairs, as model
+    base_key: str = ""  # the selection's key without DPO (its twin's key)
 
 
 def selection_settings(arm: ArmConfig, config: GleanerConfig) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def plan_selections(config: GleanerConfig, pool_run: str) -> list[Selection]:
                              settings, f"{arm.name}-{key}" if arm.dpo else sft_model,
                              f"{exp.name}-{arm.name}-{key}",
                              needs=signals_read(settings, chosen.own_threshold),
-                             sft_model=sft_model, dpo=arm.dpo)
+                             sft_model=sft_model, dpo=arm.dpo, base_key=base_key)
             order.append(same)
         same.arms.append(arm.name)
         done[arm.name] = same
@@ -119,6 +120,10 @@ def plan_selections(config: GleanerConfig, pool_run: str) -> list[Selection]:
 
     for arm in exp.arms:
         resolve(arm)
+    for selection in order:  # a DPO arm's fine-tune is its twin's, whatever the twin's name
+        twin = next((s for s in order if not s.dpo and s.key == selection.base_key), None)
+        if selection.dpo and twin is not None:
+            selection.sft_model = twin.sft_model
     done[baseline].baseline = True
     return order
 

@@ -174,8 +174,12 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
     recipe = build_recipe(config.finetune.preset, config.finetune.overrides)
     base = base_model_source(config.finetune.base_model)
     shape = model_shape(base)
-    finetunes = []
+    finetunes: list[dict[str, Any]] = []
+    planned: set[str] = set()
     for s in selections:
+        if s.sft_model in planned:  # a DPO arm's fine-tune is its twin's: counted once
+            continue
+        planned.add(s.sft_model)
         n, how = size[s.name]
         memory = plan_for_section(config.finetune, base, max(1, n), shape)
         tokens = per_example[0].tokens_per_example if per_example else 0.0

@@ -150,29 +150,45 @@ register("export_format", "parquet")(_write_parquet)
 
 
 class HFDatasetFolder:
-    """``datasets``' ``save_to_disk`` folder: written to a temporary folder beside the target,
-    then moved into place file by file, so a failure while writing leaves nothing at the
-    destination."""
+    """``datasets``' ``save_to_disk`` folder, written to a staging folder beside the target
+    (removed whatever happens). On a local disk the finished folder replaces the old one by
+    renames, so a failure leaves the old dataset or the new one, never a mix; on an object
+    store, which has no folder rename, the files are moved one by one after the old ones go."""
 
     folder = True
 
     def write(self, path: str, batches: Iterator[pa.RecordBatch],
-              storage_options: dict[str, Any] | None) -> tuple[str, int]:
+              storage_options: dict[str, Any] | None,
+              schema: pa.Schema | None = None) -> tuple[str, int]:
         import datasets
 
-        table = pa.Table.from_batches(list(batches))
+        table = pa.Table.from_batches(list(batches), schema=schema)
+        if table.num_rows == 0:
+            raise ValueError(f"{path}: nothing to export in the hf format: datasets cannot "
+                             "load a save_to_disk folder of zero rows back; nothing written")
         dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
-        fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
-        staging = f"{fs_path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-        dataset.save_to_disk(fs.unstrip_protocol(staging),
-                             storage_options=fs_options(path, storage_options) or None)
-        if fs.exists(fs_path):
-            fs.rm(fs_path, recursive=True)
-        for written in fs.find(staging):  # file by file: object stores have no folder move
-            target = posixpath.join(fs_path, posixpath.relpath(written, staging))
-            fs.makedirs(posixpath.dirname(target), exist_ok=True)
-            fs.mv(written, target)
-        fs.rm(staging, recursive=True) if fs.exists(staging) else None
+        options = fs_options(path, storage_options)
+        fs, fs_path = fsspec.core.url_to_fs(path, **options)
+        fs_path = fs_path.rstrip("/")
+        staging = f"{fs_path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            dataset.save_to_disk(fs.unstrip_protocol(staging), storage_options=options or None)
+            if "file" in fs.protocol:
+                old = f"{fs_path}.old-{uuid.uuid4().hex[:8]}"
+                if fs.exists(fs_path):
+                    fs.mv(fs_path, old, recursive=True)
+                fs.mv(staging, fs_path, recursive=True)
+                if fs.exists(old):
+                    fs.rm(old, recursive=True)
+            else:
+                if fs.exists(fs_path):
+                    fs.rm(fs_path, recursive=True)
+                for written in fs.find(staging):
+                    target = posixpath.join(fs_path, posixpath.relpath(written, staging))
+                    fs.mv(written, target)
+        finally:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
         return fs.unstrip_protocol(fs_path), table.num_rows
 
 
@@ -190,7 +206,8 @@ def write_dataset(
     fmt = fmt or infer_format(path)
     writer = registry("export_format").get(fmt)
     if getattr(writer, "folder", False):
-        written, rows = writer.write(path, record_batches(data, batch_rows), storage_options)
+        written, rows = writer.write(path, record_batches(data, batch_rows), storage_options,
+                                     getattr(data, "schema", None))
         return {"path": written, "format": fmt, "rows": rows}
     fs, fs_path = fsspec.core.url_to_fs(path, **fs_options(path, storage_options))
     parent = posixpath.dirname(fs_path)
