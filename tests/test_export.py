@@ -148,7 +148,8 @@ def test_a_failure_half_way_leaves_nothing(examples, tmp_path, s3, where):
         assert not fs.exists(url)
 
 
-def test_select_writes_a_datasets_folder_that_loads_back_with_the_same_rows(tmp_path) -> None:
+def test_select_writes_a_datasets_folder_that_loads_back_with_the_same_rows(prefect_api,
+                                                                           tmp_path) -> None:
     """``gleaner select --format hf --out DIR``: ``datasets.load_from_disk`` reads back the
     selected examples, row for row, in selection order."""
     import datasets
