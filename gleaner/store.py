@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -145,6 +146,13 @@ class Store:
         return self.write_bytes(path, text.encode("utf-8"))
 
     # ---- reads -------------------------------------------------------------
+    def copy_to_scratch(self, path: str, prefix: str) -> tempfile.TemporaryDirectory[str]:
+        """A store folder (a model) copied into a temporary local folder, for a worker on a
+        node that reads an object store; the caller cleans it up."""
+        scratch = tempfile.TemporaryDirectory(prefix=prefix)
+        self.fs.get(path.rstrip("/") + "/", scratch.name, recursive=True)
+        return scratch
+
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gleaner import layout
-from gleaner.config import EndpointConfig, GleanerConfig, PriceConfig
+from gleaner.config import GleanerConfig, PriceConfig
 from gleaner.engine.batches import InputIndex, read_segments
 from gleaner.engine.cache import cache_files
 from gleaner.engine.plan import Plan, PlanMismatch, settings_key
@@ -39,6 +39,7 @@ from gleaner.engine.replay import BatchRequest, Pending, Policy, ReplayWorker
 from gleaner.engine.runner import StageWork, cache_hits, stage_work
 from gleaner.engine.stage import LLMStage
 from gleaner.engine.summary import estimate_cost
+from gleaner.llm.offline import offline_endpoint
 from gleaner.store import Store
 from gleaner.tasks.cost.tokens import CharsPerToken, calibrated, counter_for
 
@@ -248,7 +249,7 @@ def plan_judge(config: GleanerConfig) -> list[StagePlan]:
 
     settings = config.evaluate
     comparison = f"{label_of(settings.model_a)}-vs-{label_of(settings.model_b)}"
-    judge = settings.judge if settings.judge.base_url else offline(settings.judge)
+    judge = settings.judge if settings.judge.base_url else offline_endpoint(settings.judge)
     counter = counter_for(judge, config.budget)
     max_tokens = settings.judge_max_tokens if judge.base_url else settings.offline_judge_max_tokens
     out = []
@@ -317,13 +318,6 @@ def plan_finetunes(config: GleanerConfig, pool: pa.Table) -> list[FinetunePlan]:
 
 
 # ---- the whole run -----------------------------------------------------------------------------
-def offline(endpoint: EndpointConfig) -> EndpointConfig:
-    """The endpoint a role without one gets: the offline llama.cpp server's model (free)."""
-    from gleaner.llm.offline import offline_endpoint
-
-    return offline_endpoint(endpoint)
-
-
 def llm_stages(config: GleanerConfig) -> list[LLMStage]:
     """The engine LLM stages curate runs over the ingested pool, as configured: each stage
     registers how it is planned (``register("planned_stage", name)``: the stage for a config,

@@ -77,9 +77,7 @@ class AnswerWorker:
         spec = stage.model.spec
         if stage.model.store_path is not None:  # an object store: copy the model here
             store = Store(stage.store_config.url, stage.store_config.options)
-            self._scratch = tempfile.TemporaryDirectory(prefix="gleaner-answer-")
-            store.fs.get(stage.model.store_path.rstrip("/") + "/", self._scratch.name,
-                         recursive=True)
+            self._scratch = store.copy_to_scratch(stage.model.store_path, "gleaner-answer-")
             spec = ModelSpec(self._scratch.name, spec.served_name, spec.stop_ids,
                              spec.stop_texts)
         backend_class = registry("generation_backend").get(stage.settings.backend)

@@ -187,10 +187,10 @@ register("offline_role", "rater")(OfflineRole(
 @register("planned_stage", "rate")
 def planned_rating(config: GleanerConfig) -> RateStage:
     """The rating as the cost plan counts it (the offline rater's one rule when no endpoint)."""
-    from gleaner.tasks.cost.plan import offline
+    from gleaner.llm.offline import offline_endpoint
 
     rate = config.rate
     if rate.endpoint.base_url is None:
         rate = rate.model_copy(update={"mode": rate.mode or "score-only",
-                                       "endpoint": offline(rate.endpoint)})
+                                       "endpoint": offline_endpoint(rate.endpoint)})
     return RateStage(rate)

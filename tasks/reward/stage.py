@@ -56,8 +56,7 @@ class RewardWorker:
         folder = stage.folder
         store = Store(stage.store_config.url, stage.store_config.options)
         if stage.from_store and not store.is_local:  # an object store: copy the model here
-            self._scratch = tempfile.TemporaryDirectory(prefix="gleaner-rm-")
-            store.fs.get(folder.rstrip("/") + "/", self._scratch.name, recursive=True)
+            self._scratch = store.copy_to_scratch(folder, "gleaner-rm-")
             folder = self._scratch.name
         self.stage = stage
         settings = stage.settings
