@@ -33,6 +33,7 @@ from gleaner.tasks.cost.plan import plan_run
 from gleaner.tasks.cost.report import actual_cost, check_budget, keep_plan
 from gleaner.tasks.evaluate.eval_sets import check_evaluation_inputs
 from gleaner.tasks.publish.release import previous_run, release
+from gleaner.tasks.select.marks import check_pool_left
 
 
 @flow(name="curate", flow_run_name=run_name("curate"), validate_parameters=False)
@@ -64,6 +65,9 @@ def curate_flow(
     plan = cost_plan or plan_run(st, run_id, cfg)  # before anything is spent
     check_budget(plan, approved=approve_cost)
     keep_plan(st, run_id, plan)
+    for name in cfg.curate.filters:  # marks what selection leaves out (test-set overlap)
+        summary[name] = pool_stage_flow(name=name, run_id=run_id, config=cfg)
+    check_pool_left(st, run_id, cfg)  # every example marked: stop before anything is spent
     downstream = cfg.curate.downstream == "subflow"
     roles = ["rater", "judge"] if downstream and cfg.curate.evaluate else ["rater"]
     roles += [role for name in cfg.curate.signals for role in pool_stage(name).roles]

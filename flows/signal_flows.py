@@ -42,7 +42,10 @@ def length_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
 def pool_stage_flow(name: str, run_id: str, config: GleanerConfig) -> dict[str, Any]:
     """A registered pool stage over the run's ingested examples (``config`` already has its
     offline roles wired: :func:`run_pool_stage`)."""
-    summary = run_stage(pool_stage(name).make(config), config, run_id)
+    entry = pool_stage(name)
+    summary = run_stage(entry.make(config), config, run_id)
+    if entry.finish is not None:  # a global step over every batch's rows (near-dup clusters)
+        summary = entry.finish(config, run_id, summary)
     record_run(Store(config.store.url, config.store.options), run_id, config,
                **{name: summary})
     return summary

@@ -291,6 +291,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
         if section.force:
             store.clear_stage(run_id, stage.name)
         index = InputIndex.build(store, run_id, stage.input_stage)
+        stage.check_input(index.rows)
         work = stage_work(stage, store, run_id, index)
         plan, previous, bounds, pending = work.plan, work.previous, work.bounds, work.pending
         finished, retry = work.finished, work.retry

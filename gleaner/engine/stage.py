@@ -127,6 +127,10 @@ class Stage(abc.ABC):
         when work is pending). Default: as requested."""
         return self.requested()
 
+    def check_input(self, rows: int) -> None:  # noqa: B027 (optional hook)
+        """On the driver, before the plan: refuse an input the stage cannot make sense of
+        (raise ValueError naming why; a filter refuses an empty pool)."""
+
     def adopt(self, resolved: dict[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Take settings resolved earlier (a finished plan) without resolving again."""
 

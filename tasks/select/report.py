@@ -22,7 +22,7 @@ import numpy as np
 
 from gleaner import layout
 from gleaner.store import Store
-from gleaner.tasks.select.selectors import REASONS, Manifest
+from gleaner.tasks.select.selectors import Manifest
 
 
 def bins_and_titles() -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -108,7 +108,7 @@ def markdown(report: Report, total: int, tau: float | None) -> str:
         )
         lines.append("")
     lines += ["| reason | examples |", "|---|---:|"]
-    lines += [f"| {reason} | {report.counts[reason]:,} |" for reason in REASONS]
+    lines += [f"| {reason} | {count:,} |" for reason, count in report.counts.items()]
     lines += [f"| **total** | **{total:,}** |", ""]
     sim = report.similarity
     if sim["too_similar"]:

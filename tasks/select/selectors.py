@@ -3,8 +3,9 @@
 Every selector returns a :class:`Manifest` with one row per candidate example:
 ``selected`` and a ``reason`` drawn from a closed vocabulary (``kept``,
 ``below_threshold``, ``above_threshold``, ``too_similar:<id of the selected
-neighbour>``, ``over_budget``, ``failed_upstream``), so the counts always add up
-to the pool.
+neighbour>``, ``over_budget``, ``failed_upstream``, and the reasons of the pool stages
+that mark examples to leave out: ``contaminated:<test set>``, ``near_duplicate:<id of the
+kept example>``), so the counts always add up to the pool.
 
 The ``deita`` selector implements DEITA's score-first, diversity-aware walk
 (SPEC §2) exactly: sort by score descending (ties by id), add an example only
@@ -18,7 +19,7 @@ No Prefect, no Ray, no paths: plain numpy and pyarrow.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,11 @@ ABOVE_THRESHOLD = "above_threshold"  # over a ceiling (IFD > 1: the question doe
 TOO_SIMILAR = "too_similar"
 OVER_BUDGET = "over_budget"
 FAILED_UPSTREAM = "failed_upstream"
-REASONS = (KEPT, BELOW_THRESHOLD, ABOVE_THRESHOLD, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM)
+# marked by a pool stage before any selector runs (gleaner.engine.catalog.Drop)
+CONTAMINATED = "contaminated"  # shares an n-gram with (or equals) a test prompt
+NEAR_DUPLICATE = "near_duplicate"  # in a MinHash cluster whose longest response is kept
+REASONS = (KEPT, BELOW_THRESHOLD, ABOVE_THRESHOLD, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM,
+           CONTAMINATED, NEAR_DUPLICATE)
 _WALK_LABELS = np.empty(4, dtype=object)  # indexed by the walk's CODE_* values
 _WALK_LABELS[[CODE_KEPT, CODE_TOO_SIMILAR, CODE_OVER_BUDGET, CODE_FAILED]] = [
     KEPT, TOO_SIMILAR, OVER_BUDGET, FAILED_UPSTREAM]
@@ -96,7 +101,8 @@ class Manifest:
         """Counts per reason family (``too_similar:<id>`` counted as ``too_similar``)."""
         counts = dict.fromkeys(REASONS, 0)
         for reason in self.reason:
-            counts[reason.split(":", 1)[0]] += 1
+            family = reason.split(":", 1)[0]
+            counts[family] = counts.get(family, 0) + 1  # a plugin stage's own drop reason
         return counts
 
     def to_table(self) -> pa.Table:
@@ -337,13 +343,16 @@ class Candidates:
     vector_ok: np.ndarray | None = None
     # list-valued signals (InsTag's tags): one list per example, None where there is none
     labels: dict[str, list[list[str] | None]] = field(default_factory=dict)
+    # the reason a pool stage marked an example to leave out (``contaminated:koala``), or None
+    marks: list[str | None] | None = None
 
     def subset(self, rows: np.ndarray) -> Candidates:
         return Candidates(
             [self.ids[i] for i in rows], {k: v[rows] for k, v in self.columns.items()},
             None if self.vectors is None else self.vectors[rows],
             None if self.vector_ok is None else self.vector_ok[rows],
-            {k: [v[i] for i in rows] for k, v in self.labels.items()})
+            {k: [v[i] for i in rows] for k, v in self.labels.items()},
+            None if self.marks is None else [self.marks[i] for i in rows])
 
     def column(self, name: str) -> np.ndarray:
         if not self.ids:  # an empty pool has every column, empty
@@ -366,6 +375,7 @@ class SelectRequest:
     size: int | None = None  # random: as many as another selection kept
     fraction: float | None = None  # a share of the pool instead of the budget
     min_label_frequency: int = 1  # InsTag: labels rarer than this over the pool are dropped
+    drop_marked: bool = True  # examples a pool stage marked get its reason, never selected
 
 
 @dataclass(frozen=True)
@@ -435,6 +445,8 @@ def selector(name: str) -> Selector:
 
 def run_selector(data: Candidates, name: str, request: SelectRequest) -> Manifest:
     """The named selector on the candidates; after AlpaGasus' threshold when one is set."""
+    if request.drop_marked and data.marks is not None and any(data.marks):
+        return without_marked(data, name, request)
     chosen = selector(name)
     request.sort_by = request.sort_by or chosen.default_sort
     if request.fraction is not None:  # a share of the whole pool (IFD's "top 5 %")
@@ -446,3 +458,37 @@ def run_selector(data: Candidates, name: str, request: SelectRequest) -> Manifes
     first = select_threshold(data.ids, data.columns["rating"], request.threshold)
     second = chosen.run(data.subset(np.flatnonzero(first.selected)), request)
     return chain(first, second)
+
+
+class NothingLeft(ValueError):
+    """Every example of the pool is marked to be left out: there is nothing to select."""
+
+
+def without_marked(data: Candidates, name: str, request: SelectRequest) -> Manifest:
+    """The selector on the examples no pool stage marked (a fraction is of those); every
+    marked example keeps its mark as its reason, unselected and unranked."""
+    marks = data.marks or []
+    clean = np.array([mark is None for mark in marks], dtype=bool)
+    if not clean.any():
+        families: dict[str, int] = {}
+        for mark in marks:
+            family = (mark or "").split(":", 1)[0]
+            families[family] = families.get(family, 0) + 1
+        said = ", ".join(f"{count:,} {family}" for family, count in families.items())
+        raise NothingLeft(f"every one of the {len(marks):,} examples of the pool is marked to "
+                          f"be left out ({said}): nothing to select (select.drop_marked: "
+                          "false keeps them)")
+    rows = np.flatnonzero(clean)
+    inner = run_selector(data.subset(rows), name, replace(request, drop_marked=False))
+    n = len(data.ids)
+    score = np.full(n, np.nan)
+    selected = np.zeros(n, dtype=bool)
+    rank = np.full(n, -1, dtype=np.int64)
+    reason = np.array([mark or "" for mark in marks], dtype=object)
+    chosen = np.full(n, name, dtype=object)
+    if len(inner) != rows.size:  # a selector answers for every candidate, in their order
+        raise ValueError(f"selector {name!r} returned {len(inner)} rows for {rows.size}")
+    score[rows], selected[rows], rank[rows] = inner.score, inner.selected, inner.rank
+    reason[rows] = np.array(inner.reason, dtype=object)
+    chosen[rows] = np.array(inner.selector, dtype=object)
+    return Manifest(list(data.ids), score, selected, reason.tolist(), rank, chosen.tolist())
