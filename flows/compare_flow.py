@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from prefect import flow
@@ -10,6 +9,7 @@ from prefect_ray import RayTaskRunner
 
 from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import publish_markdown
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
@@ -36,12 +36,8 @@ def compare_flow(run_id: str, config: GleanerConfig,
     summary = make_pairs(store, run_id, config, gathered, grading)
     record_run(store, run_id, config, compare={k: summary[k] for k in (
         "prompts", "responses", "scored", "failed", "pairs", "ties_skipped", "pairs_path")})
-    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=summary_markdown(summary),
-                                 key=artifact_key("compare", "pairs", run_id),
-                                 description=f"comparison data of run {run_id}")
+    publish_markdown(artifact_key("compare", "pairs", run_id), summary_markdown(summary),
+                     f"comparison data of run {run_id}")
     return summary
 
 

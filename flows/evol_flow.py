@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from prefect import flow
@@ -11,6 +10,7 @@ from prefect_ray import RayTaskRunner
 from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
 from gleaner.engine import run_stage
+from gleaner.engine.step import publish_markdown
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
@@ -21,10 +21,7 @@ from gleaner.tasks.evol.stage import EvolStage
 
 
 def _artifact(markdown: str, key: str, description: str) -> None:
-    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=markdown, key=key, description=description)
+    publish_markdown(key, markdown, description)
 
 
 @flow(name="evol", flow_run_name=run_name("evol"), task_runner=RayTaskRunner(),

@@ -15,7 +15,6 @@ pairs. Plain steps live in gleaner.tasks.experiment.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow
@@ -27,6 +26,7 @@ from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig, resolve_config
 from gleaner.engine import read_summary
 from gleaner.engine.catalog import pool_stages
+from gleaner.engine.step import run_step
 from gleaner.flows.deita_flow import embed_flow, score_flow
 from gleaner.flows.ingest_flow import ingest_flow
 from gleaner.flows.rate_flow import rate_flow
@@ -127,24 +127,31 @@ def run_arms(run_id: str, config: GleanerConfig, selections: list[Selection],
 def arm_flow(run_id: str, config: GleanerConfig, arm: str, selection: Selection,
              baseline: Selection, chosen: dict[str, Any], signals_usd: float | None
              ) -> dict[str, Any]:
-    """One arm: its model (same recipe and seed as every arm), its answers, its verdicts."""
-    started = time.perf_counter()
+    """One arm: its model (same recipe and seed as every arm), its answers, its verdicts.
+
+    A step (gleaner.engine.step): a finished arm with the same selection, dataset version,
+    baseline and evaluation settings is reused whole; other settings are refused."""
     store = Store(config.store.url, config.store.options)
-    trained = steps.finetune_selection(run_id, config, selection, chosen["dataset"])
-    result = steps.arm_record(arm, selection, chosen, steps.finetune_facts(run_id, config,
-                                                                            trained))
-    if selection.dpo:
-        result["dpo"] = steps.dpo_selection(run_id, config, selection, pool_run(config, run_id))
-    if selection.model == baseline.model:
-        steps.answer_fn(run_id, config)(selection.model, steps.test_prompts(config))
-    else:
-        evaluation = steps.judge_baseline(run_id, config, selection, baseline)
-        result.update(evaluation=steps.compact(evaluation),
-                      bias=steps.length_bias(run_id, config, evaluation))
-    result["answer_chars"] = steps.answer_chars(run_id, config, selection.model)
-    if config.experiment.mt_bench:
-        result["mt_bench"] = run_mt_bench(store, run_id, config, selection.model)
-    result["cost"] = steps.arm_cost(result, signals_usd, config)
-    result["seconds"] = round(time.perf_counter() - started, 3)
-    result["result"] = steps.write_arm(run_id, config, result)
-    return result
+
+    def evaluate_arm() -> dict[str, Any]:
+        trained = steps.finetune_selection(run_id, config, selection, chosen["dataset"])
+        result = steps.arm_record(arm, selection, chosen,
+                                  steps.finetune_facts(run_id, config, trained))
+        if selection.dpo:
+            result["dpo"] = steps.dpo_selection(run_id, config, selection,
+                                                pool_run(config, run_id))
+        if selection.model == baseline.model:
+            steps.answer_fn(run_id, config)(selection.model, steps.test_prompts(config))
+        else:
+            evaluation = steps.judge_baseline(run_id, config, selection, baseline)
+            result.update(evaluation=steps.compact(evaluation),
+                          bias=steps.length_bias(run_id, config, evaluation))
+        result["answer_chars"] = steps.answer_chars(run_id, config, selection.model)
+        if config.experiment.mt_bench:
+            result["mt_bench"] = run_mt_bench(store, run_id, config, selection.model)
+        result["cost"] = steps.arm_cost(result, signals_usd, config)
+        result["result"] = steps.write_arm(run_id, config, result)
+        return result
+
+    step = steps.ArmStep(config, arm, selection, baseline, chosen, evaluate_arm)
+    return run_step(store, run_id, step)

@@ -1,16 +1,15 @@
-"""The ingest stage as a Prefect flow: one task (streaming readers), its summary an artifact."""
+"""The ingest stage as a Prefect flow: one task (streaming readers), a step of the engine."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
-from gleaner.artifacts import artifact_key, run_name
+from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig
 from gleaner.runs import new_run_id
-from gleaner.tasks.ingest.ingest import ingest_task, summary_markdown
+from gleaner.tasks.ingest.ingest import ingest_task
 
 
 @flow(name="ingest", flow_run_name=run_name("ingest"), validate_parameters=False)
@@ -23,8 +22,4 @@ def ingest_flow(
     """Ingest sources into the store of ``config``; returns the summary (also in run.json)."""
     config = config or GleanerConfig()
     run_id = run_id or config.run_id or new_run_id()
-    summary = ingest_task(list(sources), run_id, config, force)
-    create_markdown_artifact(key=artifact_key("ingest", run_id),
-                             markdown=summary_markdown(summary),
-                             description=f"ingest summary of run {run_id}")
-    return summary
+    return ingest_task(list(sources), run_id, config, force)

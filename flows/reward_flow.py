@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from prefect import flow
@@ -11,6 +10,7 @@ from prefect_ray import RayTaskRunner
 from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
 from gleaner.engine import run_stage
+from gleaner.engine.step import publish_markdown
 from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
 from gleaner.store import Store
@@ -22,12 +22,8 @@ from gleaner.tasks.reward.train import reward_train_task, summary_markdown
 def reward_train_flow(run_id: str, config: GleanerConfig) -> dict[str, Any]:
     """Train the reward model on the run's comparison pairs; publish its report."""
     summary = reward_train_task(run_id, config)
-    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=summary_markdown(summary),
-                                 key=artifact_key("reward-model", run_id),
-                                 description=f"reward model of run {run_id}")
+    publish_markdown(artifact_key("reward-model", run_id), summary_markdown(summary),
+                     f"reward model of run {run_id}")
     return summary
 
 

@@ -8,6 +8,7 @@ done. Cross-run caches live under ``<root>/cache/<name>/``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -198,6 +199,22 @@ class Store:
         schema: pa.Schema | None = None,
     ) -> pa.Table:
         return self.stage_dataset(run_id, stage, schema=schema).to_table(columns=columns)
+
+    def stage_version(self, run_id: str, stage: str) -> str | None:
+        """Changes when a stage's parts change (names, sizes, write times); None: no parts.
+
+        What a step that reads the stage keys on, without reading it."""
+        try:
+            entries = self.fs.ls(self.stage_path(run_id, stage), detail=True, refresh=True)
+        except FileNotFoundError:
+            return None
+        marks = sorted(
+            f"{posixpath.basename(e['name'])}:{e.get('size')}:"
+            f"{e.get('mtime') or e.get('LastModified') or e.get('ETag') or e.get('created')}"
+            for e in entries if PART_RE.match(posixpath.basename(e["name"])))
+        if not marks:
+            return None
+        return hashlib.sha256("|".join(marks).encode()).hexdigest()[:16]
 
     def has_stage(self, run_id: str, stage: str) -> bool:
         return bool(self.part_paths(self.stage_path(run_id, stage)))

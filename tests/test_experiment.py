@@ -282,11 +282,11 @@ def test_grid_end_to_end_killed_after_an_arm_and_resumed(prefect_api, shared_dat
     assert longest["examples"] == 8 and ifd["examples"] <= round(0.25 * 30)
 
     # the rerun: the two finished arms were neither trained nor judged again
-    assert baseline["finetune"]["skipped"] and longest["finetune"]["skipped"]
+    assert baseline["finetune"]["reused"] and longest["finetune"]["reused"]
     trained_first = {name for name, files in finished.items() if "summary.json" in files}
     assert trained_first == {baseline["model"], longest["model"]}
     # the unfinished arm was trained by the rerun's first attempt; its retry reused that model
-    assert ifd["finetune"]["skipped"] and (run / "finetune" / ifd["model"] / "summary.json"
+    assert ifd["finetune"]["reused"] and (run / "finetune" / ifd["model"] / "summary.json"
                                            ).exists()
     for name, files in finished.items():
         if name in (baseline["model"], longest["model"]):
@@ -367,7 +367,7 @@ def test_a_dpo_arm_trains_on_a_compare_runs_pairs_from_its_twins_fine_tune(
     sft, dpo = (next(a for a in result["arms"] if a["arm"] == name)
                 for name in ("random-8", "random-8-dpo"))
     assert f"/finetune/{sft['model']}/" in dpo["finetune"]["model"]  # its twin's fine-tune...
-    assert dpo["finetune"]["skipped"] and not sft["finetune"]["skipped"]  # ...trained once
+    assert dpo["finetune"]["reused"] and not sft["finetune"]["reused"]  # ...trained once
     assert dpo["model"] != sft["model"] and f"/finetune/{dpo['model']}/" in dpo["dpo"]["model"]
     assert dpo["dpo"]["start"] == f"run `experiment-tiny`'s `{sft['model']}` model"
     assert dpo["dpo"]["pairs_run"] == "pool" and dpo["dpo"]["beta"] == 0.5

@@ -218,6 +218,7 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
     import pyarrow as pa
 
     from gleaner.config import GleanerConfig
+    from gleaner.engine import PlanMismatch
     from gleaner.store import Store
     from gleaner.tasks.evaluate.eval_sets import EvalPrompt
     from gleaner.tasks.evaluate.generation import GenerationSettings, Generator
@@ -249,16 +250,29 @@ def test_ray_train_fit_saves_resumes_reloads_and_generates(
     assert checkpoints, "Ray Train persisted no checkpoint into the store"
 
     # Same run, longer budget: Ray Train restores the last checkpoint from the store.
-    again = config.with_overrides({"finetune.force": True,
-                                   "finetune.overrides": {**overrides, "max_steps": 4}})
+    again = config.with_overrides({"finetune.overrides": {**overrides, "max_steps": 4}})
     resumed = run_finetune(store, "ft-run", again, table, name="curated")
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 4
     metrics = store.read_json(store.run_path("ft-run", "finetune", "curated", "metrics.json"))
     assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4]  # one unbroken loss curve
 
-    skipped = run_finetune(store, "ft-run", again.with_overrides({"finetune.force": False}),
-                           table, name="curated")
-    assert skipped["skipped"] is True
+    reused = run_finetune(store, "ft-run", again, table, name="curated")
+    assert reused["reused"] is True and reused["steps"] == 4
+    # the key: the recipe and the data are in it (refused), the layout is not
+    with pytest.raises(PlanMismatch, match=r"recipe"):
+        run_finetune(store, "ft-run", again.with_overrides(
+            {"finetune.overrides": {**overrides, "max_steps": 4, "learning_rate": 5e-4}}),
+            table, name="curated")
+    with pytest.raises(PlanMismatch, match=r"data"):
+        run_finetune(store, "ft-run", again, table.slice(0, 10), name="curated")
+    with pytest.raises(PlanMismatch, match=r"cannot be made shorter"):
+        run_finetune(store, "ft-run", config, table, name="curated")
+    assert run_finetune(store, "ft-run", again.with_overrides({"finetune.strategy": "fsdp"}),
+                        table, name="curated")["reused"] is True
+    # --force starts afresh: the checkpoints of the run on record are gone
+    fresh = run_finetune(store, "ft-run", config.with_overrides({"finetune.force": True}),
+                         table, name="curated")
+    assert fresh["resumed_from_step"] is None and fresh["steps"] == 2
 
     generator = Generator(str(saved), GenerationSettings(max_new_tokens=5, batch_size=2))
     assert generator.renderer.format.template == "alpaca"

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gleaner.config import GleanerConfig
+from gleaner.engine import PlanMismatch
 from gleaner.store import Store
-from gleaner.tasks.ingest.ingest import IngestError, run_ingest
+from gleaner.tasks.ingest.ingest import run_ingest
 
 
 def ingest(tmp_path: Path, *sources: Path | str, fmt: str = "auto", run_id: str = "r",
@@ -168,13 +169,15 @@ def test_rerun_reuses_redo_needs_force_and_interrupted_attempts_are_redone(tmp_p
     first, store = ingest(tmp_path, a)
     again, _ = ingest(tmp_path, a, store=store)
     assert again["reused"] is True and again["kept"] == first["kept"]
-    with pytest.raises(IngestError, match="already holds an ingest"):
+    with pytest.raises(PlanMismatch, match="other settings .source_files"):
         ingest(tmp_path, b, store=store)
     replaced, _ = ingest(tmp_path, b, store=store, force=True)
     assert [r["instruction"] for r in store.read_stage("r", "ingest").to_pylist()] == ["b"]
-    assert "reused" not in replaced
-    # an attempt killed half-way left a part but no summary: the rerun starts clean
+    assert replaced["reused"] is False
+    # a forced attempt killed half-way left a part, no summary and no step record (force
+    # removes it first): the rerun starts clean
     store.fs.rm(store.run_path("r", "ingest", "_summary.json"))
+    store.fs.rm(store.run_path("r", "steps", "ingest.json"))
     stale = store.read_stage("r", "ingest")
     store.write_part("r", "ingest", 7, stale)
     redone, _ = ingest(tmp_path, a, store=store)

@@ -146,12 +146,10 @@ def test_reward_model_learns_a_preference_checkpoints_resumes_and_scores_a_run(
     assert list(Path(store.run_path("rm-run", "finetune", "reward-model", "ray")).rglob(
         "trainer_state.json")), "no Ray Train checkpoint in the store"
 
-    longer = config.with_overrides({"reward.train.force": True,
-                                    "reward.train.overrides": {**recipe, "max_steps": 32}})
+    longer = config.with_overrides({"reward.train.overrides": {**recipe, "max_steps": 32}})
     resumed = run_reward_train(store, "rm-run", longer)
     assert resumed["resumed_from_step"] == 30 and resumed["steps"] == 32
-    assert run_reward_train(store, "rm-run", longer.with_overrides(
-        {"reward.train.force": False}))["skipped"] is True
+    assert run_reward_train(store, "rm-run", longer)["reused"] is True
 
     # Score a run's examples on the engine (actor pool), then MoDS' filter through the selector.
     pool = [Example("pool", i, f"Question {i}: tell me about the sea.", "",

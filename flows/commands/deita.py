@@ -143,6 +143,7 @@ def select(
     ),
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
+    force: bool = ForceOption,
 ) -> None:
     """Select the curated set; every example gets `selected` and a reason in the manifest."""
     choice("export_format", fmt, "--format")
@@ -156,7 +157,7 @@ def select(
     from gleaner.flows.select_flow import run_select
 
     summary = run_or_fail(run_select, _store(config), run_id, config, out=out, fmt=fmt,
-                          size_of=size_of)
+                          size_of=size_of, force=force)
     reasons = ", ".join(f"{k} {v:,}" for k, v in summary["reasons"].items())
     text = (f"run {run_id}: selected {summary['selected']:,} of {summary['examples']:,} "
             f"({summary['selector']} by {summary['sort_by']}); {reasons}")

@@ -38,7 +38,7 @@ app.add_typer(dpo_app, name="dpo")
 
 
 def train_text(s: dict[str, Any]) -> str:
-    if s.get("skipped"):
+    if s.get("reused"):
         return f"run {s['run_id']}: the DPO model is already trained ({s['model']}); --force"
     d, accuracy, loss = s["data"], s.get("reward_accuracy"), s.get("final_loss")
     return (f"run {s['run_id']}: DPO (beta {s['beta']}) from {s['start']} on "

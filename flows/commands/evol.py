@@ -94,7 +94,7 @@ def evol(
 
 def scorer_text(r: dict[str, Any]) -> str:
     rep = r["report"]
-    state = "already trained (skipped)" if r.get("skipped") else (
+    state = "already trained (reused)" if r.get("reused") else (
         f"{r['steps']} steps, final loss {r['final_loss']:.4f}, {r['tokens_per_s']} tokens/s")
     return (f"run {r['run_id']}: {r['kind']} scorer on {r['train_items']:,} of {r['items']:,} "
             f"items ({r['seeds']:,} seeds): {state}\nagainst its teacher on "

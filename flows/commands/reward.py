@@ -64,7 +64,7 @@ def recipe_flags(max_steps: int | None, epochs: float | None, learning_rate: flo
 
 
 def train_text(s: dict[str, Any]) -> str:
-    if s.get("skipped"):
+    if s.get("reused"):
         return f"run {s['run_id']}: the reward model is already trained ({s['model']}); --force"
     d, accuracy, loss = s["data"], s.get("heldout_accuracy"), s.get("final_loss")
     return (f"run {s['run_id']}: reward model trained on {d['train_pairs']:,} pairs "

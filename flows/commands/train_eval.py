@@ -24,7 +24,7 @@ from gleaner.flows.cli_app import (
 def finetune_text(result: dict[str, Any]) -> str:
     lines = [f"run {next(iter(result.values()))['run_id']}: fine-tuned"]
     for name, s in result.items():
-        state = "already trained (skipped)" if s.get("skipped") else (
+        state = "already trained (reused)" if s.get("reused") else (
             f"{s['steps']} steps, final loss {s['final_loss']:.4f}, "
             f"{s['tokens_per_s']} tokens/s, {s['wall_seconds']} s")
         data = s["data"]
@@ -193,6 +193,11 @@ def evaluate(
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N prompts per set."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     force: bool = typer.Option(False, "--force", help="Regenerate and rejudge."),
+    likert: bool = typer.Option(False, "--likert", help="Also rate every answer on LIMA's "
+                                "6-point helpfulness scale: mean and 95 % CI per model."),
+    likert_samples: int | None = typer.Option(
+        None, "--likert-samples", min=1,
+        help="--likert: answers sampled per prompt (above 1 needs evaluate.do_sample)."),
     batch_api: bool = BatchAPIOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
@@ -208,7 +213,9 @@ def evaluate(
         "evaluate.eval_sets_dir": eval_sets_dir, "evaluate.limit": limit,
         "evaluate.max_new_tokens": max_new_tokens, "evaluate.force": True if force else None,
         "evaluate.test_sets": test_sets or None,
-        "evaluate.judge.api": "batch" if batch_api else None})
+        "evaluate.judge.api": "batch" if batch_api else None,
+        "evaluate.likert.enabled": True if likert else None,
+        "evaluate.likert.samples": likert_samples})
 
     from gleaner.flows.evaluate_flow import evaluate_flow
     from gleaner.runs import new_run_id

@@ -7,7 +7,6 @@ the input's rows, or the stage raises: nothing is dropped silently.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -135,15 +134,8 @@ def stage_summary(stage: Any, run_id: str, plan: Plan, table: pa.Table, usage: M
 
 def publish_summary(stage: Any, run_id: str, summary: Mapping[str, Any]) -> None:
     """The stage's markdown artifact (inside a flow run only: outside one there is no UI)."""
-    from prefect.context import FlowRunContext
+    from gleaner.engine.step import publish_markdown
 
-    if FlowRunContext.get() is None:
-        return
-    with contextlib.suppress(Exception):  # the UI's copy must never fail the stage
-        from prefect.artifacts import create_markdown_artifact
-
-        from gleaner.artifacts import artifact_key
-
-        create_markdown_artifact(markdown=stage.markdown(summary) + batch_note(summary),
-                                 key=artifact_key(stage.name, "summary", run_id),
-                                 description=stage.description or f"{stage.name} of run {run_id}")
+    publish_markdown(f"{stage.name}-summary-{run_id}",
+                     stage.markdown(summary) + batch_note(summary),
+                     stage.description or f"{stage.name} of run {run_id}")

@@ -3,12 +3,12 @@ and the actual cost of a finished run next to what was planned."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 from gleaner import layout
 from gleaner.artifacts import artifact_key
+from gleaner.engine.step import publish_markdown
 from gleaner.store import Store
 
 
@@ -110,16 +110,9 @@ def check_budget(plan: Mapping[str, Any], approved: bool = False) -> None:
 def keep_plan(store: Store, run_id: str, plan: Mapping[str, Any]) -> None:
     """The plan with the run (``runs/<id>/cost_plan.json``) and as a Prefect artifact."""
     store.write_json(layout.cost_plan_path(store, run_id), dict(plan))
-    from prefect.context import FlowRunContext, TaskRunContext
 
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return  # outside a flow run there is no UI to tell
-    with contextlib.suppress(Exception):
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=plan_markdown(plan),
-                                 key=artifact_key("cost-plan", run_id),
-                                 description=f"cost plan of run {run_id}")
+    publish_markdown(artifact_key("cost-plan", run_id), plan_markdown(plan),
+                     f"cost plan of run {run_id}")
 
 
 def planned_vs_actual(plan: Mapping[str, Any], summaries: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,13 +19,20 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import read_step, run_step
 from gleaner.runs import record_run
 from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import preference_rows, preference_set, run_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
 from gleaner.tasks.train.model_card import model_card
-from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
+from gleaner.tasks.train.run import (
+    TrainStep,
+    fit_and_publish,
+    load_base,
+    model_path,
+    table_version,
+)
 from gleaner.tasks.train.sft_data import FORMAT_FILE, SftFormat, prepare_tokenizer
 
 
@@ -59,13 +66,24 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     """Train the policy on the run's pairs (held-out prompts kept aside); returns the summary."""
     settings = config.dpo
     name = settings.name
-    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
-    finished = finished_model(store, run_id, name, settings.force)
-    if finished is not None:
-        return finished
     pairs_run = settings.pairs_run or run_id
     pairs, train_pairs, heldout_pairs = run_pairs(store, pairs_run, settings.heldout_fraction,
                                                   settings.seed, "dpo")
+    sft = None if settings.base_model else read_step(store, run_id, f"train/{settings.sft_model}")
+    step = TrainStep(name, settings, table_version(pairs), "dpo",
+                     lambda: _dpo(store, run_id, config, pairs_run, pairs, train_pairs,
+                                  heldout_pairs),
+                     beta=settings.beta, heldout_fraction=settings.heldout_fraction,
+                     seed=settings.seed, start=settings.base_model or
+                     f"{settings.sft_model}@{(sft or {}).get('key')}")
+    return run_step(store, run_id, step, force=settings.force)
+
+
+def _dpo(store: Store, run_id: str, config: GleanerConfig, pairs_run: str, pairs: Any,
+         train_pairs: Any, heldout_pairs: Any) -> dict[str, Any]:
+    settings = config.dpo
+    name = settings.name
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
     source, described = starting_model(store, run_id, config)
     base, tokenizer, recipe, recipe_format = load_base(source, settings.preset,
                                                        settings.overrides)
@@ -104,7 +122,6 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "strategy", "peft",
                                    "world_size", "dtype", "resumed_from_step")},
-        "skipped": False,
     }
     store.write_json(summary_path, summary)
     record_run(store, run_id, config, dpo={k: summary[k] for k in (

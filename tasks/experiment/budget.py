@@ -26,6 +26,7 @@ import pyarrow as pa
 from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.engine.runner import read_summary
+from gleaner.engine.step import publish_markdown
 from gleaner.models import SMOLLM2_NAME
 from gleaner.store import Store
 from gleaner.tasks.cost.plan import (
@@ -253,18 +254,14 @@ def text(plan: dict[str, Any]) -> str:
 
 def announce(store: Store, run_id: str, plan: dict[str, Any]) -> None:
     """The plan on the terminal (stderr), in the store and as a Prefect artifact."""
-    import contextlib
 
     from gleaner.artifacts import artifact_key
 
     sys.stderr.write(text(plan) + "\n")
     store.write_json(layout.experiment_file(store, run_id, plan["experiment"], "plan.json"), plan)
-    with contextlib.suppress(Exception):  # outside a flow run there is no UI to tell
-        from prefect.artifacts import create_markdown_artifact
-
-        create_markdown_artifact(markdown=plan_markdown(plan) + "\n\n```\n" + text(plan)
-                                 + "\n```\n", key=artifact_key("experiment-plan", run_id),
-                                 description=f"what experiment {plan['experiment']} will spend")
+    publish_markdown(artifact_key("experiment-plan", run_id),
+                     plan_markdown(plan) + "\n\n```\n" + text(plan) + "\n```\n",
+                     f"what experiment {plan['experiment']} will spend")
 
 
 def check_guard(plan: dict[str, Any], approved: bool) -> None:

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import Step
 from gleaner.store import Store
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt, load_eval_set
 from gleaner.tasks.evaluate.stage import JUDGEMENT_SCHEMA
@@ -51,7 +52,7 @@ def finetune_selection(run_id: str, config: GleanerConfig, selection: Selection,
 
 
 DPO_KEYS = ("name", "start", "pairs_run", "beta", "steps", "final_loss", "reward_accuracy",
-            "reward_margin", "wall_seconds", "skipped", "model")
+            "reward_margin", "wall_seconds", "reused", "model")
 
 
 @task(name="experiment-dpo", retries=0, cache_policy=NO_CACHE)
@@ -145,7 +146,7 @@ def answer_chars(run_id: str, config: GleanerConfig, model: str) -> dict[str, fl
 
 
 FINETUNE_KEYS = ("steps", "final_loss", "wall_seconds", "train_seconds", "tokens_per_s",
-                 "skipped", "model", "device")
+                 "reused", "model", "device")
 
 
 def finetune_facts(run_id: str, config: GleanerConfig, summary: dict[str, Any]
@@ -157,6 +158,41 @@ def finetune_facts(run_id: str, config: GleanerConfig, summary: dict[str, Any]
     return {**{k: summary.get(k) for k in FINETUNE_KEYS},
             "train_tokens": metrics.get("tokens"), "examples": summary["data"]["examples"],
             "sequences": summary["data"]["sequences"]}
+
+
+class ArmStep(Step):
+    """One arm of the grid on the step contract: its key is the selection (settings over the
+    pool, with the fine-tune's), the dataset version it was trained on, the baseline it is
+    judged against and the evaluation settings; its result file is its output."""
+
+    kind = "arm"
+
+    def __init__(self, config: GleanerConfig, arm: str, selection: Selection,
+                 baseline: Selection, chosen: dict[str, Any],
+                 evaluate: Callable[[], dict[str, Any]]):
+        self.config, self.arm, self.selection, self.baseline = config, arm, selection, baseline
+        self.dataset = {k: chosen["dataset"][k] for k in ("name", "version")}
+        self.evaluate = evaluate
+
+    @property
+    def name(self) -> str:
+        return f"arm/{self.config.experiment.name}/{self.arm}"
+
+    def settings(self) -> dict[str, Any]:
+        e = self.config.evaluate
+        return {"selection": self.selection.key, "dataset": self.dataset,
+                "baseline": self.baseline.key, "judge": e.judge.model,
+                "test_sets": list(e.test_sets), "rule": e.rule, "limit": e.limit,
+                "max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
+                "temperature": e.temperature if e.do_sample else None,
+                "mt_bench": self.config.experiment.mt_bench}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.exists(layout.experiment_arm_path(store, run_id, self.config.experiment
+                                                       .name, self.arm))
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        return self.evaluate()
 
 
 def write_arm(run_id: str, config: GleanerConfig, result: dict[str, Any]) -> str:

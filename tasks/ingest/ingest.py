@@ -26,6 +26,7 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig, IngestConfig
+from gleaner.engine.step import Step, run_step
 from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
 from gleaner.store import Store, validate_run_id
@@ -338,6 +339,57 @@ def summary_path(store: Store, run_id: str) -> str:
     return layout.summary_path(store, run_id, INGEST_STAGE)
 
 
+class IngestStep(Step):
+    """The whole ingest as one step: its key is the source files and the ingest settings."""
+
+    kind = INGEST_STAGE
+    description = "where every record read went"
+
+    def __init__(self, plan: list[tuple[SourceFile, str, str | None]], config: GleanerConfig):
+        self.plan, self.config = plan, config
+        self.urls = [source.url for source, _, _ in plan]
+        self.settings_record = config.ingest.model_dump(mode="json", exclude={"source_options"})
+
+    def settings(self) -> dict[str, Any]:
+        return {"source_files": self.urls, "settings": self.settings_record}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.exists(summary_path(store, run_id))
+
+    def clear(self, store: Store, run_id: str) -> None:
+        for stage in STAGES:
+            store.clear_stage(run_id, stage)
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        self.clear(store, run_id)  # it streams: an interrupted attempt is redone from scratch
+        started = time.perf_counter()
+        ingestor = Ingestor(store, run_id, self.config.ingest)
+        per_source: list[SourceStats] = []
+        for source, kind, fmt in self.plan:
+            if ingestor.exhausted:
+                break
+            try:
+                per_source.append(ingestor.ingest(source, kind, fmt))
+            except SourceError as error:
+                raise IngestError(str(error)) from error
+            except OSError as error:
+                raise IngestError(f"cannot read {source.url}: {error}") from error
+        ingestor.kept.flush()
+        ingestor.quarantine.flush()
+        ingestor.duplicates.flush()
+        seconds = time.perf_counter() - started
+        summary = _summary(run_id, store, per_source, ingestor, self.settings_record,
+                           self.urls, seconds)
+        if summary["read"] != summary["kept"] + summary["quarantined"] + summary["duplicates"]:
+            raise AssertionError(f"ingest counts do not add up: {summary}")  # a bug, never data
+        store.write_json(summary_path(store, run_id), summary)
+        record_run(store, run_id, self.config, ingest=summary)
+        return summary
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        return summary_markdown(summary)
+
+
 def run_ingest(
     sources: Sequence[str],
     store: Store,
@@ -348,58 +400,19 @@ def run_ingest(
 ) -> dict[str, Any]:
     """Ingest ``sources`` into ``runs/<run_id>/ingest`` (+ ``quarantine``) and return the summary.
 
-    Rerunning with the same sources and settings returns the finished summary
-    (``reused: true``); an interrupted attempt (parts but no summary) is redone."""
+    On the step contract (gleaner.engine.step): a rerun with the same sources and settings
+    returns the finished summary (``reused``), other sources or settings are refused unless
+    ``force``, and an interrupted attempt (no summary) is redone."""
     validate_run_id(run_id)
     if not sources:
         raise IngestError("no source given")
-    settings = config.ingest
     options = source_options(sources, config)
     try:
         files = expand_sources(sources, options)
-        plan = [(source, *detect_source_format(source, settings)) for source in files]
+        plan = [(source, *detect_source_format(source, config.ingest)) for source in files]
     except SourceError as error:
         raise IngestError(str(error)) from error
-    urls = [source.url for source in files]
-    settings_record = settings.model_dump(mode="json", exclude={"source_options"})
-
-    path = summary_path(store, run_id)
-    if store.exists(path) and not force:
-        previous = store.read_json(path)
-        if previous.get("source_files") == urls and previous.get("settings") == settings_record:
-            return {**previous, "reused": True}
-        raise IngestError(
-            f"run {run_id!r} already holds an ingest of other sources or settings; "
-            "use another --run-id, or --force to replace it"
-        )
-    for stage in STAGES:  # leftovers of an interrupted attempt
-        store.clear_stage(run_id, stage)
-    if store.exists(path):
-        store.fs.rm(path)
-
-    started = time.perf_counter()
-    ingestor = Ingestor(store, run_id, settings)
-    per_source: list[SourceStats] = []
-    for source, kind, fmt in plan:
-        if ingestor.exhausted:
-            break
-        try:
-            per_source.append(ingestor.ingest(source, kind, fmt))
-        except SourceError as error:
-            raise IngestError(str(error)) from error
-        except OSError as error:
-            raise IngestError(f"cannot read {source.url}: {error}") from error
-    ingestor.kept.flush()
-    ingestor.quarantine.flush()
-    ingestor.duplicates.flush()
-    seconds = time.perf_counter() - started
-
-    summary = _summary(run_id, store, per_source, ingestor, settings_record, urls, seconds)
-    if summary["read"] != summary["kept"] + summary["quarantined"] + summary["duplicates"]:
-        raise AssertionError(f"ingest counts do not add up: {summary}")  # a bug, never data
-    store.write_json(path, summary)
-    record_run(store, run_id, config, ingest=summary)
-    return summary
+    return run_step(store, run_id, IngestStep(plan, config), force=force)
 
 
 def source_options(sources: Sequence[str], config: GleanerConfig) -> dict[str, Any]:

@@ -13,11 +13,16 @@ from typing import Any
 from prefect import task
 
 from gleaner import layout
-from gleaner.artifacts import artifact_key
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import Step, run_step
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
-from gleaner.tasks.publish.versions import diff_ingest, latest_version, publish_dataset_version
+from gleaner.tasks.publish.versions import (
+    diff_ingest,
+    latest_version,
+    list_versions,
+    publish_dataset_version,
+)
 
 SELECTION_COMPLETED = "gleaner.selection.completed"
 
@@ -31,10 +36,12 @@ def previous_run(store: Store, dataset_name: str, run_id: str) -> str | None:
 
 
 @task(name="publish-dataset-version")
-def publish_version(config: GleanerConfig, run_id: str, stats: dict[str, Any]) -> dict[str, Any]:
+def publish_version(config: GleanerConfig, run_id: str, stats: dict[str, Any],
+                    again: bool = False) -> dict[str, Any]:
     store = Store(config.store.url, config.store.options)
     selected = store.read_stage(run_id, layout.CURATED, schema=EXAMPLE_SCHEMA)
-    return publish_dataset_version(store, config.curate.dataset_name, run_id, selected, stats)
+    return publish_dataset_version(store, config.curate.dataset_name, run_id, selected, stats,
+                                   again=again)
 
 
 def announce_selection(config: GleanerConfig, run_id: str, version: dict[str, Any]) -> None:
@@ -78,20 +85,50 @@ def counts_markdown(run_id: str, summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def release(config: GleanerConfig, run_id: str, summary: dict[str, Any],
-            before: str | None) -> dict[str, Any]:
-    """Publish the version, diff the pool against the previous run, announce, show the counts."""
-    from prefect.artifacts import create_markdown_artifact
+class PublishStep(Step):
+    """The dataset version of a run's selection: its key is the dataset and the curated set.
 
-    rate = summary.get("rate") or {}
-    version = publish_version(config, run_id, {"requests_sent": rate.get("requests", 0),
-                                               "requests_saved": rate.get("cached", 0)})
-    out: dict[str, Any] = {"dataset": version}
-    if before is not None:
-        store = Store(config.store.url, config.store.options)
-        out["pool_diff"] = diff_ingest(store, before, run_id, stage=layout.INGEST)
-    announce_selection(config, run_id, version)
-    create_markdown_artifact(key=artifact_key("curate", run_id),
-                             markdown=counts_markdown(run_id, {**summary, **out}),
-                             description=f"where every example of run {run_id} went")
-    return out
+    Done when the run has published a version of that curated set; a rerun then sends no
+    event. ``force`` publishes the run's selection as a new version."""
+
+    kind = "publish"
+    artifact = "curate"  # the table a person reads first, named after the run
+    description = "where every example went"
+
+    def __init__(self, config: GleanerConfig, store: Store, run_id: str,
+                 summary: dict[str, Any], before: str | None, force: bool = False):
+        self.config, self.summary, self.before, self.force = config, summary, before, force
+        self.run_id = run_id
+        self.curated = store.stage_version(run_id, layout.CURATED)
+
+    def settings(self) -> dict[str, Any]:
+        return {"dataset": self.config.curate.dataset_name, "curated": self.curated}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return any(v["run_id"] == run_id for v in list_versions(store, self.config.curate
+                                                                .dataset_name))
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        rate = self.summary.get("rate") or {}
+        version = publish_version(self.config, run_id, {
+            "requests_sent": rate.get("requests", 0), "requests_saved": rate.get("cached", 0)},
+            again=self.force)
+        out: dict[str, Any] = {"dataset": version}
+        if self.before is not None:
+            out["pool_diff"] = diff_ingest(store, self.before, run_id, stage=layout.INGEST)
+        announce_selection(self.config, run_id, version)
+        return out
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        return counts_markdown(self.run_id, {**self.summary, **summary})
+
+
+def release(config: GleanerConfig, run_id: str, summary: dict[str, Any],
+            before: str | None, force: bool = False) -> dict[str, Any]:
+    """Publish the version, diff the pool against the previous run, announce, show the counts
+    (a step: done once per run and curated set)."""
+    store = Store(config.store.url, config.store.options)
+    out = run_step(store, run_id, PublishStep(config, store, run_id, summary, before, force),
+                   force=force)
+    return {"dataset": out["dataset"], **({"pool_diff": out["pool_diff"]}
+                                          if "pool_diff" in out else {})}

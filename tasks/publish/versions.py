@@ -130,8 +130,11 @@ def publish_dataset_version(
     run_id: str,
     selected: pa.Table,
     stats: dict[str, Any] | None = None,
+    again: bool = False,
 ) -> dict[str, Any]:
     """Write the next version of dataset ``name`` and report what changed since the last one.
+
+    A run publishes once (a retry returns its version) unless ``again`` (a forced publish).
 
     Returns the manifest: ``version``, ``path``, ``run_id``, ``created_at``,
     ``counts`` and ``diff`` (added / removed / unchanged example ids against
@@ -141,7 +144,7 @@ def publish_dataset_version(
     stats = dict(stats or {})
     versions = list_versions(store, name)
     for manifest in versions:
-        if manifest["run_id"] == run_id:
+        if manifest["run_id"] == run_id and not again:
             return manifest  # a retry of the same run's publish: already done
     previous = versions[-1] if versions else None
     number = previous["version"] + 1 if previous else 1

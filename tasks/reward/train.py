@@ -18,6 +18,7 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import run_step
 from gleaner.runs import record_run
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import run_pairs
@@ -25,19 +26,31 @@ from gleaner.tasks.reward.data import encode_pairs
 from gleaner.tasks.reward.model import REWARD_FILE
 from gleaner.tasks.reward.objective import PairwiseReward
 from gleaner.tasks.train.model_card import model_card
-from gleaner.tasks.train.run import finished_model, fit_and_publish, load_base, model_path
+from gleaner.tasks.train.run import (
+    TrainStep,
+    fit_and_publish,
+    load_base,
+    model_path,
+    table_version,
+)
 
 
 def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str, Any]:
     """Train r on the run's pairs (held-out prompts kept aside); returns the summary."""
     settings = config.reward.train
-    name = layout.REWARD_MODEL
-    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
-    finished = finished_model(store, run_id, name, settings.force)
-    if finished is not None:
-        return finished
     pairs, train_pairs, heldout_pairs = run_pairs(store, run_id, settings.heldout_fraction,
                                                   settings.seed, "reward.train")
+    step = TrainStep(layout.REWARD_MODEL, settings, table_version(pairs), "reward",
+                     lambda: _reward(store, run_id, config, pairs, train_pairs, heldout_pairs),
+                     heldout_fraction=settings.heldout_fraction, seed=settings.seed)
+    return run_step(store, run_id, step, force=settings.force)
+
+
+def _reward(store: Store, run_id: str, config: GleanerConfig, pairs: Any, train_pairs: Any,
+            heldout_pairs: Any) -> dict[str, Any]:
+    settings = config.reward.train
+    name = layout.REWARD_MODEL
+    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
     base, tokenizer, recipe, fmt = load_base(settings.base_model, settings.preset,
                                              settings.overrides)
     encoded = encode_pairs(train_pairs.to_pylist(), tokenizer, fmt, recipe.max_length)
@@ -78,7 +91,6 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "bf16",
                                    "resumed_from_step")},
-        "skipped": False,
     }
     store.write_json(summary_path, summary)
     record_run(store, run_id, config, reward_model={k: summary[k] for k in (

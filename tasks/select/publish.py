@@ -5,28 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from gleaner import layout
-from gleaner.artifacts import artifact_key
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 
 
-def publish_report(run_id: str, store: Store, report: Any, paths: dict[str, str]) -> None:
-    from prefect.artifacts import (
-        create_image_artifact,
-        create_link_artifact,
-        create_markdown_artifact,
-    )
-
-    create_markdown_artifact(key=artifact_key("select", run_id), markdown=report.markdown,
-                             description=f"selection report of run {run_id}")
+def report_markdown(store: Store, report: Any, paths: dict[str, str]) -> str:
+    """The selection report, with its score histograms shown (an http store) or linked."""
     figure = paths.get("figure")
-    if figure:
-        url = store.uri(figure)
-        if url.startswith(("http://", "https://")):
-            create_image_artifact(image_url=url, key=artifact_key("select-figure", run_id))
-        else:
-            create_link_artifact(link=url, link_text="score histograms (PNG)",
-                                 key=artifact_key("select-figure", run_id))
+    if not figure:
+        return report.markdown
+    url = store.uri(figure)
+    shown = "!" if url.startswith(("http://", "https://")) else ""
+    return f"{report.markdown}\n\n{shown}[score histograms (PNG)]({url})"
 
 
 def export_curated(store: Store, run_id: str, out: str, fmt: str | None) -> dict[str, Any]:

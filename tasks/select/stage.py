@@ -18,10 +18,13 @@ import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import Step
+from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.deita import embed as embed_tasks
 from gleaner.tasks.select import report as report_tasks
+from gleaner.tasks.select.marks import load_marks
 from gleaner.tasks.select.selectors import (
     Candidates,
     Manifest,
@@ -70,7 +73,7 @@ def load_candidates(store: Store, run_id: str, need_vectors: bool) -> Candidates
             if row is not None and status == "ok" and value is not None:
                 values[row] = value
         columns[signal.name] = values
-    data = Candidates(ids, columns, labels=label_columns)
+    data = Candidates(ids, columns, labels=label_columns, marks=load_marks(store, run_id, ids))
     if need_vectors and not ids:  # an empty pool (a generator that kept nothing)
         data.vectors, data.vector_ok = np.zeros((0, 1), np.float32), np.zeros(0, dtype=bool)
     elif need_vectors:
@@ -102,7 +105,8 @@ def select_manifest(data: Candidates, config: GleanerConfig, size: int | None = 
         threshold = config.rate.threshold
     return run_selector(data, s.selector, SelectRequest(s.sort_by, s.budget, s.tau, threshold,
                                                         s.seed, size, s.fraction,
-                                                        s.min_label_frequency))
+                                                        s.min_label_frequency,
+                                                        drop_marked=s.drop_marked))
 
 
 def write_curated(store: Store, run_id: str, manifest: Manifest) -> int:
@@ -118,11 +122,58 @@ def write_curated(store: Store, run_id: str, manifest: Manifest) -> int:
     return picked.num_rows
 
 
+def input_stages(store: Store, run_id: str, need_vectors: bool) -> list[str]:
+    """The stages a selection reads: the pool, every registered signal's stage it holds,
+    the embeddings when the selector needs them."""
+    stages = [layout.INGEST, *sorted({signal.stage for signal in signals()
+                                      if store.has_stage(run_id, signal.stage)})]
+    return [*stages, layout.EMBED] if need_vectors else stages
+
+
+class SelectStep(Step):
+    """Selection as one step: its key is the select settings and the versions of its inputs."""
+
+    kind = layout.SELECT
+    description = "the selection's report"
+
+    def __init__(self, store: Store, run_id: str, config: GleanerConfig,
+                 size_of: str | None = None):
+        self.config, self.size_of = config, size_of
+        self.size = selected_count(store, size_of) if size_of else None
+        self.need_vectors = selector(config.select.selector).needs_vectors
+        self.inputs = {stage: store.stage_version(run_id, stage)
+                       for stage in input_stages(store, run_id, self.need_vectors)}
+        self.report: Any = None
+        self.paths: dict[str, str] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"select": self.config.select.model_dump(mode="json"),
+                "rate_threshold": self.config.rate.threshold, "size": self.size,
+                "inputs": self.inputs}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.has_stage(run_id, layout.SELECT) and store.exists(
+            layout.summary_path(store, run_id, layout.SELECT))
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        summary, self.report, self.paths = select_examples(store, run_id, self.config,
+                                                           size=self.size)
+        self.store = store
+        record_run(store, run_id, self.config, select=summary)
+        return summary
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        from gleaner.tasks.select.publish import report_markdown
+
+        return report_markdown(self.store, self.report, self.paths)
+
+
 def select_examples(store: Store, run_id: str, config: GleanerConfig,
-                    size_of: str | None = None) -> tuple[dict[str, Any], Any, dict[str, str]]:
+                    size_of: str | None = None, size: int | None = None
+                    ) -> tuple[dict[str, Any], Any, dict[str, str]]:
     """Select; write manifest, curated examples, report and summary. (summary, report, paths)"""
     started = time.perf_counter()
-    size = selected_count(store, size_of) if size_of else None
+    size = selected_count(store, size_of) if size_of else size
     data = load_candidates(store, run_id, need_vectors=selector(config.select.selector)
                            .needs_vectors)
     manifest = select_manifest(data, config, size)

@@ -15,6 +15,7 @@ Store layout, per trained model ``<name>`` (``curated``, ``baseline``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import posixpath
 import re
@@ -27,10 +28,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc  # noqa: F401 (pa.ipc)
 from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import Step, run_step
 from gleaner.models import smollm2_gguf
 from gleaner.runs import record_run
 from gleaner.runtime import STATE_DIR, check_gpus, init_ray
@@ -216,13 +219,61 @@ def start_training_ray(config: GleanerConfig, section: Any, key: str) -> None:
                f"{key}.num_workers x {key}.use_gpu")
 
 
-def finished_model(store: Store, run_id: str, name: str, force: bool) -> dict[str, Any] | None:
-    """The summary of a model the store holds in full (``skipped``), or None: train it."""
-    summary_path = layout.finetune_file(store, run_id, name, "summary.json")
-    if force or not (store.exists(summary_path) and store.exists(
-            posixpath.join(model_path(store, run_id, name), "config.json"))):
-        return None
-    return {**store.read_json(summary_path), "skipped": True}
+# What a trained model's key leaves out: how the run is laid out, and its extent (steps).
+LAYOUT_ONLY = frozenset({"per_device_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+                         "gradient_checkpointing", "max_steps"})
+
+
+def table_version(table: pa.Table) -> str:
+    """The content of a training table (its rows in order): the data part of a model's key."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(memoryview(sink.getvalue())).hexdigest()[:16]
+
+
+class TrainStep(Step):
+    """A training run of a trainer section, on the step contract.
+
+    Its key: the base model, the data, the recipe (preset and overrides, less the layout
+    and the step count), PEFT and the objective; not the strategy, world size or workers.
+    More steps than on record continue from the Ray Train checkpoint in the store; ``force``
+    removes the model and its checkpoints and trains afresh."""
+
+    kind = "train"
+
+    def __init__(self, model: str, section: Any, data: str, objective: str,
+                 fit: Callable[[], dict[str, Any]], **extra: Any):
+        self.model, self.section, self.data, self.objective = model, section, data, objective
+        self.fit, self.extra = fit, extra
+
+    @property
+    def name(self) -> str:
+        return f"train/{self.model}"
+
+    def settings(self) -> dict[str, Any]:
+        s = self.section
+        return {"base_model": s.base_model, "preset": s.preset, "objective": self.objective,
+                "recipe": {k: v for k, v in sorted(s.overrides.items()) if k not in LAYOUT_ONLY},
+                "peft": s.peft, "lora": s.lora.model_dump(mode="json") if s.peft != "none"
+                else None, "data": self.data, **self.extra}
+
+    def extent(self) -> int | None:
+        steps = self.section.overrides.get("max_steps")
+        return int(steps) if steps is not None else None
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.exists(layout.finetune_file(store, run_id, self.model, "summary.json")) \
+            and store.exists(posixpath.join(model_path(store, run_id, self.model),
+                                            "config.json"))
+
+    def clear(self, store: Store, run_id: str) -> None:
+        folder = layout.finetune_dir(store, run_id, self.model)
+        if store.fs.exists(folder):
+            store.fs.rm(folder, recursive=True)
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        return self.fit()
 
 
 def load_base(base_model: str | None, preset: str, overrides: dict[str, Any]
@@ -285,13 +336,16 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
     if not NAME_RE.match(name):
         raise ValueError(f"model name {name!r}: lowercase letters, digits, '-' and '_' only")
     summary_path = layout.finetune_file(store, run_id, name, "summary.json")
-    finished = finished_model(store, run_id, name, config.finetune.force)
-    if finished is not None:
-        return finished
-
     table = resolve_dataset(store, run_id, config, dataset)
     if table.num_rows == 0:
         raise ValueError(f"fine-tuning {name!r}: the dataset is empty")
+    step = TrainStep(name, config.finetune, table_version(table), "sft",
+                     lambda: _finetune(store, run_id, config, table, dataset, name, summary_path))
+    return run_step(store, run_id, step, force=config.finetune.force)
+
+
+def _finetune(store: Store, run_id: str, config: GleanerConfig, table: pa.Table,
+              dataset: pa.Table | str | None, name: str, summary_path: str) -> dict[str, Any]:
     base, tokenizer, recipe, fmt = load_base(config.finetune.base_model, config.finetune.preset,
                                              config.finetune.overrides)
     tokenised = tokenise_all(table.to_pylist(), tokenizer, fmt, recipe.max_length)
@@ -328,7 +382,6 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
                                                  "steps", "breakdown")},
         **{k: metrics[k] for k in ("steps", "tokens_per_s", "train_seconds", "wall_seconds",
                                    "gpu_max_memory_bytes", "device", "resumed_from_step")},
-        "skipped": False,
     }
     store.write_json(summary_path, summary)
     record_run(store, run_id, config, finetune={name: {k: summary[k] for k in (
