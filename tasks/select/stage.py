@@ -24,7 +24,7 @@ from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.deita import embed as embed_tasks
 from gleaner.tasks.select import report as report_tasks
-from gleaner.tasks.select.marks import load_marks
+from gleaner.tasks.select.marks import load_marks, mark_stages
 from gleaner.tasks.select.selectors import (
     Candidates,
     Manifest,
@@ -123,10 +123,11 @@ def write_curated(store: Store, run_id: str, manifest: Manifest) -> int:
 
 
 def input_stages(store: Store, run_id: str, need_vectors: bool) -> list[str]:
-    """The stages a selection reads: the pool, every registered signal's stage it holds,
-    the embeddings when the selector needs them."""
+    """The stages a selection reads: the pool, every registered signal's stage it holds and
+    every stage that marks examples to drop, the embeddings when the selector needs them."""
     stages = [layout.INGEST, *sorted({signal.stage for signal in signals()
-                                      if store.has_stage(run_id, signal.stage)})]
+                                      if store.has_stage(run_id, signal.stage)}
+                                     | set(mark_stages(store, run_id)))]
     return [*stages, layout.EMBED] if need_vectors else stages
 
 
