@@ -20,6 +20,8 @@
     <root>/runs/<run_id>/evaluate/answers/<model>/<test set>.parquet
     <root>/runs/<run_id>/evaluate/<a>-vs-<b>/{pairs,judge}/<test set>/...   a stage each
     <root>/runs/<run_id>/evaluate/<a>-vs-<b>/{report.md,wtl.png,summary.json,unmatched.json}
+    <root>/runs/<run_id>/evaluate/<a>-vs-<b>/likert/{requests,ratings}/...  LIMA's 1-6 ratings
+    <root>/runs/<run_id>/evaluate/answers/<model>/samples/<test set>.parquet  N sampled answers
     <root>/runs/<run_id>/evaluate/mt_bench/answers/<model>.parquet   two-turn MT-Bench answers
     <root>/runs/<run_id>/evaluate/mt_bench/<model>/{requests,grades}/...  the grading stage
     <root>/runs/<run_id>/evaluate/mt_bench/<model>/summary.json     per-category means
@@ -160,6 +162,12 @@ def answers_dir(store: Store, run_id: str, label: str) -> str:
     return store.run_path(run_id, "evaluate", "answers", label)
 
 
+def sampled_answers_path(store: Store, run_id: str, label: str, test_set: str) -> str:
+    """Every sampled answer (``sample`` 0..N-1) of one model to one test set (Likert)."""
+    return store.run_path(run_id, "evaluate", "answers", label, "samples",
+                          f"{test_set}.parquet")
+
+
 def generation_scope(label: str) -> str:
     """Where one model's test-set answering runs as a stage (``<scope>/requests`` in,
     ``<scope>/answers`` out); the answer files above are what it leaves for people."""
@@ -177,6 +185,15 @@ def pairs_stage(comparison: str, test_set: str) -> str:
 
 def judge_stage(comparison: str, test_set: str) -> str:
     return f"evaluate/{comparison}/judge/{test_set}"
+
+
+def likert_requests_stage(comparison: str) -> str:
+    """Both models' answers to rate on LIMA's scale (the Likert stage's input)."""
+    return f"evaluate/{comparison}/likert/requests"
+
+
+def likert_stage(comparison: str) -> str:
+    return f"evaluate/{comparison}/likert/ratings"
 
 
 # ---- datasets ---------------------------------------------------------------------------------

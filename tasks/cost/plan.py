@@ -273,6 +273,37 @@ def plan_judge(config: GleanerConfig) -> list[StagePlan]:
     return out
 
 
+def plan_likert(config: GleanerConfig) -> list[StagePlan]:
+    """LIMA's rating (``evaluate.likert``, when on) of both models' N samples per prompt, each
+    answer counted at ``evaluate.max_new_tokens``, the judge's answer at its cap: upper bounds."""
+    from gleaner.llm.client import chat_request, request_body
+    from gleaner.tasks.evaluate.eval_sets import load_eval_set
+    from gleaner.tasks.evaluate.likert import likert_messages
+    from gleaner.tasks.evaluate.run import label_of
+
+    settings, likert = config.evaluate, config.evaluate.likert
+    if not likert.enabled:
+        return []
+    judge = settings.judge if settings.judge.base_url else offline_endpoint(settings.judge)
+    counter = counter_for(judge, config.budget)
+    max_tokens = likert.max_tokens if judge.base_url else likert.offline_max_tokens
+    answers = 2 * likert.samples  # both models, N samples each
+    prompt_tokens = rows = 0
+    for spec in settings.test_sets:
+        for prompt in load_eval_set(spec, settings.eval_sets_dir, settings.limit):
+            body = request_body(chat_request(judge.model, likert_messages(prompt.question, ""),
+                                             max_tokens=max_tokens, temperature=0.0))
+            prompt_tokens += answers * (counter.prompt_tokens("/v1/chat/completions", body)
+                                        + settings.max_new_tokens)
+            rows += answers
+    comparison = f"{label_of(settings.model_a)}-vs-{label_of(settings.model_b)}"
+    return [priced(StagePlan(
+        layout.likert_stage(comparison), judge.model, judge.api, rows, 0, 0, rows, rows,
+        prompt_tokens, rows * max_tokens, True, counter.name, False, None, None,
+        [f"answers counted at evaluate.max_new_tokens = {settings.max_new_tokens} tokens "
+         "each (they do not exist yet): an upper bound"]), config.prices.get(judge.model))]
+
+
 # ---- fine-tunes --------------------------------------------------------------------------------
 def plan_finetunes(config: GleanerConfig, pool: pa.Table) -> list[FinetunePlan]:
     """The arms curate trains and their tokens (the base model's tokenizer, the recipe's
@@ -336,7 +367,7 @@ def run_plan(store: Store, run_id: str, config: GleanerConfig, input_store: Stor
     entries = [p for stage in stages(config) if stage.name in runs
                for p in plan_stage(stage, store, run_id, input_store, config)]
     if config.curate.evaluate:
-        entries += plan_judge(config)
+        entries += plan_judge(config) + plan_likert(config)
     pool = input_store.read_stage(run_id, layout.INGEST) if input_store.has_stage(
         run_id, layout.INGEST) else pa.table({})
     finetunes = plan_finetunes(config, pool)

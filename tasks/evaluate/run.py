@@ -17,6 +17,7 @@ import logging
 import posixpath
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from gleaner.tasks.evaluate.backends import Sampling
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt, load_eval_set
 from gleaner.tasks.evaluate.generation import PromptRenderer
 from gleaner.tasks.evaluate.judge import Pair
+from gleaner.tasks.evaluate.likert import Rated, rate_answers
 from gleaner.tasks.evaluate.stage import JUDGEMENT_SCHEMA, JudgeStage, pairs_table
 from gleaner.tasks.evaluate.verdicts import Tally, markdown_table, overall, stacked_bar_png, verdict
 
@@ -43,6 +45,7 @@ ANSWER_SCHEMA = pa.schema([
     ("input", pa.string()), ("question", pa.string()), ("answer", pa.string()),
     ("model", pa.string()), ("model_version", pa.string()),
 ])
+SAMPLED_SCHEMA = ANSWER_SCHEMA.append(pa.field("sample", pa.int32()))
 
 
 def label_of(reference: str) -> str:
@@ -119,17 +122,22 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, model: Answer
                  renderer: PromptRenderer, prompts_by_set: dict[str, list[EvalPrompt]],
                  ) -> dict[str, pa.Table]:
     """One model's answers to every test set, through the answer stage (resumed and cached
-    there); each test set's answers are written as one file for the report and the judge."""
+    there); each test set's answers are written as one file for the report and the judge.
+    With ``evaluate.likert.samples`` N > 1 the same stage also samples N - 1 more answers
+    per prompt (sample k seeded k), and every sample is written to the samples files."""
     settings = config.evaluate
     sampling = Sampling(settings.max_new_tokens,
                         settings.temperature if settings.do_sample else 0.0)
+    samples = likert_samples(config)
     items = [p for prompts in prompts_by_set.values() for p in prompts]
-    log.info("answering %d prompts with %s (%s back end)", len(items), model.reference,
-             settings.generation.backend)
-    answers = iter(answer_prompts(
+    log.info("answering %d prompts (%d sample(s) each) with %s (%s back end)", len(items),
+             samples, model.reference, settings.generation.backend)
+    rendered = renderer.prompts(items)
+    answered = answer_prompts(
         store, run_id, config, layout.generation_scope(label_of(model.reference)), model,
-        renderer.prompts(items), [sampling] * len(items)))
-    tables: dict[str, pa.Table] = {}
+        rendered * samples, [replace(sampling, seed=k) for k in range(samples)
+                             for _ in rendered])
+    answers, tables = iter(answered), {}
     for test_set, prompts in prompts_by_set.items():
         table = pa.Table.from_pylist(
             [{**p.as_row(), "answer": next(answers), "model": model.reference,
@@ -137,6 +145,16 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, model: Answer
         store.write_table(layout.answers_path(store, run_id, label_of(model.reference),
                                               test_set), table)
         tables[test_set] = table
+    if samples > 1:
+        start = 0
+        for test_set, prompts in prompts_by_set.items():
+            rows = [{**p.as_row(), "answer": answered[k * len(items) + start + i],
+                     "model": model.reference, "model_version": model.version, "sample": k}
+                    for k in range(samples) for i, p in enumerate(prompts)]
+            store.write_table(layout.sampled_answers_path(
+                store, run_id, label_of(model.reference), test_set),
+                pa.Table.from_pylist(rows, schema=SAMPLED_SCHEMA))
+            start += len(prompts)
     return tables
 
 
@@ -176,12 +194,16 @@ def tally_table(table: pa.Table, rule: str, price: PriceConfig) -> Tally:
 
 def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, label_a: str,
            label_b: str, rule: str, judgements: dict[str, pa.Table],
-           extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Tallies, the markdown table and the chart, written to the store; returns the summary."""
+           extra: dict[str, Any] | None = None, likert: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Tallies, the markdown table and the chart, written to the store; returns the summary.
+    ``likert``: LIMA's absolute evaluation (tasks/evaluate/likert.py), its table appended."""
     models = judge_models(judgements) or [config.evaluate.judge.model]
     price = config.prices.get(models[0], PriceConfig()) if len(models) == 1 else PriceConfig()
     per_set = {name: tally_table(table, rule, price) for name, table in judgements.items()}
     table_md = markdown_table(per_set, label_a, label_b, rule)
+    if likert:
+        table_md += "\n" + likert["markdown"]
     base = layout.comparison_dir(store, run_id, comparison)
     report_path = store.write_bytes(posixpath.join(base, "report.md"), table_md.encode())
     chart_path = store.write_bytes(posixpath.join(base, "wtl.png"),
@@ -194,11 +216,54 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
         "overall": overall(per_set).as_dict(),
         "report": store.uri(report_path), "chart": store.uri(chart_path),
         "markdown": table_md, **(extra or {}),
+        **({"likert": {k: v for k, v in likert.items() if k != "markdown"}} if likert else {}),
     }
     store.write_json(posixpath.join(base, "summary.json"), summary)
     record_run(store, run_id, config, evaluate={comparison: {
-        "rule": rule, "overall": summary["overall"], "report": summary["report"]}})
+        "rule": rule, "overall": summary["overall"], "report": summary["report"],
+        **({"likert": {m: r["overall"] for m, r in likert["models"].items()}} if likert else {})}})
     return summary
+
+
+# ---- LIMA's absolute evaluation (tasks/evaluate/likert.py) ------------------------------------
+def likert_samples(config: GleanerConfig) -> int:
+    """Answers per prompt and model: ``evaluate.likert.samples`` when it rates, else 1."""
+    likert = config.evaluate.likert
+    return likert.samples if likert.enabled else 1
+
+
+def generated_items(store: Store, run_id: str, config: GleanerConfig, label: str,
+                    prompts_by_set: dict[str, list[EvalPrompt]],
+                    answers: dict[str, list[str]]) -> list[Rated]:
+    """One model's answers to rate: sample 0 is the answer judged pairwise; more samples
+    come from the samples files the answering wrote."""
+    samples = likert_samples(config)
+    items = []
+    for name, prompts in prompts_by_set.items():
+        if samples == 1:
+            items += [Rated(label, name, p.id, 0, p.question, a)
+                      for p, a in zip(prompts, answers[name], strict=True)]
+            continue
+        table = store.dataset([layout.sampled_answers_path(store, run_id, label, name)]
+                              ).to_table()
+        items += [Rated(label, name, r["id"], r["sample"], r["question"], r["answer"])
+                  for r in table.to_pylist()]
+    return items
+
+
+def paired_items(label_a: str, label_b: str, pairs: list[Pair]) -> list[Rated]:
+    """Both files' joined answers to rate: a prompt repeated within a test set is one prompt
+    with a sample per occurrence (its first pair's key names it)."""
+    first: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str], int] = {}
+    items = []
+    for pair in pairs:
+        prompt = (pair.test_set, pair.question.strip())
+        key, sample = first.setdefault(prompt, pair.key), seen.get(prompt, 0)
+        seen[prompt] = sample + 1
+        items += [Rated(label_a, pair.test_set, key, sample, pair.question, pair.answer_a),
+                  Rated(label_b, pair.test_set, key, sample, pair.question, pair.answer_b)]
+    return items
 
 
 # ---- the callables ---------------------------------------------------------------------------
@@ -257,10 +322,14 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
             zip(prompts, answers_a[name], answers_b[name], strict=True)])
         for name, prompts in prompts_by_set.items()
     }
+    likert = rate_answers(store, run_id, config, comparison, [
+        *generated_items(store, run_id, config, label_a, prompts_by_set, answers_a),
+        *generated_items(store, run_id, config, label_b, prompts_by_set, answers_b)],
+        likert_samples(config)) if config.evaluate.likert.enabled else None
     return report(store, run_id, config, comparison, label_a, label_b, rule, judgements,
                   {"prompts": {n: len(p) for n, p in prompts_by_set.items()},
                    "answers": {label: store.uri(layout.answers_dir(store, run_id, label))
-                               for label in (label_a, label_b)}})
+                               for label in (label_a, label_b)}}, likert)
 
 
 def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answers_a: str,
@@ -290,11 +359,14 @@ def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answe
                     "in B); listed in unmatched.json", len(unmatched), len(joined.only_a),
                     len(joined.only_b))
     judgements = {name: judge_fn(comparison, name, pairs) for name, pairs in pairs_by_set.items()}
+    likert = rate_answers(store, run_id, config, comparison,
+                          paired_items(label_a, label_b, pairs), 1) \
+        if config.evaluate.likert.enabled else None
     return report(store, run_id, config, comparison, label_a, label_b, rule, judgements, {
         "join_key": joined.join_key, "matched": len(joined.pairs),
         "only_in_a": len(joined.only_a), "only_in_b": len(joined.only_b),
         "prompt_mismatch": joined.prompt_mismatch, "unmatched": unmatched[:50],
-        "answers_a": answers_a, "answers_b": answers_b})
+        "answers_a": answers_a, "answers_b": answers_b}, likert)
 
 
 def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
