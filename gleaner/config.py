@@ -345,6 +345,9 @@ class DpoConfig(TrainerSection):
     name: str = Field("dpo", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")  # finetune/<name>
     sft_model: str = "curated"  # this run's fine-tuned model the policy and reference start from
     pairs_run: str | None = None  # the run whose comparison pairs it trains on (None: this one)
+    # a published preference dataset (NAME or NAME@N, `gleaner preferences`) to train on
+    # instead of a run's comparison pairs
+    preferences: str | None = None
     # the paper's beta for its dialogue (Anthropic HH) and most other runs; TRL's default
     beta: float = Field(0.1, gt=0)
 
@@ -392,6 +395,9 @@ class SelectConfig(Section):
     fraction: float | None = Field(None, gt=0.0, le=1.0)
     # InsTag: a tag used by fewer examples of the pool than this is dropped before selecting
     min_label_frequency: int = Field(1, ge=1)
+    # leave out the examples a pool stage marked (decontaminate: `contaminated`, neardup:
+    # `near_duplicate`) before the selector runs; false: they compete like any other
+    drop_marked: bool = True
 
     @field_validator("selector")
     @classmethod
@@ -469,6 +475,28 @@ class GenerationConfig(Section):
         return 0.0 if self.backend == "endpoint" else self.gpus
 
 
+class LikertConfig(StageSection):
+    """LIMA's absolute evaluation (Zhou et al. 2023, Appendix D): ``evaluate.judge`` rates every
+    answer of both models on a 6-point helpfulness scale; the mean and a 95 % bootstrap
+    confidence interval per model and test set (docs/methods.md)."""
+
+    # rate every answer on the 6-point scale too (gleaner evaluate --likert)
+    enabled: bool = False
+    # answers sampled per prompt and model, each rated (LIMA's ablations: 5 at temperature
+    # 0.7); above 1 needs evaluate.do_sample. Sample 0 is the answer the pairwise judge sees.
+    samples: int = Field(1, ge=1)
+    # bootstrap resamples of the prompts (each prompt's samples averaged) for the 95 % CI
+    resamples: int = Field(2000, ge=100)
+    seed: int = 0  # the bootstrap's random seed (the same ratings give the same interval)
+    max_tokens: int = Field(512, ge=1)  # the judge's answer cap (its reasoning, then the choice)
+    parse_retries: int = Field(2, ge=0)  # re-asks of an answer with no 1-6 choice line
+    # llama.cpp GBNF forcing the answer to one digit 1-6; None: only on the offline server
+    # gleaner starts; True: also your own llama.cpp server; False: never
+    grammar: bool | None = None
+    offline_max_tokens: int = Field(4, ge=1)  # the offline SmolLM2 judge's answer cap
+    resources: Resources = resources(batch_size=64, concurrency=16)
+
+
 class EvaluateConfig(Section):
     judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
     # registered test sets or JSONL paths; koala ships with gleaner (vicuna and wizardlm, with
@@ -502,6 +530,17 @@ class EvaluateConfig(Section):
     do_sample: bool = False  # greedy by default
     temperature: float = 0.7  # only when sampling
     force: bool = False  # regenerate and rejudge what the store already holds
+    # LIMA's 6-point helpfulness rating of every answer (mean and bootstrap CI per model)
+    likert: LikertConfig = Field(default_factory=LikertConfig)
+
+    @model_validator(mode="after")
+    def _samples_differ(self) -> EvaluateConfig:
+        if self.likert.enabled and self.likert.samples > 1 and not self.do_sample:
+            raise ValueError(
+                f"evaluate.likert.samples {self.likert.samples} asks for that many answers per "
+                "prompt, but greedy answers are all the same: set evaluate.do_sample: true "
+                "(LIMA samples at evaluate.temperature 0.7)")
+        return self
 
 
 class IFDConfig(StageSection):
@@ -521,6 +560,39 @@ class LengthConfig(StageSection):
 
     tokenizer: str | None = None  # HF folder/id or .gguf; None: SmolLM2's (the offline GGUF)
     resources: Resources = resources(batch_size=2048, actors=1)
+
+
+class DecontaminateConfig(StageSection):
+    """Test-set decontamination (SPEC §9; docs/methods.md): an example whose prompt shares a
+    word n-gram, or equals after normalising, a prompt of a test set is marked
+    ``contaminated`` and left out of selection."""
+
+    # test sets: names (vicuna, koala, wizardlm, sinstruct, mt_bench), name=path, or paths
+    # of prompt JSONL files; None: the evaluation's (evaluate.test_sets) and mt_bench
+    test_sets: list[str] | None = None
+    ngram: int = Field(13, ge=1)  # words in a shared n-gram that marks (GPT-3, Llama: 13)
+    # where named sets are read from; None: evaluate.eval_sets_dir (then the shipped copies)
+    eval_sets_dir: str | None = None
+    resources: Resources = resources(batch_size=8192)
+
+
+class NearDupConfig(StageSection):
+    """Near-duplicate removal (docs/methods.md): MinHash signatures of word shingles per
+    batch, LSH bands and a check of the estimated Jaccard on the driver, connected
+    components as clusters; the longest response of a cluster is kept."""
+
+    threshold: float = Field(0.8, gt=0.0, lt=1.0)  # Jaccard of the shingle sets: near duplicate
+    num_perm: int = Field(128, ge=16, le=1024)  # MinHash permutations (bands x rows from both)
+    shingle: int = Field(3, ge=1, le=16)  # words per shingle (a shorter text: one shingle)
+    # what is compared: the prompt (instruction, input, user turns) or the whole example;
+    # prompt keeps the longest answer of one question asked twice (Alpaca vs Alpaca-GPT4)
+    text: Literal["prompt", "example"] = "prompt"
+    seed: int = 1  # the MinHash permutations' seed (datasketch)
+    # how much a missed pair weighs against a false candidate when the bands and rows are
+    # chosen (datasketch MinHashLSH's weights); 0.9: 14 bands x 9 rows at 0.8 and 128
+    # permutations, recall 0.92 against exact Jaccard (0.5: 9 x 13, recall 0.81)
+    false_negative_weight: float = Field(0.9, gt=0.0, lt=1.0)
+    resources: Resources = resources(batch_size=20_000)
 
 
 class MTBenchConfig(StageSection):
@@ -632,8 +704,10 @@ class CurateConfig(Section):
     downstream: Literal["subflow", "event"] = "subflow"
     # more signal stages to run before selecting, by name (the pool-stage registry: tag)
     signals: list[str] = Field(default_factory=list)
+    # pool stages that mark examples to leave out, run right after ingest (neardup: add it)
+    filters: list[str] = Field(default_factory=lambda: ["decontaminate"])
 
-    @field_validator("signals")
+    @field_validator("signals", "filters")
     @classmethod
     def _known_stages(cls, names: list[str]) -> list[str]:
         return [registered("pool_stage", name) for name in names]
@@ -737,6 +811,8 @@ class GleanerConfig(Section):
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     ifd: IFDConfig = Field(default_factory=IFDConfig)
     length: LengthConfig = Field(default_factory=LengthConfig)
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig)
+    neardup: NearDupConfig = Field(default_factory=NearDupConfig)
     mt_bench: MTBenchConfig = Field(default_factory=MTBenchConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
