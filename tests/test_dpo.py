@@ -94,3 +94,23 @@ def test_dpo_trains_from_the_runs_fine_tuned_model_and_answers_like_any_model(
     refused = CliRunner().invoke(app, ["dpo", "train", "--run-id", "other", "--store",
                                        store.url])
     assert refused.exit_code != 0 and "no comparison pairs" in refused.output
+
+    # The same pairs published as preference data, then a policy trained on that version.
+    published = CliRunner().invoke(app, ["preferences", "--run-id", "dpo-run", "--store",
+                                         store.url, "--name", "prefs", "--json"])
+    assert published.exit_code == 0, published.output
+    trained = CliRunner().invoke(app, [
+        "dpo", "train", "--run-id", "dpo-run", "--store", store.url, "--preferences", "prefs@1",
+        "--config", str(write_name(tmp_path, "dpo-from-prefs")), "--max-steps", "2",
+        "--learning-rate", "5e-3", "--batch-size", "8", "--per-device-batch-size", "8",
+        "--max-length", "64", "--json"])
+    assert trained.exit_code == 0, trained.output
+    again = json.loads(trained.stdout.strip().splitlines()[-1])
+    assert again["pairs_run"] == "dataset:prefs@1" and again["data"]["pairs"] == 20
+    assert again["steps"] == 2 and again["model"].endswith("dpo-from-prefs/model")
+
+
+def write_name(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"dpo:\n  name: {name}\n")
+    return path

@@ -58,6 +58,9 @@ def train(
         "the run's fine-tuned one."),
     sft_model: str | None = typer.Option(
         None, "--sft-model", help="The run's fine-tuned model to start from (default curated)."),
+    preferences: str | None = typer.Option(
+        None, "--preferences", help="Train on a published preference dataset (NAME or "
+        "NAME@N, from gleaner preferences) instead of the run's comparison pairs."),
     beta: float | None = typer.Option(None, "--beta", help="DPO's beta (default 0.1)."),
     preset: str | None = typer.Option(None, "--preset", help="dpo (default), alpaca, lima."),
     heldout: float | None = typer.Option(None, "--heldout", min=0.0, max=0.99,
@@ -81,7 +84,7 @@ def train(
                           per_device_batch_size)
     config = build_config(config_file, **{
         "store.url": store, "dpo.heldout_fraction": heldout, "dpo.beta": beta,
-        "dpo.sft_model": sft_model,
+        "dpo.sft_model": sft_model, "dpo.preferences": preferences,
         **trainer_overrides("dpo", base_model=base_model, preset=preset,
                             num_workers=num_workers, gpu=gpu, force=force, recipe=recipe,
                             num_gpus=num_gpus)})

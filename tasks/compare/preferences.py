@@ -42,12 +42,13 @@ def read_pairs(store: Store, run_id: str) -> pa.Table:
     return store.read_stage(run_id, layout.COMPARE_PAIRS, schema=PAIRS_SCHEMA)
 
 
-def run_pairs(store: Store, run_id: str, fraction: float, seed: int, key: str
-              ) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(all pairs, training pairs, held-out pairs) of the run; held out by whole prompts."""
+def run_pairs(store: Store, run_id: str, fraction: float, seed: int, key: str,
+              pairs: pa.Table | None = None) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """(all pairs, training pairs, held-out pairs) of the run (or ``pairs``, e.g. a published
+    preference version); held out by whole prompts."""
     from gleaner.tasks.reward.data import split_pairs
 
-    pairs = read_pairs(store, run_id)
+    pairs = read_pairs(store, run_id) if pairs is None else pairs
     if pairs.num_rows == 0:
         raise ValueError(f"run {run_id!r} has no comparison pairs (every prompt tied or "
                          "failed?); see the compare summary")

@@ -25,6 +25,7 @@ from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import preference_rows, preference_set, run_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
+from gleaner.tasks.publish.preferences import version_pairs
 from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.run import (
     TrainStep,
@@ -67,8 +68,11 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
     settings = config.dpo
     name = settings.name
     pairs_run = settings.pairs_run or run_id
+    published = version_pairs(store, settings.preferences) if settings.preferences else None
     pairs, train_pairs, heldout_pairs = run_pairs(store, pairs_run, settings.heldout_fraction,
-                                                  settings.seed, "dpo")
+                                                  settings.seed, "dpo", published)
+    if settings.preferences:
+        pairs_run = f"dataset:{settings.preferences}"
     sft = None if settings.base_model else read_step(store, run_id, f"train/{settings.sft_model}")
     step = TrainStep(name, settings, table_version(pairs), "dpo",
                      lambda: _dpo(store, run_id, config, pairs_run, pairs, train_pairs,
@@ -97,7 +101,7 @@ def _dpo(store: Store, run_id: str, config: GleanerConfig, pairs_run: str, pairs
             recipe={**recipe.as_dict(), "beta": settings.beta}, metrics=metrics,
             layout={"strategy": settings.strategy, "peft": settings.peft},
             trained_on=(f"DPO (Rafailov et al. 2023, beta {settings.beta}) from {described} "
-                        f"on {encoded.pairs} comparison pairs of run `{pairs_run}` "
+                        f"on {encoded.pairs} comparison pairs of `{pairs_run}` "
                         f"({heldout_pairs.num_rows} held out, {encoded.trimmed} cut to "
                         "max_length).")))
 

@@ -90,6 +90,9 @@ def alpaca_record(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def jsonl_record(row: dict[str, Any]) -> dict[str, Any]:
+    """An example in Alpaca's fields with its id; any other row (preference pairs) as is."""
+    if "output" not in row:
+        return row
     return {"id": row["id"], **alpaca_record(row)}
 
 
