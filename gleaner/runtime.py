@@ -137,6 +137,9 @@ def prefect_api(api_url: str) -> Iterator[str]:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            from gleaner.flow_runs import ensure_zombie_automation
+
+            ensure_zombie_automation()  # dead flow runs end Crashed, not Running forever
             yield api_url
     finally:
         if previous is None:

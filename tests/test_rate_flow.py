@@ -229,6 +229,21 @@ def test_cache_a_second_run_sends_only_the_new_examples(prefect_api, ray_local, 
         assert run_rate(config, "second")["rated"] == 50 and stub.count() == sent
 
 
+def _flow_runs_and_automations(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from gleaner.flow_runs import ZOMBIE_AUTOMATION
+
+    async def go():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+            return runs, await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+
+    return asyncio.run(go())
+
+
 def _kill_tree(process: subprocess.Popen) -> None:
     try:
         children = psutil.Process(process.pid).children(recursive=True)
@@ -295,6 +310,19 @@ def test_resume_after_kill_9_rerates_at_most_the_batches_in_flight(
                       "completion_tokens", "est_cost_usd", "histogram"):
             assert field in summary
         assert summary["read"] == 80 and summary["rated"] == 80
+
+        # the Prefect UI tells the truth: the killed flow run is Crashed, taken over by the
+        # rerun (its stage lease went stale), and no flow run of the run id is left Running
+        flow_runs, automations = _flow_runs_and_automations("rate-crash")
+        assert not [r.name for r in flow_runs if r.state.is_running()]
+        done = [r for r in flow_runs if r.state.is_completed()]
+        crashed = [r for r in flow_runs if r.state.is_crashed()]
+        assert len(done) == 1 and len(crashed) == 1, [(r.name, r.state) for r in flow_runs]
+        assert crashed[0].state.message.startswith(f"taken over by {done[0].id}")
+        # Prefect's own zombie detection: heartbeats on, and the automation that crashes a
+        # run whose heartbeats stop (for a death no rerun follows)
+        assert len(automations) == 1
+        assert automations[0].trigger.within.total_seconds() == 3 * 180
 
         # an uninterrupted run (cache off) gives the same ratings; its batches need not be
         # the killed run's: two of 40 run at once, one round of Prefect tasks instead of four

@@ -8,6 +8,10 @@ heartbeat in it; another runner finds the file and refuses, naming the holder,
 unless the heartbeat is older than ``ttl_s`` or the holder is a process of
 this host that no longer exists (it died without releasing), in which case it
 takes the lease over.
+
+The lease also records the Prefect flow run that holds it: taking over a stale
+lease sets that flow run ``Crashed`` ("taken over by <flow run>"), so the UI
+shows no dead run as ``Running`` (gleaner.flow_runs).
 """
 
 from __future__ import annotations
@@ -33,6 +37,22 @@ def _now() -> float:
     return time.time()
 
 
+def holder_is_stale(holder: dict[str, Any], ttl_s: float = 60.0) -> bool:
+    """A lease holder that stopped heartbeating (older than its ``ttl_s``), or a process of
+    this host that no longer exists (killed -9): it holds nothing."""
+    if _now() - float(holder.get("heartbeat", 0)) > float(holder.get("ttl_s", ttl_s)):
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
+
+
 class Lease:
     """``with Lease(store, run_id, stage):`` holds the stage for this process."""
 
@@ -41,8 +61,10 @@ class Lease:
         self.store, self.run_id, self.stage = store, run_id, stage
         self.path = layout.lease_path(store, run_id, stage)
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
+        from gleaner.flow_runs import current_flow_run_id
+
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "runner": secrets.token_hex(6)}
+                      "runner": secrets.token_hex(6), "flow_run": current_flow_run_id()}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -68,8 +90,9 @@ class Lease:
             if holder is None:
                 continue  # released meanwhile
             age = _now() - float(holder.get("heartbeat", 0))
-            if age > float(holder.get("ttl_s", self.ttl_s)) or self._holder_died(holder):
+            if holder_is_stale(holder, self.ttl_s):
                 self.store.delete(self.path)  # the holder stopped heartbeating: take over
+                self._took_over(holder)
                 continue
             raise LeaseHeld(
                 f"stage {self.stage!r} of run {self.run_id!r} is being run by "
@@ -80,17 +103,15 @@ class Lease:
         raise LeaseHeld(f"could not take the lease of stage {self.stage!r} of run "
                         f"{self.run_id!r}: it changed hands while trying")
 
-    def _holder_died(self, holder: dict[str, Any]) -> bool:
-        """A holder on this host whose process is gone (killed -9) holds nothing."""
-        if holder.get("host") != self.owner["host"]:
-            return False
-        try:
-            os.kill(int(holder.get("pid", 0)), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError, OverflowError):
-            return False
-        return False
+    def _took_over(self, holder: dict[str, Any]) -> None:
+        """The dead holder's flow run ends Crashed in the Prefect UI, not Running forever."""
+        previous, mine = holder.get("flow_run"), self.owner.get("flow_run")
+        if previous and previous != mine:
+            from gleaner.flow_runs import crash_flow_run
+
+            crash_flow_run(previous, f"taken over by {mine or 'runner ' + self.owner['runner']}"
+                           f" (stage {self.stage!r} of run {self.run_id!r}: its lease went "
+                           "stale)")
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:

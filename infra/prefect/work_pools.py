@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = pool_plan(args.mode, args.image, args.gpu_image, parse_secrets(args.secret))
     for line in ensure_pools(plan, update=args.update):
         print(line)
+    from gleaner.flow_runs import ZOMBIE_AUTOMATION, ensure_zombie_automation
+
+    # flow runs whose worker died end Crashed (their heartbeats stop), not Running forever
+    if ensure_zombie_automation():
+        print(f"automation {ZOMBIE_AUTOMATION!r} is there")
     return 0
 
 
