@@ -72,3 +72,40 @@ def read_run(store: Store, run_id: str) -> dict[str, Any]:
     if not store.exists(path):
         raise FileNotFoundError(f"run {run_id!r} not found in {store.uri(store.root)}")
     return store.read_json(path)
+
+
+# ---- the approval marker ---------------------------------------------------------------------
+# A run that waits for a person before it goes on (an approval gate) says so in
+# runs/<id>/approval.json: {"state": "waiting" | "approved" | "rejected", "what": what waits
+# (e.g. "publish"), "requested_at": ISO time, "decided_at", "by", "note"}. The gate writes it
+# (request_approval / decide_approval); `gleaner runs` reads it: "waiting" is "awaiting
+# approval".
+APPROVAL_FILE = "approval.json"
+APPROVAL_STATES = ("waiting", "approved", "rejected")
+
+
+def approval_path(store: Store, run_id: str) -> str:
+    return store.run_path(run_id, APPROVAL_FILE)
+
+
+def read_approval(store: Store, run_id: str) -> dict[str, Any] | None:
+    path = approval_path(store, run_id)
+    return store.read_json(path) if store.exists(path) else None
+
+
+def request_approval(store: Store, run_id: str, what: str, **extra: Any) -> dict[str, Any]:
+    """Mark ``run_id`` as waiting for a person to approve ``what``."""
+    record = {"state": "waiting", "what": what,
+              "requested_at": dt.datetime.now(dt.UTC).isoformat(), **extra}
+    store.write_json(approval_path(store, run_id), record)
+    return record
+
+
+def decide_approval(store: Store, run_id: str, approved: bool, by: str | None = None,
+                    note: str | None = None) -> dict[str, Any]:
+    """Record the decision on a waiting run (``approved`` or ``rejected``)."""
+    record = read_approval(store, run_id) or {}
+    record.update(state="approved" if approved else "rejected", by=by, note=note,
+                  decided_at=dt.datetime.now(dt.UTC).isoformat())
+    store.write_json(approval_path(store, run_id), record)
+    return record

@@ -415,6 +415,7 @@ def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, in
         batches_failed=sum(1 for r in results if r.get("failed_batch")),
         batch_seconds=round(sum(r.get("seconds", 0.0) for r in results), 3),
         nodes=dict(nodes), seconds=round(seconds, 3),
+        failure_budget=stage.section.failure_budget,  # over it, the stage failed (gleaner runs)
         **({"devices": dict(devices)} if devices else {}))
     summary.update(stage.summarize(table))  # an empty stage too: its fields are all there
     store.write_json(layout.summary_path(store, run_id, stage.name), summary)

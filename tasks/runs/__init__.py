@@ -1,0 +1,1 @@
+"""The runs of a store and their state (gleaner runs)."""
