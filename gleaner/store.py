@@ -8,6 +8,7 @@ done. Cross-run caches live under ``<root>/cache/<name>/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,6 +34,47 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached or written: one line naming its URL and the cause."""
+
+    def __init__(self, url: str, cause: str):
+        super().__init__(f"cannot use store {url}: {cause}")
+        self.url, self.cause = url, cause
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 10:
+        seen.append(error)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return seen
+
+
+def store_failure(error: BaseException) -> str | None:
+    """The cause in a few words when ``error`` (or what it wraps) says a store cannot be
+    reached or written: no credentials, a missing bucket, access denied, no connection, a
+    folder without write permission. None for anything else."""
+    for item in _chain(error):
+        name = type(item).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError"):
+            return ("no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    "AWS_PROFILE, or give the machine a role)")
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError"):
+            return f"cannot connect: {item}"
+        code = (getattr(item, "response", None) or {}).get("Error", {}).get("Code")
+        if code == "NoSuchBucket":
+            return "the bucket does not exist"
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "ExpiredToken", "InvalidToken", "403"):
+            return f"access denied ({code})"
+        if isinstance(item, StoreUnavailable):
+            return item.cause
+        if isinstance(item, PermissionError):
+            where = f": {item.filename}" if item.filename else ""
+            return f"permission denied{where}"
+    return None
+
+
 def validate_run_id(run_id: str) -> str:
     if not RUN_ID_RE.match(run_id):
         raise ValueError(
@@ -55,7 +97,37 @@ class Store:
         self.root = root.rstrip("/") if root not in ("/", "") else root
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:
-            self.fs.makedirs(self.root, exist_ok=True)
+            try:
+                self.fs.makedirs(self.root, exist_ok=True)
+            except PermissionError as error:
+                raise StoreUnavailable(url, store_failure(error) or str(error)) from None
+
+    def check_access(self) -> None:
+        """Raise :class:`StoreUnavailable` when the store cannot be used: a folder this user
+        cannot write, an object store without credentials or bucket. Cheap: one request."""
+        try:
+            if self.is_local:
+                if not os.access(self.root, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "not writable", self.root)
+            elif self.url.startswith(("s3://", "s3a://")):
+                from fsspec.asyn import sync
+
+                bucket = self.root.split("/", 1)[0]
+                try:
+                    sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
+                except FileNotFoundError:
+                    raise StoreUnavailable(self.url, f"the bucket {bucket!r} does not exist"
+                                           ) from None
+            else:
+                with contextlib.suppress(FileNotFoundError):  # nothing written yet
+                    self.fs.ls(self.root, detail=False)
+        except StoreUnavailable:
+            raise
+        except Exception as error:
+            cause = store_failure(error)
+            if cause is None:
+                raise StoreUnavailable(self.url, f"{type(error).__name__}: {error}") from None
+            raise StoreUnavailable(self.url, cause) from None
 
     def __repr__(self) -> str:  # never show storage options: they may carry credentials
         return f"Store({self.url!r})"
