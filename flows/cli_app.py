@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from gleaner.config import GleanerConfig, load_config
 LIFECYCLE: dict[str, tuple[str, ...]] = {
     "Make data": ("ingest", "generate", "regenerate", "evol"),
     "Judge it": ("rate", "score", "embed", "ifd", "length", "compare", "reward", "scorer"),
-    "Choose": ("select",),
+    "Choose": ("select", "preferences"),
     "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
-    "Operate": ("curate", "plan", "doctor", "config"),
+    "Operate": ("curate", "plan", "runs", "doctor", "config"),
 }
 
 
@@ -44,6 +45,25 @@ class LifecycleGroup(TyperGroup):
     def list_commands(self, ctx: click.Context) -> list[str]:
         place = places()
         return sorted(super().list_commands(ctx), key=lambda name: place[name][1])
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """A store that cannot be reached or written is one line from every verb, naming
+        the store and the cause (gleaner.store.store_failure), never a traceback."""
+        from gleaner.store import StoreUnavailable, store_failure
+
+        token = STORE_URL.set(None)
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as error:
+            fail(str(error), code=1)
+        except Exception as error:
+            own = type(error).__module__.split(".")[0] in ("typer", "click")  # exits, usage
+            cause = None if own else store_failure(error)
+            if cause is None:
+                raise
+            fail(f"cannot use store {STORE_URL.get() or 'of this run'}: {cause}", code=1)
+        finally:
+            STORE_URL.reset(token)
 
 
 def arrange_commands(application: typer.Typer) -> None:
@@ -129,22 +149,46 @@ def run_or_fail(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a stage; what a person must act on exits with its message (2: usage, 1: the run)."""
     from gleaner.engine import FatalStageError, LeaseHeld, PlanMismatch, StageFailed
     from gleaner.llm.local_server import LocalServerError
+    from gleaner.store import store_failure
 
     try:
         return call(*args, **kwargs)
-    except (PlanMismatch, FileNotFoundError, ValueError) as error:
-        fail(str(error), code=2)
-    except (FatalStageError, StageFailed, LeaseHeld, LocalServerError, RuntimeError) as error:
-        fail(str(error), code=1)
+    except Exception as error:
+        if store_failure(error) is not None:
+            raise  # LifecycleGroup.invoke says it in one line, naming the store
+        if isinstance(error, PlanMismatch | FileNotFoundError | ValueError):
+            fail(str(error), code=2)
+        if isinstance(error, FatalStageError | StageFailed | LeaseHeld | LocalServerError
+                      | RuntimeError):
+            fail(str(error), code=1)
+        raise
 
 
-def build_config(config_file: Path | None, **overrides: Any) -> GleanerConfig:
-    """Config file, then CLI flags (dotted keys; None = not given). Errors exit with a message."""
+# the store the running verb uses (build_config), for the one line a store error becomes
+STORE_URL: contextvars.ContextVar[str | None] = contextvars.ContextVar("gleaner_store_url",
+                                                                      default=None)
+
+
+def build_config(config_file: Path | None, check_store: bool = True, **overrides: Any
+                 ) -> GleanerConfig:
+    """Config file, then CLI flags (dotted keys; None = not given). Errors exit with a message.
+
+    ``check_store``: a store that cannot be reached or written stops the verb here, in one
+    line (gleaner.store.StoreUnavailable), before any flow starts."""
     try:
-        return load_config(config_file, overrides)
+        config = load_config(config_file, overrides)
     except ValueError as error:
         fail(str(error))
         raise  # unreachable; keeps type checkers content
+    STORE_URL.set(config.store.url)
+    if check_store:
+        from gleaner.store import Store, StoreUnavailable
+
+        try:
+            Store(config.store.url, config.store.options).check_access()
+        except StoreUnavailable as error:
+            fail(str(error), code=1)
+    return config
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -16,8 +16,10 @@ from gleaner.flows.commands import (
     ingest,  # noqa: F401
     mt_bench,  # noqa: F401
     plan,  # noqa: F401
+    preferences,  # noqa: F401
     rate,  # noqa: F401
     reward,  # noqa: F401
+    runs,  # noqa: F401
     signals,  # noqa: F401
     train_eval,  # noqa: F401
 )

@@ -26,7 +26,7 @@ def doctor(
     """
     from gleaner.flows.doctor import exit_code, format_checks, run_checks
 
-    config = build_config(config_file, **{"store.url": store})
+    config = build_config(config_file, check_store=False, **{"store.url": store})
     checks = run_checks(config, refresh_llama=refresh_llama)
     code = exit_code(checks)
     emit({"checks": [c.as_dict() for c in checks], "ok": code == 0}, as_json,
