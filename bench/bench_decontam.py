@@ -45,7 +45,7 @@ def main() -> None:
     plan = stage.requested()  # the driver: test sets read, index built
     indexed = time.perf_counter() - started
     worker = stage.open()
-    size = config.decontaminate.resources.batch_size
+    size = stage.resources.batch_size
     started = time.perf_counter()
     parts = [worker.process(pool.slice(at, size)) for at in range(0, pool.num_rows, size)]
     seconds = time.perf_counter() - started

@@ -44,6 +44,7 @@ from gleaner.schema import Example, examples_to_table  # noqa: E402
 from gleaner.store import Store  # noqa: E402
 from gleaner.tasks.rate.parse import parse_score  # noqa: E402
 from gleaner.tasks.rate.prompt import build_prompt  # noqa: E402
+from gleaner.tasks.rate.stage import RateStage  # noqa: E402
 
 ALPACA = ROOT.parent / "shared" / "data" / "alpaca" / "alpaca_random_9k.json"
 
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64, help="total requests in flight")
     parser.add_argument("--delay", type=float, default=0.1, help="endpoint latency, seconds")
-    default_batch = GleanerConfig().rate.resources.batch_size
+    default_batch = RateStage.declared.batch_size
     parser.add_argument("--batch-size", type=int, default=default_batch,
                         help="examples per batch (default: the rating stage's)")
     parser.add_argument("--task-cpus", type=float, default=1.0)

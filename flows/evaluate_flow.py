@@ -53,5 +53,6 @@ def evaluate_flow(run_id: str | None = None, config: GleanerConfig | None = None
         else:
             summary = run_evaluate(store, run_id, live, model_a, model_b, test_sets, limit, rule,
                                    answer_fn=answer_fn)
-    publish_artifacts(store, summary)
+    if not summary.get("reused"):
+        publish_artifacts(store, summary)
     return summary

@@ -113,27 +113,27 @@ class Resources(Section):
     cache's bookkeeping. Task stages (LLM calls) run one Prefect task per batch
     with ``cpus``/``gpus`` Ray resources each; actor stages (a model held in
     memory: embeddings, the HF scorer) run ``actors`` Ray actors with those
-    resources each.
+    resources each. Each stage declares its own values beside its class
+    (``declared``, gleaner.engine.stage); a key set here overrides that one value.
     """
 
-    batch_size: int = Field(256, ge=1)  # examples per batch: one Parquet part
-    cpus: float = Field(1.0, gt=0)  # Ray CPUs per batch task or actor
-    gpus: float = Field(0.0, ge=0)  # Ray GPUs per batch task or actor
-    actors: int = Field(1, ge=1)  # actor stages: model copies held at once
-    concurrency: int = Field(16, ge=1)  # LLM stages: requests in flight per batch
-    retries: int = Field(2, ge=0)  # Prefect task retries of a failed batch
-    retry_delay_s: float = Field(10.0, ge=0)  # seconds before a failed batch is retried
+    batch_size: int | None = Field(None, ge=1)  # examples per batch: one Parquet part
+    cpus: float | None = Field(None, gt=0)  # Ray CPUs per batch task or actor
+    gpus: float | None = Field(None, ge=0)  # Ray GPUs per batch task or actor
+    actors: int | None = Field(None, ge=1)  # actor stages: model copies held at once
+    concurrency: int | None = Field(None, ge=1)  # LLM stages: requests in flight per batch
+    retries: int | None = Field(None, ge=0)  # Prefect task retries of a failed batch
+    retry_delay_s: float | None = Field(None, ge=0)  # seconds before a failed batch is retried
 
-
-def resources(**defaults: Any) -> Any:
-    """A ``resources`` field whose defaults suit one stage."""
-    return Field(default_factory=lambda: Resources(**defaults))
+    def given(self) -> dict[str, Any]:
+        """The values set here (the rest are the stage's declared ones)."""
+        return {k: v for k, v in self if v is not None}
 
 
 class StageSection(Section):
     """What every batched stage takes besides its own settings."""
 
-    resources: Resources = resources()
+    resources: Resources = Field(default_factory=Resources)  # None: the stage's declared value
     cache: bool = True  # reuse rows of other runs made with the same settings (by example id)
     force: bool = False  # start the stage afresh: ignore the cache and this run's parts
     retry_failed: bool = False  # on a rerun, redo only the rows that failed
@@ -176,7 +176,6 @@ class RateConfig(StageSection):
     offline_q4_0: bool = True
     # A Prefect task on Ray costs about 0.16 s however small its body (measured, 2 cores):
     # 512 ratings keep that near 5 % of a batch against a fast endpoint (256: over 10 %)
-    resources: Resources = resources(batch_size=512, cpus=1.0, concurrency=16)
 
     @field_validator("mode")
     @classmethod
@@ -193,7 +192,6 @@ class ScoreConfig(StageSection):
     max_length: int = 2048  # tokens of a scorer prompt (longer ones are cut)
     device: str | None = None  # None: cuda when available, else cpu
     top_logprobs: int = 20  # endpoint back end (OpenAI's legacy completions allow 5)
-    resources: Resources = resources(batch_size=64, concurrency=16)
 
     @field_validator("backend")
     @classmethod
@@ -206,7 +204,6 @@ class EmbedConfig(StageSection):
     pooling: Literal["mean", "last"] = "mean"  # mean of the token states, or the last token's
     max_length: int | None = None  # None: the model's own (256 for all-MiniLM-L6-v2)
     forward_batch_size: int = 64  # texts per forward pass
-    resources: Resources = resources(batch_size=256, actors=1)
 
 
 class GenerateConfig(StageSection):
@@ -243,7 +240,6 @@ class GenerateConfig(StageSection):
     stall_rounds: int = Field(10, ge=1)  # stop after this many rounds in a row keep nothing
     # the offline SmolLM2 server (2,048-token context, a CPU): answers capped at this
     offline_max_tokens: int = Field(384, ge=1)
-    resources: Resources = resources(concurrency=5, retries=2)
 
 
 class RegenerateConfig(StageSection):
@@ -257,7 +253,6 @@ class RegenerateConfig(StageSection):
     # or both as two examples
     keep: Literal["original", "teacher", "both"] = "teacher"
     offline_max_tokens: int = Field(256, ge=1)  # the token cap when the offline SmolLM2 answers
-    resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class LoraConfig(Section):
@@ -318,7 +313,6 @@ class CompareConfig(StageSection):
     grammar: bool | None = None
     # the grade's token cap when the offline SmolLM2 grades
     offline_max_tokens: int = Field(16, ge=1)
-    resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class RewardTrainConfig(TrainerSection):
@@ -333,7 +327,6 @@ class RewardConfig(StageSection):
     model: str | None = None  # scoring: a folder; None = this run's trained reward model
     forward_batch_size: int = Field(16, ge=1)  # texts per forward pass
     device: str | None = None  # None: cuda when available, else cpu
-    resources: Resources = resources(batch_size=256, actors=1)
 
 
 class DpoConfig(TrainerSection):
@@ -364,7 +357,6 @@ class TagConfig(StageSection):
     max_tokens: int = Field(512, ge=1)  # token cap of the JSON list of tags
     parse_retries: int = Field(2, ge=0)  # re-asks of an answer that is no JSON list of tags
     offline_max_tokens: int = Field(192, ge=1)  # the cap when the offline SmolLM2 tags
-    resources: Resources = resources(batch_size=256, concurrency=16)
 
 
 class EvolConfig(StageSection):
@@ -381,7 +373,6 @@ class EvolConfig(StageSection):
     # the rewrite's token cap when the offline SmolLM2 rewrites
     offline_max_tokens: int = Field(192, ge=1)
     scorer: ScorerTrainConfig = Field(default_factory=ScorerTrainConfig)
-    resources: Resources = resources(batch_size=16, concurrency=16)
 
 
 class SelectConfig(Section):
@@ -494,7 +485,6 @@ class LikertConfig(StageSection):
     # gleaner starts; True: also your own llama.cpp server; False: never
     grammar: bool | None = None
     offline_max_tokens: int = Field(4, ge=1)  # the offline SmolLM2 judge's answer cap
-    resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class EvaluateConfig(Section):
@@ -514,7 +504,7 @@ class EvaluateConfig(Section):
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
     judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
     # the judge stage: pairs per part, requests in flight, retries
-    judge_resources: Resources = resources(batch_size=64, concurrency=16)
+    judge_resources: Resources = Field(default_factory=Resources)
     judge_cache: bool = True  # reuse judgements of the same pair by the same judge, any run
     # share of failed judgements above which the run fails
     failure_budget: float = Field(0.05, ge=0.0, le=1.0)
@@ -552,14 +542,12 @@ class IFDConfig(StageSection):
     max_length: int = Field(512, ge=8)  # tokens of prompt + answer (the answer is cut first)
     model_batch_size: int = Field(8, ge=1)  # sequences per forward pass
     device: str | None = None  # None: cuda when available, else cpu
-    resources: Resources = resources(batch_size=64, actors=1)
 
 
 class LengthConfig(StageSection):
     """Response lengths (Long-is-more, SPEC §9): characters and tokens of a named tokenizer."""
 
     tokenizer: str | None = None  # HF folder/id or .gguf; None: SmolLM2's (the offline GGUF)
-    resources: Resources = resources(batch_size=2048, actors=1)
 
 
 class DecontaminateConfig(StageSection):
@@ -573,7 +561,6 @@ class DecontaminateConfig(StageSection):
     ngram: int = Field(13, ge=1)  # words in a shared n-gram that marks (GPT-3, Llama: 13)
     # where named sets are read from; None: evaluate.eval_sets_dir (then the shipped copies)
     eval_sets_dir: str | None = None
-    resources: Resources = resources(batch_size=8192)
 
 
 class NearDupConfig(StageSection):
@@ -592,7 +579,6 @@ class NearDupConfig(StageSection):
     # chosen (datasketch MinHashLSH's weights); 0.9: 14 bands x 9 rows at 0.8 and 128
     # permutations, recall 0.92 against exact Jaccard (0.5: 9 x 13, recall 0.81)
     false_negative_weight: float = Field(0.9, gt=0.0, lt=1.0)
-    resources: Resources = resources(batch_size=20_000)
 
 
 class MTBenchConfig(StageSection):
@@ -616,7 +602,6 @@ class MTBenchConfig(StageSection):
     # llama.cpp GBNF forcing "Rating: [[n]]"; None: only on the offline server gleaner starts
     grammar: bool | None = None
     offline_max_tokens: int = Field(16, ge=1)  # the offline SmolLM2 judge's answer cap
-    resources: Resources = resources(batch_size=64, concurrency=16)
 
 
 class ArmConfig(Section):

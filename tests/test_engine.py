@@ -221,3 +221,28 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_rows(prefect_api, tmp_path) ->
     resumed, clean = rows(store, "k"), rows(store, "clean")
     assert {i: (r["status"], r["length"]) for i, r in resumed.items()} == {
         i: (r["status"], r["length"]) for i, r in clean.items()}
+
+
+def test_resources_are_declared_beside_each_stage_class_and_config_keys_override_one_value(
+        ) -> None:
+    """A stage's batch size and Ray resources live on its class (``declared``); the config
+    holds none of them, and a key set there replaces that one value only."""
+    import inspect
+
+    from gleaner.config import GleanerConfig, Resources
+    from gleaner.engine.stage import ENGINE_RESOURCES, Stage
+    from gleaner.tasks.deita.stages import EmbedStage
+    from gleaner.tasks.rate.stage import RateStage
+
+    config = GleanerConfig()
+    sections = [getattr(config, name) for name in type(config).model_fields]
+    held = [s.resources.given() for s in sections if isinstance(getattr(s, "resources", None),
+                                                                 Resources)]
+    assert held and all(given == {} for given in held), held
+    assert set(Stage.declared.given()) == set(ENGINE_RESOURCES)
+    assert "declared = declare(" in inspect.getsource(RateStage)
+    assert RateStage(config.rate).resources.batch_size == 512  # its own, not the engine's 256
+    assert EmbedStage(config.embed).resources.actors == 1
+    tuned = config.with_overrides({"rate.resources.concurrency": 3})
+    resolved = RateStage(tuned.rate).resources
+    assert (resolved.concurrency, resolved.batch_size, resolved.retries) == (3, 512, 2)

@@ -4,6 +4,7 @@ A stage is its own logic only::
 
     class RateStage(LLMStage):
         name = "rate"                      # where its parts go
+        declared = declare(batch_size=512) # its resources and batch size (config overrides)
         input_stage = "ingest"             # what it reads, by id
         input_columns = ("id", "instruction", "input", "output", "conversation")
         def requested(self): ...           # the settings that change its rows (the plan)
@@ -68,6 +69,22 @@ def rows_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema,
     return pa.Table.from_pylist(filled, schema=schema)
 
 
+# What a stage runs with unless it declares otherwise (``Stage.declared``) or the config sets a
+# value (its section's ``resources``).
+ENGINE_RESOURCES = {"batch_size": 256, "cpus": 1.0, "gpus": 0.0, "actors": 1, "concurrency": 16,
+                    "retries": 2, "retry_delay_s": 10.0}
+
+
+def declare(**values: Any) -> Resources:
+    """A stage's own resources and batch size: the engine's, with ``values`` instead."""
+    return Resources(**{**ENGINE_RESOURCES, **values})
+
+
+def resolve_resources(declared: Resources, given: Resources) -> Resources:
+    """What a stage runs with: its declared values, each one the config sets replaced."""
+    return declared.model_copy(update=given.given())
+
+
 class BatchWorker(Protocol):
     """What a stage's ``open()`` returns, on a worker: rows in, one row out per row in."""
 
@@ -101,6 +118,8 @@ class Stage(abc.ABC):
     follows_input: ClassVar[bool] = False  # a changed input restarts the stage (see plan.py)
     summary_columns: tuple[str, ...] = ()  # beyond the engine's, for summarize()
     description: str = ""  # a line for people (artifacts, logs)
+    # its resources and batch size, declared here; a section's ``resources`` keys override
+    declared: ClassVar[Resources] = declare()
 
     def __init__(self, section: StageSection):
         self.section = section
@@ -112,7 +131,7 @@ class Stage(abc.ABC):
 
     @property
     def resources(self) -> Resources:
-        return self.section.resources
+        return resolve_resources(self.declared, self.section.resources)
 
     @property
     @abc.abstractmethod

@@ -41,20 +41,24 @@ def read_step(store: Store, run_id: str, name: str) -> dict[str, Any] | None:
     return store.read_json(path) if store.exists(path) else None
 
 
-def publish_markdown(key: str, markdown: str, description: str) -> None:
-    """A markdown artifact in the running flow's UI; outside a flow run, or when the API
-    refuses, nothing: the UI's copy never fails the work it shows."""
+def publish_markdown(key: str, markdown: str, description: str,
+                     table: list[dict[str, Any]] | None = None) -> None:
+    """A markdown artifact (and a table artifact, ``<key>-table``, when ``table`` is given)
+    in the running flow's UI; outside a flow run, or when the API refuses, nothing: the UI's
+    copy never fails the work it shows."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return
     with contextlib.suppress(Exception):
-        from prefect.artifacts import create_markdown_artifact
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
         from gleaner.artifacts import artifact_key
 
         create_markdown_artifact(key=artifact_key(key), markdown=markdown,
                                  description=description)
+        if table is not None:
+            create_table_artifact(key=artifact_key(key)[:94] + "-table", table=table)
 
 
 class Step(abc.ABC):

@@ -54,8 +54,8 @@ def offline_endpoint(endpoint: Any) -> Any:
 
 def capped_concurrency(config: GleanerConfig, resources: str) -> dict[str, Any]:
     """At most OFFLINE_CONCURRENCY requests in flight for ``resources`` (a dotted key)."""
-    current = section_of(config, resources).concurrency
-    return {f"{resources}.concurrency": min(current, OFFLINE_CONCURRENCY)}
+    current = section_of(config, resources).concurrency  # None: the stage's own (at least 5)
+    return {f"{resources}.concurrency": min(current or OFFLINE_CONCURRENCY, OFFLINE_CONCURRENCY)}
 
 
 def maker_settings(section: str) -> Callable[[GleanerConfig], dict[str, Any]]:

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import CompareConfig, EndpointConfig
 from gleaner.engine import Conversation, LLMRowStage, stage_schema
+from gleaner.engine.stage import declare
 from gleaner.llm.client import LLMClient
 from gleaner.llm.offline import OfflineRole, capped_concurrency
 from gleaner.registry import register
@@ -33,6 +34,8 @@ GRADE_SCHEMA = stage_schema(
 
 class GradeStage(LLMRowStage):
     """GPT-4-LLM's judge: each response to each prompt scored 1-10 (single-answer grading)."""
+
+    declared = declare(batch_size=64, concurrency=16)
 
     name = layout.COMPARE_JUDGE
     input_stage = layout.COMPARE_RESPONSES

@@ -40,6 +40,7 @@ from gleaner import layout
 from gleaner.config import GleanerConfig, NearDupConfig
 from gleaner.engine import Stage, stage_schema
 from gleaner.engine.catalog import Drop, PoolStage, StageFlag
+from gleaner.engine.stage import declare
 from gleaner.registry import register
 from gleaner.store import Store
 from gleaner.tasks.decontam.stage import NORMALISATION, prompts_of, words
@@ -142,6 +143,8 @@ class MinHashWorker:
 
 class MinHashStage(Stage):
     """A MinHash signature and LSH band keys per ingested example."""
+
+    declared = declare(batch_size=20_000)
 
     name = MINHASH
     input_columns = ("id", "instruction", "input", "output", "conversation")

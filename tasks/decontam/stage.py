@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from gleaner.config import DecontaminateConfig, GleanerConfig
 from gleaner.engine import Stage, rows_table, stage_schema
 from gleaner.engine.catalog import Drop, PoolStage, StageFlag
+from gleaner.engine.stage import declare
 from gleaner.registry import register
 from gleaner.tasks.evaluate.eval_sets import ALIASES, EvalPrompt, EvalSetError, load_eval_set
 from gleaner.tasks.select.selectors import CONTAMINATED
@@ -172,6 +173,8 @@ class DecontaminateWorker:
 
 class DecontaminateStage(Stage):
     """Marks every ingested example whose prompt overlaps a test prompt."""
+
+    declared = declare(batch_size=8192)
 
     name = DECONTAMINATE
     input_columns = ("id", "instruction", "input", "conversation")

@@ -21,7 +21,7 @@ from gleaner import layout
 from gleaner.config import EmbedConfig, EndpointConfig, GleanerConfig, ScoreConfig
 from gleaner.devices import placement
 from gleaner.engine import Conversation, LLMRowStage, Stage, rows_table, stage_schema
-from gleaner.engine.stage import COST_COLUMNS
+from gleaner.engine.stage import COST_COLUMNS, declare
 from gleaner.registry import register, registry
 from gleaner.schema import user_assistant_pairs
 from gleaner.tasks.deita import embed as embed_tasks
@@ -112,6 +112,8 @@ class HFScoreWorker:
 class ScoreStage(_ScoreBase, Stage):
     """Scores from a causal LM each Ray actor holds (the offline default: SmolLM2)."""
 
+    declared = declare(batch_size=64, concurrency=16)
+
     kind = "actor"
 
     def __init__(self, section: ScoreConfig):
@@ -124,6 +126,8 @@ class ScoreStage(_ScoreBase, Stage):
 
 class EndpointScoreStage(_ScoreBase, LLMRowStage):
     """DEITA's scorers behind an OpenAI-compatible /v1/completions endpoint (vLLM)."""
+
+    declared = declare(batch_size=64, concurrency=16)
 
     def __init__(self, section: ScoreConfig):
         super().__init__(section)
@@ -201,6 +205,8 @@ class EmbedWorker:
 
 class EmbedStage(Stage):
     """Every example's conversation embedded by an encoder each Ray actor holds."""
+
+    declared = declare(batch_size=256, actors=1)
 
     name = layout.EMBED
     input_stage = layout.INGEST

@@ -26,8 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from gleaner import layout
-from gleaner.config import EndpointConfig, GleanerConfig, Resources, StageSection
+from gleaner.config import EndpointConfig, GleanerConfig, StageSection
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, run_stage, stage_schema
+from gleaner.engine.stage import declare, resolve_resources
 from gleaner.engine.summary import estimate_cost
 from gleaner.llm.client import LLMClient
 from gleaner.llm.offline import OFFLINE_CONCURRENCY
@@ -190,6 +191,8 @@ def likert_call(question: str, answer: str, settings: LikertSettings) -> Call:
 class LikertStage(LLMRowStage):
     """LIMA's 6-point helpfulness rating of both models' answers of one comparison."""
 
+    declared = declare(batch_size=64, concurrency=16)
+
     follows_input = True  # answers regenerated: rate what changed, reuse the rest
     input_columns = ("id", "model", "test_set", "key", "sample", "question", "answer")
     summary_columns = ("rating",)
@@ -198,9 +201,10 @@ class LikertStage(LLMRowStage):
     def __init__(self, config: GleanerConfig, comparison: str):
         likert = config.evaluate.likert
         offline = bool(config.evaluate.judge.local_server)
-        resources = likert.resources if not offline else Resources(**{
-            **likert.resources.model_dump(),
-            "concurrency": min(likert.resources.concurrency, OFFLINE_CONCURRENCY)})
+        own = resolve_resources(self.declared, likert.resources)
+        resources = likert.resources if not offline else likert.resources.model_copy(
+            update={"concurrency": min(own.concurrency or OFFLINE_CONCURRENCY,
+                                       OFFLINE_CONCURRENCY)})
         super().__init__(StageSection(
             resources=resources, cache=likert.cache, force=likert.force or config.evaluate.force,
             retry_failed=likert.retry_failed, failure_budget=likert.failure_budget))

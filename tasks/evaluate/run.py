@@ -27,6 +27,7 @@ from prefect import task
 from gleaner import layout
 from gleaner.config import GleanerConfig, PriceConfig
 from gleaner.engine import run_stage
+from gleaner.engine.step import publish_markdown, run_step
 from gleaner.runs import record_run
 from gleaner.store import Store
 from gleaner.tasks.evaluate.answer_stage import AnsweringModel, answer_prompts
@@ -69,17 +70,13 @@ def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: s
     from gleaner.tasks.train.run import model_path, resolve_base_model
 
     store_path = None
+    version = model_identity(store, run_id, config, reference)
     if reference == "base":
         folder = resolve_base_model(config.finetune.base_model)
-        version = model_version(folder)
     else:
         in_store = model_path(store, run_id, reference) \
             if re.fullmatch(r"[a-z0-9_-]+", reference) else None
         if in_store and store.exists(posixpath.join(in_store, "config.json")):
-            # Every training rewrites metrics.json (loss curve, timings): it names this one.
-            metrics = store.run_path(run_id, "finetune", reference, "metrics.json")
-            version = hashlib.sha256(store.read_bytes(metrics)).hexdigest()[:16] \
-                if store.exists(metrics) else model_version(in_store)
             folder = in_store
             if not store.is_local:
                 folder, store_path = str(cache_dir / reference), in_store
@@ -89,16 +86,33 @@ def resolve_model(store: Store, run_id: str, config: GleanerConfig, reference: s
                         local.parent.mkdir(parents=True, exist_ok=True)
                         store.fs.get(path, str(local))
         elif Path(reference).exists():
-            folder, version = reference, model_version(reference)
+            folder = reference
         elif in_store and "/" not in reference:
             raise FileNotFoundError(
                 f"model {reference!r}: not a trained model of run {run_id!r} "
                 f"({store.uri(in_store)} is missing) nor a local folder")
         else:
-            folder, version = reference, reference  # an HF hub id
+            folder = reference  # an HF hub id
     renderer = PromptRenderer(folder)
     served = config.evaluate.generation.served_models.get(reference, reference)
     return AnsweringModel(reference, version, renderer.model_spec(served), store_path), renderer
+
+
+def model_identity(store: Store, run_id: str, config: GleanerConfig, reference: str) -> str:
+    """What identifies the weights ``reference`` names, without loading or copying them: a
+    trained model of the run by its metrics.json (every training rewrites it), a folder by
+    its files, a hub id by its name."""
+    from gleaner.tasks.train.run import model_path, resolve_base_model
+
+    if reference == "base":
+        return model_version(resolve_base_model(config.finetune.base_model))
+    if re.fullmatch(r"[a-z0-9_-]+", reference):
+        in_store = model_path(store, run_id, reference)
+        if store.exists(posixpath.join(in_store, "config.json")):
+            metrics = store.run_path(run_id, "finetune", reference, "metrics.json")
+            return hashlib.sha256(store.read_bytes(metrics)).hexdigest()[:16] \
+                if store.exists(metrics) else model_version(in_store)
+    return model_version(reference) if Path(reference).exists() else reference
 
 
 def model_version(model_dir: str) -> str:
@@ -293,11 +307,9 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
     (the flow passes them as Prefect tasks, so each shows and retries on its own).
     """
 
+    from gleaner.tasks.evaluate.step import EvaluateStep
+
     rule = rule or config.evaluate.rule
-    answer_fn = answer_fn or (lambda ref, prompts: answer_model(store, run_id, config, ref,
-                                                                prompts))
-    judge_fn = judge_fn or (lambda cmp, name, pairs: judge_test_set(store, run_id, config, cmp,
-                                                                    name, pairs))
     reference_a = model_a or config.evaluate.model_a
     reference_b = model_b or config.evaluate.model_b
     if (reference_b == "baseline" and config.finetune.baseline == "none" and not store.exists(
@@ -306,13 +318,29 @@ def run_evaluate(store: Store, run_id: str, config: GleanerConfig, model_a: str 
                     "base model instead", reference_a)
         reference_b = "base"
     limit = limit if limit is not None else config.evaluate.limit
-    prompts_by_set: dict[str, list[EvalPrompt]] = {}
-    for spec in test_sets or config.evaluate.test_sets:
-        prompts = load_eval_set(spec, config.evaluate.eval_sets_dir, limit)
-        prompts_by_set[prompts[0].test_set if prompts else spec] = prompts
     label_a, label_b = label_of(reference_a), label_of(reference_b)
     if label_a == label_b:
         raise ValueError(f"models A and B have the same label {label_a!r}; compare two models")
+    specs = list(test_sets or config.evaluate.test_sets)
+    step = EvaluateStep(store, run_id, config, f"{label_a}-vs-{label_b}",
+                        (reference_a, reference_b), specs, limit, rule,
+                        lambda: _evaluate(store, run_id, config, reference_a, reference_b, specs,
+                                          limit, rule, answer_fn, judge_fn))
+    return run_step(store, run_id, step, force=config.evaluate.force)
+
+
+def _evaluate(store: Store, run_id: str, config: GleanerConfig, reference_a: str,
+              reference_b: str, specs: list[str], limit: int | None, rule: str,
+              answer_fn: AnswerFn | None, judge_fn: JudgeFn | None) -> dict[str, Any]:
+    answer_fn = answer_fn or (lambda ref, prompts: answer_model(store, run_id, config, ref,
+                                                                prompts))
+    judge_fn = judge_fn or (lambda cmp, name, pairs: judge_test_set(store, run_id, config, cmp,
+                                                                    name, pairs))
+    prompts_by_set: dict[str, list[EvalPrompt]] = {}
+    for spec in specs:
+        prompts = load_eval_set(spec, config.evaluate.eval_sets_dir, limit)
+        prompts_by_set[prompts[0].test_set if prompts else spec] = prompts
+    label_a, label_b = label_of(reference_a), label_of(reference_b)
     answers_a = answer_fn(reference_a, prompts_by_set)
     answers_b = answer_fn(reference_b, prompts_by_set)
     comparison = f"{label_a}-vs-{label_b}"
@@ -371,8 +399,6 @@ def run_evaluate_answers(store: Store, run_id: str, config: GleanerConfig, answe
 
 def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
     """The W/T/L table (with the chart inline) and a per-set table, in the Prefect UI."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     key = "evaluate-" + re.sub(r"[^a-z0-9-]+", "-",
                                f"{summary['run_id']}-{summary['model_a']}-vs-{summary['model_b']}"
                                .lower()).strip("-")
@@ -386,9 +412,7 @@ def publish_artifacts(store: Store, summary: dict[str, Any]) -> None:
     if summary.get("only_in_a") or summary.get("only_in_b"):
         markdown += (f"\n**Unmatched answer rows:** {summary['only_in_a']} only in A, "
                      f"{summary['only_in_b']} only in B (see unmatched.json)\n")
-    create_markdown_artifact(key=key[:100], markdown=markdown,
-                             description=f"pairwise evaluation ({summary['rule']} rule)")
-    create_table_artifact(key=(key[:94] + "-table"), table=[
+    publish_markdown(key[:100], markdown, f"pairwise evaluation ({summary['rule']} rule)", table=[
         {"test_set": name, **{k: part[k] for k in ("win", "tie", "lose", "failed",
                                                    "winning_score", "win_rate",
                                                    "lc_win_rate", "cost_usd")}}

@@ -20,6 +20,7 @@ import pyarrow as pa
 from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, StageSection
 from gleaner.engine import Conversation, LLMRowStage, stage_schema
+from gleaner.engine.stage import declare, resolve_resources
 from gleaner.llm.client import LLMClient
 from gleaner.llm.offline import OfflineRole, capped_concurrency
 from gleaner.registry import register
@@ -71,7 +72,8 @@ def make_judge(config: GleanerConfig) -> Judge:
     return Judge(settings.judge, parse_retries=settings.parse_retries,
                  max_tokens=settings.judge_max_tokens,
                  grammar=SCORE_LINE_GRAMMAR if settings.judge_grammar else None,
-                 concurrency=settings.judge_resources.concurrency)
+                 concurrency=resolve_resources(JudgeStage.declared,
+                                               settings.judge_resources).concurrency)
 
 
 def judge_section(config: GleanerConfig) -> StageSection:
@@ -82,6 +84,8 @@ def judge_section(config: GleanerConfig) -> StageSection:
 
 class JudgeStage(LLMRowStage):
     """AlpaGasus' pairwise judge over one test set of one comparison."""
+
+    declared = declare(batch_size=64, concurrency=16)
 
     follows_input = True  # answers regenerated: judge the changed pairs, reuse the rest
     input_columns = ("id", "test_set", "key", "question", "answer_a", "answer_b")

@@ -21,6 +21,7 @@ from gleaner import layout
 from gleaner.config import EndpointConfig, EvolConfig
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
 from gleaner.engine.llm_rows import RowFailed
+from gleaner.engine.stage import declare
 from gleaner.llm.offline import OfflineRole, capped_concurrency
 from gleaner.registry import register
 from gleaner.schema import user_assistant_pairs
@@ -68,6 +69,8 @@ def score_reader(count: int) -> Callable[[Any], list[int]]:
 
 class EvolStage(LLMRowStage):
     """DEITA's EVOL complexity (instructions) or quality (responses) of every seed."""
+
+    declared = declare(batch_size=16, concurrency=16)
 
     input_stage = layout.INGEST
     input_columns = ("id", "instruction", "input", "output", "conversation")

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import EndpointConfig, RegenerateConfig
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
+from gleaner.engine.stage import declare
 from gleaner.llm.offline import OfflineRole, maker_settings
 from gleaner.registry import register
 
@@ -68,6 +69,8 @@ def read_answer(completion: Any) -> tuple[str, str | None]:
 
 class RegenerateStage(LLMRowStage):
     """The teacher's answer to every ingested example, beside the original."""
+
+    declared = declare(batch_size=64, concurrency=16)
 
     name = layout.REGENERATE
     input_stage = layout.INGEST

@@ -35,6 +35,7 @@ from gleaner.config import EndpointConfig, GenerateConfig, GleanerConfig
 from gleaner.engine import rows_table, stage_schema
 from gleaner.engine.llm_rows import Call, Conversation, converse
 from gleaner.engine.rounds import RoundStage, run_rounds
+from gleaner.engine.stage import declare
 from gleaner.llm.client import LLMClient
 from gleaner.llm.offline import OfflineRole, maker_settings
 from gleaner.registry import register
@@ -115,6 +116,8 @@ def example_of(task: Task) -> Example:
 
 class SelfInstructStage(RoundStage):
     """Alpaca's generator: rounds of self-instruct requests until ``count`` tasks are kept."""
+
+    declared = declare(concurrency=5, retries=2)
 
     name = layout.GENERATE
     description = "Alpaca self-instruct"

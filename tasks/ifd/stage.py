@@ -20,6 +20,7 @@ from gleaner import layout
 from gleaner.config import IFDConfig
 from gleaner.devices import placement
 from gleaner.engine import Stage, rows_table, stage_schema
+from gleaner.engine.stage import declare
 from gleaner.tasks.ifd.loss import PROMPT_VERSION, IFDScorer
 
 IFD_SCHEMA = stage_schema(
@@ -63,6 +64,8 @@ class IFDWorker:
 
 class IFDStage(Stage):
     """IFD of every ingested example (Cherry LLM; Superfiltering with a small model)."""
+
+    declared = declare(batch_size=64, actors=1)
 
     name = layout.IFD
     input_stage = layout.INGEST

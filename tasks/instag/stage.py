@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 from gleaner.config import EndpointConfig, TagConfig
 from gleaner.engine import Call, Conversation, LLMRowStage, ParseFailure, stage_schema
 from gleaner.engine.catalog import PoolStage
+from gleaner.engine.stage import declare
 from gleaner.llm.offline import OfflineRole, capped_concurrency, offline_endpoint
 from gleaner.registry import register
 from gleaner.schema import user_assistant_pairs
@@ -111,6 +112,8 @@ def query_of(row: dict[str, Any]) -> str:
 # ---- the stage ---------------------------------------------------------------------------
 class TagStage(LLMRowStage):
     """InsTag's tagger over every ingested example."""
+
+    declared = declare(batch_size=256, concurrency=16)
 
     name = TAG
     input_columns = ("id", "instruction", "input", "conversation")

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import LengthConfig
 from gleaner.engine import Stage, rows_table, stage_schema
+from gleaner.engine.stage import declare
 
 LENGTH_SCHEMA = stage_schema(
     pa.field("response_chars", pa.int64()),
@@ -70,6 +71,8 @@ class LengthWorker:
 
 class LengthStage(Stage):
     """Response characters and tokens of every ingested example."""
+
+    declared = declare(batch_size=2048, actors=1)
 
     name = layout.LENGTH
     input_stage = layout.INGEST

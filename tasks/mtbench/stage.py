@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, StageSection
 from gleaner.engine import Conversation, LLMRowStage, stage_schema
+from gleaner.engine.stage import declare
 from gleaner.llm.client import LLMClient
 from gleaner.tasks.compare.grading import RATING_GRAMMAR, GradingSettings, grading_call
 from gleaner.tasks.mtbench.prompts import PROMPT_VERSION, grading_messages, judge_prompt
@@ -79,6 +80,8 @@ def grading_settings(config: GleanerConfig) -> GradingSettings:
 
 class GradeStage(LLMRowStage):
     """FastChat's single-answer grading of one model's MT-Bench answers."""
+
+    declared = declare(batch_size=64, concurrency=16)
 
     follows_input = True  # answers regenerated: grade what changed, reuse the rest
     input_columns = ("id", "question_id", "category", "turn", "judge_prompt", "system", "user")

@@ -22,6 +22,7 @@ from gleaner import layout
 from gleaner.config import EndpointConfig, GleanerConfig, RateConfig
 from gleaner.engine import Context, stage_schema
 from gleaner.engine.llm_rows import Conversation, LLMRowStage, LLMRowWorker
+from gleaner.engine.stage import declare
 from gleaner.llm.client import LLMClient
 from gleaner.llm.offline import OfflineRole, capped_concurrency
 from gleaner.registry import register
@@ -76,6 +77,8 @@ class RateWorker(LLMRowWorker):
 
 class RateStage(LLMRowStage):
     """AlpaGasus rating of every ingested example."""
+
+    declared = declare(batch_size=512, cpus=1.0, concurrency=16)
 
     name = layout.RATE
     input_stage = layout.INGEST

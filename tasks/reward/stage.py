@@ -22,6 +22,7 @@ from gleaner import layout
 from gleaner.config import RewardConfig, StoreConfig
 from gleaner.devices import placement
 from gleaner.engine import Stage, rows_table, stage_schema
+from gleaner.engine.stage import declare
 from gleaner.store import Store
 
 REWARD_SCHEMA = stage_schema(
@@ -77,6 +78,8 @@ class RewardWorker:
 
 class RewardStage(Stage):
     """Every ingested example scored by the reward model (an actor pool holding it)."""
+
+    declared = declare(batch_size=256, actors=1)
 
     name = layout.REWARD
     input_stage = layout.INGEST
