@@ -4,7 +4,8 @@ Every registered pool stage with a ``drop`` (decontamination, near-duplicate rem
 the stage whose rows hold its mark, the boolean column and the manifest reason. Selection
 reads them here, by example id, before any selector runs: an example marked by more than one
 stage takes the first one's reason (registry order), so every example still has one reason
-and the counts add up to the pool.
+and the counts add up to the pool. A person's exclusion (``gleaner view``, the run's review
+record: tasks/select/review.py) comes first, as reason ``excluded``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.engine.catalog import drops
 from gleaner.store import Store
+from gleaner.tasks.select.review import EXCLUDED, REVIEW, exclusion_records
 from gleaner.tasks.select.selectors import Candidates, SelectRequest, without_marked
 
 
 def mark_stages(store: Store, run_id: str) -> list[str]:
     """The stages of the run that hold marks (what a selection also depends on)."""
-    return [drop.stage for drop in drops() if store.has_stage(run_id, drop.stage)]
+    stages = [drop.stage for drop in drops() if store.has_stage(run_id, drop.stage)]
+    return [REVIEW, *stages] if store.has_stage(run_id, REVIEW) else stages
 
 
 def load_marks(store: Store, run_id: str, ids: Sequence[str]) -> list[str | None] | None:
@@ -30,6 +33,13 @@ def load_marks(store: Store, run_id: str, ids: Sequence[str]) -> list[str | None
     it (ok rows only), else None; None when the run holds no marks at all."""
     where = {example_id: row for row, example_id in enumerate(ids)}
     marks: list[str | None] | None = None
+    excluded = exclusion_records(store, run_id)
+    if excluded:
+        marks = [None] * len(ids)
+        for record in excluded:
+            row = where.get(record["id"])
+            if row is not None:
+                marks[row] = EXCLUDED
     for drop in drops():
         if not store.has_stage(run_id, drop.stage):
             continue
