@@ -22,4 +22,5 @@ from gleaner.flows.commands import (
     runs,  # noqa: F401
     signals,  # noqa: F401
     train_eval,  # noqa: F401
+    view,  # noqa: F401
 )
