@@ -177,3 +177,27 @@ def test_the_page_never_parses_data_as_html():
         assert sink not in script, sink
     html = (STATIC / "index.html").read_text()
     assert not re.search(r"<script>(?!\s*</script>)", html)  # no inline script (CSP forbids it)
+
+
+def test_flow_run_links_come_from_the_prefect_api(prefect_api):
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from gleaner.flows.viewer.server import prefect_flow_runs
+
+    @flow(name="viewer-links")
+    def noop() -> None:
+        return None
+
+    run_id = "viewer-links-run"
+    with get_client(sync_client=True) as client:
+        made = client.create_flow_run(noop, name=f"rate-{run_id}")
+        client.create_flow_run(noop, name="rate-another-run")
+    found = asyncio.run(prefect_flow_runs(prefect_api, None, run_id))
+    assert [r["name"] for r in found["runs"]] == [f"rate-{run_id}"]
+    ui = prefect_api.removesuffix("/api")
+    assert found["runs"][0]["url"] == f"{ui}/runs/flow-run/{made.id}"
+    unreachable = asyncio.run(prefect_flow_runs("http://127.0.0.1:9/api", None, run_id))
+    assert unreachable["runs"] == [] and "Prefect API" in unreachable["error"]
