@@ -91,7 +91,8 @@ def test_ifd_selector_drops_above_one_ranks_and_keeps_a_fraction():
     # 30 % of 10 = 3; IFD 1.0 is kept (only > 1 is dropped); ties (0.9) broken by id
     assert manifest.selected_ids == ["e05", "e04", "e02"]
     assert manifest.counts() == {"kept": 3, "below_threshold": 0, "above_threshold": 2,
-                                 "too_similar": 0, "over_budget": 4, "failed_upstream": 1}
+                                 "too_similar": 0, "over_budget": 4, "failed_upstream": 1,
+                                 "contaminated": 0, "near_duplicate": 0}
     assert [manifest.reason[i] for i in (1, 7, 3)] == ["above_threshold"] * 2 + [
         "failed_upstream"]
 

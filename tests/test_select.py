@@ -125,7 +125,8 @@ def test_threshold_topk_random_account_for_every_row():
     t = select_threshold(ids, scores, 4.5)
     assert [i for i, s in zip(ids, t.selected, strict=True) if s] == ["r0", "r1", "r5", "r6"]
     assert t.counts() == {"kept": 4, "below_threshold": 5, "above_threshold": 0,
-                          "too_similar": 0, "over_budget": 0, "failed_upstream": 1}
+                          "too_similar": 0, "over_budget": 0, "failed_upstream": 1,
+                          "contaminated": 0, "near_duplicate": 0}
     k = select_topk(ids, scores, 3)
     assert k.selected_ids == ["r0", "r5", "r1"]  # 5, 5 (by id), then 4.5 tie -> r1 before r6
     assert k.counts()["over_budget"] == 6 and k.counts()["failed_upstream"] == 1

@@ -23,7 +23,8 @@ def test_report_counts_histograms_and_similarity_effect(tmp_path):
     report = build_report(manifest, columns, {"selector": "deita", "budget": 5, "tau": 0.9},
                           tau=0.9)
     assert report.counts == {"kept": 5, "below_threshold": 0, "above_threshold": 0,
-                             "too_similar": 2, "over_budget": 4, "failed_upstream": 1}
+                             "too_similar": 2, "over_budget": 4, "failed_upstream": 1,
+                             "contaminated": 0, "near_duplicate": 0}
     sim = report.similarity
     # Without the threshold the top 5 would be e00..e04; e01 and e03 were displaced.
     assert sim == {"too_similar": 2, "displaced_from_top": 2,
