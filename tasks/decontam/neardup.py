@@ -190,26 +190,46 @@ class MinHashStage(Stage):
 
 
 # ---- the global step: candidate pairs, their check, the clusters -----------------------------
+def band_pairs(keys: np.ndarray) -> np.ndarray:
+    """Pair codes ``a * n + b`` (a < b, distinct) of rows sharing one band's key: each row with
+    the next of the same key and with the first of it."""
+    n = keys.shape[0]
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    same = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if same.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    first = starts[np.searchsorted(starts, same + 1, side="right") - 1]
+    a = np.concatenate([order[same], order[first]]).astype(np.int64)
+    b = np.concatenate([order[same + 1], order[same + 1]]).astype(np.int64)
+    keep = a != b
+    low, high = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+    return np.unique(low * n + high)
+
+
 def candidate_pairs(keys: np.ndarray) -> np.ndarray:
-    """Distinct (a, b), a < b, of rows sharing a band key: each row with the next of the same
-    key and with the first of it."""
-    found = []
+    """Distinct (a, b), a < b, of rows sharing a key in some band."""
+    n = keys.shape[0]
+    codes = np.unique(np.concatenate([band_pairs(keys[:, band]) for band in
+                                      range(keys.shape[1])] or [np.zeros(0, np.int64)]))
+    return np.stack([codes // max(n, 1), codes % max(n, 1)], 1)
+
+
+def close_pairs(keys: np.ndarray, sketch: np.ndarray, threshold: float
+                ) -> tuple[np.ndarray, int]:
+    """The candidate pairs (as for :func:`candidate_pairs`) whose estimated Jaccard reaches
+    the threshold, band by band, each pair checked once; and how many were checked."""
+    n = keys.shape[0]
+    checked = np.zeros(0, dtype=np.int64)
+    close = []
     for band in range(keys.shape[1]):
-        order = np.argsort(keys[:, band], kind="stable")
-        ordered = keys[order, band]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1])
-        if same.size == 0:
-            continue
-        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-        first = starts[np.searchsorted(starts, same + 1, side="right") - 1]
-        found += [np.stack([order[same], order[same + 1]], 1),
-                  np.stack([order[first], order[same + 1]], 1)]
-    if not found:
-        return np.zeros((0, 2), dtype=np.int64)
-    pairs = np.concatenate(found).astype(np.int64)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    pairs.sort(axis=1)
-    return np.unique(pairs, axis=0)
+        codes = np.setdiff1d(band_pairs(keys[:, band]), checked, assume_unique=True)
+        pairs = np.stack([codes // n, codes % n], 1)
+        close.append(pairs[estimated_jaccard(sketch, pairs) >= threshold])
+        checked = np.union1d(checked, codes)
+    found = np.concatenate(close) if close else np.zeros((0, 2), dtype=np.int64)
+    return found, int(checked.size)
 
 
 def estimated_jaccard(sketch: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -245,28 +265,40 @@ def keepers(labels: np.ndarray, chars: np.ndarray, id_rank: np.ndarray) -> np.nd
 
 def read_minhash(store: Store, run_id: str, num_perm: int
                  ) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, usable, response chars, band keys, 8-bit sketches), part by part: the 32-bit
-    signatures are never all in memory at once."""
-    paths = list(store.part_paths(store.stage_path(run_id, MINHASH)).values())
-    ids, usable, chars, keys, sketches = [], [], [], [], []
+    """(ids, usable, response chars, band keys, 8-bit sketches), filled part by part into
+    arrays sized from the parts' footers: the 32-bit signatures are never all in memory."""
+    import pyarrow.parquet as pq
+
+    paths = [path for _, path in sorted(
+        store.part_paths(store.stage_path(run_id, MINHASH)).items())]
+    counts = []
     for path in paths:
+        with store.fs.open(path) as handle:
+            counts.append(pq.read_metadata(handle).num_rows)
+    n = sum(counts)
+    ids, usable = [], np.zeros(n, dtype=bool)
+    chars = np.zeros(n, dtype=np.int64)
+    keys: np.ndarray | None = None
+    sketch = np.zeros((n, num_perm), dtype=np.uint8)
+    at = 0
+    for path, rows in zip(paths, counts, strict=True):
         table = store.dataset([path]).to_table(
             columns=["id", "status", "shingles", "response_chars", "bands", "signature"])
-        n = table.num_rows
         ids.append(table.column("id").combine_chunks())
         ok = pc.and_(pc.equal(table["status"], "ok"), pc.greater(table["shingles"], 0))
-        usable.append(np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool))
-        chars.append(table.column("response_chars").to_numpy().astype(np.int64))
+        usable[at:at + rows] = np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+        chars[at:at + rows] = table.column("response_chars").to_numpy()
         bands = table.column("bands").combine_chunks()
-        width = bands.type.list_size
-        keys.append(bands.flatten().to_numpy(zero_copy_only=False).reshape(n, width))
+        if keys is None:
+            keys = np.zeros((n, bands.type.list_size), dtype=np.uint64)
+        keys[at:at + rows] = bands.flatten().to_numpy(zero_copy_only=False).reshape(rows, -1)
         signature = table.column("signature").combine_chunks().flatten().to_numpy(
-            zero_copy_only=False).reshape(n, num_perm)
-        sketches.append((signature & 0xFF).astype(np.uint8))
+            zero_copy_only=False).reshape(rows, num_perm)
+        sketch[at:at + rows] = signature & 0xFF
+        at += rows
         del table, signature, bands
-    return (pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
-            np.concatenate(usable), np.concatenate(chars), np.concatenate(keys),
-            np.concatenate(sketches))
+    return (pa.concat_arrays(ids) if ids else pa.array([], pa.string()), usable, chars,
+            keys if keys is not None else np.zeros((0, 1), np.uint64), sketch)
 
 
 def cluster_step(config: GleanerConfig, run_id: str, summary: dict[str, Any]
@@ -277,15 +309,17 @@ def cluster_step(config: GleanerConfig, run_id: str, summary: dict[str, Any]
     store = Store(config.store.url, config.store.options)
     ids, usable, chars, keys, sketch = read_minhash(store, run_id, s.num_perm)
     n = len(ids)
-    rows = np.flatnonzero(usable)
-    pairs = rows[candidate_pairs(keys[rows])] if rows.size else np.zeros((0, 2), np.int64)
-    del keys
-    jaccard = estimated_jaccard(sketch, pairs)
-    close = pairs[jaccard >= s.threshold]
-    del sketch
+    pa.default_memory_pool().release_unused()  # the parts' buffers: read and gone
+    if usable.all():  # no copy of the keys and sketches (the usual case)
+        close, checked = close_pairs(keys, sketch, s.threshold)
+    else:
+        rows = np.flatnonzero(usable)
+        close, checked = close_pairs(keys[rows], sketch[rows], s.threshold)
+        close = rows[close]
+    del keys, sketch
     labels = clusters(n, close)
     id_rank = np.empty(n, dtype=np.int64)
-    id_rank[np.argsort(ids.to_numpy(zero_copy_only=False), kind="stable")] = np.arange(n)
+    id_rank[pc.sort_indices(ids).to_numpy()] = np.arange(n)
     kept_row = keepers(labels, chars, id_rank)
     size = np.bincount(labels, minlength=labels.max() + 1 if n else 0)[labels] if n else labels
     in_cluster = size > 1
@@ -310,7 +344,7 @@ def cluster_step(config: GleanerConfig, run_id: str, summary: dict[str, Any]
         "near_duplicates": marked, "clean": n - marked,
         "clusters": int(len(np.unique(labels[in_cluster]))),
         "largest_cluster": int(size.max()) if n else 0,
-        "candidate_pairs": int(len(pairs)), "pairs_over_threshold": int(len(close)),
+        "candidate_pairs": checked, "pairs_over_threshold": int(len(close)),
         "no_words": int(n - usable.sum()),
         "cluster_seconds": round(time.perf_counter() - started, 3)}
     store.write_json(layout.summary_path(store, run_id, NEARDUP), result)
