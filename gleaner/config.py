@@ -698,6 +698,17 @@ class CurateConfig(Section):
         return [registered("pool_stage", name) for name in names]
 
 
+class PublishConfig(Section):
+    """What a curate run does before it publishes its dataset version."""
+
+    # none: publish as soon as selection is done. required: stop before publishing and wait
+    # for a person: the Prefect run pauses (a deployment run is suspended and frees its
+    # worker) with an approve / reject form in the UI; `gleaner approve RUN_ID` does the same
+    approval: Literal["none", "required"] = "none"
+    # seconds a run waits for that decision; then it ends not published, as if rejected
+    approval_timeout_s: int = Field(86_400, ge=1)
+
+
 class BatchAPIConfig(Section):
     """How an LLM stage whose endpoint says ``api: batch`` uses the provider's Batch API."""
 
@@ -791,6 +802,7 @@ class GleanerConfig(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
     prices: dict[str, PriceConfig] = Field(default_factory=lambda: dict(DEFAULT_PRICES))
     batch_api: BatchAPIConfig = Field(default_factory=BatchAPIConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
