@@ -18,7 +18,7 @@ from gleaner.config import GleanerConfig, load_config
 LIFECYCLE: dict[str, tuple[str, ...]] = {
     "Make data": ("ingest", "generate", "regenerate", "evol"),
     "Judge it": ("rate", "score", "embed", "ifd", "length", "compare", "reward", "scorer"),
-    "Choose": ("select", "preferences"),
+    "Choose": ("select", "preferences", "publish"),
     "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
     "Operate": ("curate", "plan", "runs", "view", "doctor", "config"),
 }

@@ -17,6 +17,7 @@ from gleaner.flows.commands import (
     mt_bench,  # noqa: F401
     plan,  # noqa: F401
     preferences,  # noqa: F401
+    publish,  # noqa: F401
     rate,  # noqa: F401
     reward,  # noqa: F401
     runs,  # noqa: F401

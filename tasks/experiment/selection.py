@@ -63,7 +63,10 @@ def select_one(store: Store, run_id: str, config: GleanerConfig, selection: Sele
     store.write_part(run_id, stage, 0, manifest.to_table())
     picked = picked_examples(pool, manifest.selected_ids)
     version = publish_dataset_version(store, selection.dataset, run_id, picked, {
-        "experiment": name, "arms": selection.arms, "selection": selection.settings})
+        "experiment": name, "arms": selection.arms, "selection": selection.settings},
+        provenance={"kind": "experiment selection", "experiment": name,
+                    "selection": {"name": selection.name, "key": selection.key,
+                                  "arms": selection.arms, "settings": selection.settings}})
     fresh = ids_digest(pc.unique(picked.column("id").combine_chunks()))
     if version["ids_sha256"] != fresh:
         raise ValueError(

@@ -12,6 +12,7 @@ of ``ingest.batch_rows`` rows; only the set of seen ids grows with the input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -189,10 +190,14 @@ class SourceStats:
     quarantined: int = 0
     duplicates: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    sha256: str | None = None  # of the file's bytes as read (a published version's provenance)
+    bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.url,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
             "kind": self.kind,
             "format": self.format,
             "read": self.read,
@@ -335,6 +340,16 @@ class Ingestor:
 # ---- the stage ----------------------------------------------------------------
 
 
+def file_digest(source: SourceFile) -> tuple[str, int]:
+    """sha256 and size of a source file's stored bytes (compressed as stored)."""
+    digest, size = hashlib.sha256(), 0
+    with source.fs.open(source.path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
 def summary_path(store: Store, run_id: str) -> str:
     return layout.summary_path(store, run_id, INGEST_STAGE)
 
@@ -370,6 +385,7 @@ class IngestStep(Step):
                 break
             try:
                 per_source.append(ingestor.ingest(source, kind, fmt))
+                per_source[-1].sha256, per_source[-1].bytes = file_digest(source)
             except SourceError as error:
                 raise IngestError(str(error)) from error
             except OSError as error:

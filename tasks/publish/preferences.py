@@ -128,7 +128,8 @@ def publish_preferences(store: Store, run_id: str, name: str, origin: str,
         raise ValueError(f"run {run_id!r}: no {origin} pair to publish (every prompt tied or "
                          "failed?)")
     table = version_rows(pairs, source)
-    return publish_dataset_version(store, name, run_id, table, {"preference_source": source})
+    return publish_dataset_version(store, name, run_id, table, {"preference_source": source},
+                                   provenance={"kind": "preferences", "origin": source})
 
 
 def version_pairs(store: Store, spec: str) -> pa.Table:

@@ -2,7 +2,8 @@
 
 A weekly refresh must answer "what is different from last week's dataset?".
 Each publish writes an immutable ``datasets/<name>/v<NNNN>/`` folder holding
-``data.parquet`` and ``manifest.json``; the manifest is written last, so a
+``data.parquet``, ``README.md`` (a Hugging Face dataset card), ``provenance.json``
+(tasks/publish/card.py) and ``manifest.json``; the manifest is written last, so a
 version without one is an interrupted publish and is ignored (and its number
 reused). Examples are compared by ``id``, a content hash: an edited example is
 therefore one removed id plus one added id.
@@ -131,10 +132,13 @@ def publish_dataset_version(
     selected: pa.Table,
     stats: dict[str, Any] | None = None,
     again: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the next version of dataset ``name`` and report what changed since the last one.
 
     A run publishes once (a retry returns its version) unless ``again`` (a forced publish).
+    The version's card and provenance hold what run ``run_id`` recorded
+    (card.run_provenance) and what the caller adds in ``provenance`` (its keys win).
 
     Returns the manifest: ``version``, ``path``, ``run_id``, ``created_at``,
     ``counts`` and ``diff`` (added / removed / unchanged example ids against
@@ -165,6 +169,10 @@ def publish_dataset_version(
             diff[key] = stats[key]
 
     store.write_table(data_path, selected)
+    digest = hashlib.sha256()
+    with store.fs.open(data_path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
     manifest = {
         "name": name,
         "version": number,
@@ -175,9 +183,13 @@ def publish_dataset_version(
         "uri": store.uri(data_path),
         "counts": {"examples": selected.num_rows, "unique_ids": len(ids)},
         "ids_sha256": ids_digest(ids),
+        "data_sha256": digest.hexdigest(),
         "stats": stats,
         "diff": diff,
     }
+    from gleaner.tasks.publish.card import run_provenance, write_card
+
+    write_card(store, directory, manifest, {**run_provenance(store, run_id), **(provenance or {})})
     # Written last: its presence is what makes the version exist.
     store.write_json(posixpath.join(directory, MANIFEST_FILE), manifest)
     return manifest
