@@ -187,3 +187,45 @@ def test_the_rebuild_config_is_a_loadable_config(run: ViewerRun) -> None:
     entry = rebuild_command(["/data/a.json"], run.config.model_dump(mode="json"))
     assert entry["command"][:3] == ["gleaner", "curate", "/data/a.json"]
     GleanerConfig.model_validate(yaml.safe_load(yaml.safe_dump(entry["config"])))
+
+
+# ---- the recorded command rebuilds the selection ---------------------------------------------
+
+
+@pytest.mark.slow  # two small curate runs (Prefect, Ray, MiniLM; a loopback OpenAI server)
+def test_provenance_rebuilds_the_same_selection_from_the_same_store(
+        prefect_api, ray_local, shared_data: Path, tmp_path: Path) -> None:
+    from gleaner.flows.cli import app
+    from tests.support.openai_server import OpenAIStub
+    from tests.support.pipeline import pipeline_responder, write_config, write_sample
+
+    sample = write_sample(tmp_path / "sample.json", 12)
+    store = tmp_path / "store"
+    with OpenAIStub(pipeline_responder) as stub:
+        path = write_config(tmp_path / "config.yaml", str(store), stub.base_url, budget=5)
+        first = CliRunner().invoke(app, ["curate", str(sample), "--config", str(path),
+                                         "--run-id", "first", "--json"])
+        assert first.exit_code == 0, first.output
+        prov = json.loads((store / "datasets/curated/v0001" / PROVENANCE_FILE).read_text())
+        rebuild = prov["rebuild"]
+        config = tmp_path / "rebuild.yaml"
+        config.write_text(yaml.safe_dump(rebuild["config"]))
+        argv = [a.replace("{config}", str(config)).replace("{run_id}", "rebuilt")
+                for a in rebuild["command"]]
+        assert argv[:2] == ["gleaner", "curate"] and str(sample.resolve()) in argv
+        second = CliRunner().invoke(app, [*argv[1:], "--json"])
+        assert second.exit_code == 0, second.output
+
+    versions = [json.loads((store / f"datasets/curated/v000{n}/manifest.json").read_text())
+                for n in (1, 2)]
+    assert [v["run_id"] for v in versions] == ["first", "rebuilt"]
+    assert versions[0]["ids_sha256"] == versions[1]["ids_sha256"]
+    assert versions[1]["diff"]["added"] == versions[1]["diff"]["removed"] == 0
+    again = json.loads((store / "datasets/curated/v0002" / PROVENANCE_FILE).read_text())
+    assert again["rebuild"]["config"] == rebuild["config"]
+    assert again["steps"]["select"]["settings"]["select"] == \
+        prov["steps"]["select"]["settings"]["select"]
+    assert {s: p["key"] for s, p in again["stages"].items()} == \
+        {s: p["key"] for s, p in prov["stages"].items()}
+    assert again["counts"]["select"] == prov["counts"]["select"]
+    assert again["sources"][0]["sha256"] == prov["sources"][0]["sha256"]
