@@ -47,9 +47,9 @@ def plan_figures(store: str) -> None:
         "store.url": store, "curate.train": False,
         "rate.endpoint": {"base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini"},
         "rate.mode": "explain",
-        "evaluate.judge": {"base_url": "https://api.openai.com/v1", "model": "gpt-4o"},
+        "evaluate.endpoint": {"base_url": "https://api.openai.com/v1", "model": "gpt-4o"},
         "evaluate.test_sets": ["koala", "vicuna", "wizardlm", "sinstruct"],
-        "evaluate.eval_sets_dir": str(EVAL_SETS)})
+        "evaluate.test_sets_dir": str(EVAL_SETS)})
     started = time.perf_counter()
     plan = plan_sources([str(ALPACA)], config, "bench")
     seconds = time.perf_counter() - started

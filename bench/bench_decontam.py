@@ -39,7 +39,7 @@ def main() -> None:
     pool = examples_to_table([Example("alpaca", i, r["instruction"], r.get("input", ""),
                                       r.get("output", "")) for i, r in enumerate(records)])
     config = GleanerConfig.model_validate({"decontaminate": {
-        "test_sets": SETS, "ngram": args.ngram, "eval_sets_dir": str(DATA / "eval_sets")}})
+        "test_sets": SETS, "ngram": args.ngram, "test_sets_dir": str(DATA / "eval_sets")}})
     stage = make(config)
     started = time.perf_counter()
     plan = stage.requested()  # the driver: test sets read, index built

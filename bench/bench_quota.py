@@ -114,11 +114,11 @@ def main() -> None:
             for stage in stages:
                 overrides = {}
                 prefix = {"rate": "rate.resources", "score": "score.resources",
-                          "judge": "evaluate.judge_resources"}[stage]
+                          "judge": "evaluate.resources"}[stage]
                 if args.task_cpus:
                     overrides[f"{prefix}.cpus"] = args.task_cpus
                 defaults = {"rate": config.rate.resources, "score": config.score.resources,
-                            "judge": config.evaluate.judge_resources}[stage]
+                            "judge": config.evaluate.resources}[stage]
                 batch_size = args.batch_size or defaults.batch_size
                 concurrency = args.concurrency or defaults.concurrency
                 with QuotaServer(rate=args.rate, latency_s=args.latency,

@@ -27,8 +27,8 @@ from gleaner.tasks.compare.run import (
 def compare_flow(run_id: str, config: GleanerConfig,
                  responses: list[str] | None = None) -> dict[str, Any]:
     """Gather the responses, grade each 1-10 (an engine stage), write the preference pairs."""
-    if not config.compare.judge.base_url:
-        raise ValueError("compare.judge.base_url is not set: run_compare starts the offline "
+    if not config.compare.endpoint.base_url:
+        raise ValueError("compare.endpoint.base_url is not set: run_compare starts the offline "
                          "llama.cpp server, or configure an OpenAI-compatible endpoint")
     store = Store(config.store.url, config.store.options)
     gathered = gather_responses(store, run_id, config, responses, config.compare.limit)

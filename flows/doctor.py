@@ -114,7 +114,7 @@ def exit_code(checks: list[Check]) -> int:
 
 def offline_default_needed(config: GleanerConfig) -> bool:
     """A role without an endpoint makes gleaner start the offline llama.cpp server."""
-    judge = config.curate.evaluate and config.evaluate.judge.base_url is None
+    judge = config.curate.evaluate and config.evaluate.endpoint.base_url is None
     return config.rate.endpoint.base_url is None or judge
 
 
@@ -217,7 +217,7 @@ def check_llama(config: GleanerConfig, refresh: bool = False) -> Check:
         return broken("llama.cpp", "llama-cpp-python is not installed",
                       "pip install 'gleaner[local-llm]' (infra/install.sh builds it portably)"
                       + ("" if not needed else
-                         ", or configure rate.endpoint and evaluate.judge"), needed, unused)
+                         ", or configure rate.endpoint and evaluate.endpoint"), needed, unused)
     choice = llama_build.choose(refresh=refresh)
     cpu = llama_build.cpu_model()
     flags = set(llama_build.cpu_flags())
@@ -529,7 +529,7 @@ def endpoint_checks(config: GleanerConfig) -> list[tuple[str, Callable[[], Check
                 label, "score.endpoint", scorer, needed=True, logprobs_use="required",
                 completions=True)))
     checks.append(("judge", lambda: check_endpoint(
-        "judge", "evaluate.judge", config.evaluate.judge, needed=config.curate.evaluate,
+        "judge", "evaluate.endpoint", config.evaluate.endpoint, needed=config.curate.evaluate,
         unused="curate.evaluate is off")))
     return checks
 
@@ -555,9 +555,9 @@ def check_test_sets(config: GleanerConfig) -> list[Check]:
     for spec in specs:
         name = f"test-set:{spec.partition('=')[0]}"
         try:
-            check_readable([spec], config.evaluate.eval_sets_dir)
-            _, url, _ = resolve(spec, config.evaluate.eval_sets_dir)
-            prompts = load_eval_set(spec, config.evaluate.eval_sets_dir)
+            check_readable([spec], config.evaluate.test_sets_dir)
+            _, url, _ = resolve(spec, config.evaluate.test_sets_dir)
+            prompts = load_eval_set(spec, config.evaluate.test_sets_dir)
         except (EvalSetError, OSError) as error:
             detail = str(error).removeprefix("evaluate.test_sets: ")
             fix = None if "--no-eval" in detail else "gleaner curate --no-eval skips evaluation"

@@ -60,7 +60,7 @@ def experiment_flow(config: str | dict[str, Any] | GleanerConfig | None = None,
     cfg = resolve_config(config)
     run_id = experiment_run_id(cfg, run_id)
     cfg = cfg.with_overrides({"run_id": run_id})
-    check_readable(cfg.evaluate.test_sets, cfg.evaluate.eval_sets_dir)
+    check_readable(cfg.evaluate.test_sets, cfg.evaluate.test_sets_dir)
     init_ray(cfg)
     store = Store(cfg.store.url, cfg.store.options)
     pool = pool_run(cfg, run_id)

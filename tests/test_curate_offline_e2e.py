@@ -29,7 +29,7 @@ from tests.support.pipeline import ROOT, artifacts_of, flow_run_by_name, prefect
 
 DEMO_LIMIT = 24  # examples/offline-demo.yaml: ingest.limit
 PROMPTS = 3  # examples/offline-demo.yaml: evaluate.limit (Vicuna)
-BUDGET = 8  # examples/offline-demo.yaml: select.budget
+BUDGET = 8  # examples/offline-demo.yaml: select.size
 
 
 @pytest.mark.slow

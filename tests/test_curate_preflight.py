@@ -1,7 +1,7 @@
 """The curate flow checks its evaluation inputs before ingesting (fast: no models are loaded).
 
 Evaluation is the last stage; a test set that does not resolve (the demo's relative
-``eval_sets_dir`` read from another directory) must stop the run at once, naming the config
+``test_sets_dir`` read from another directory) must stop the run at once, naming the config
 key, the path, and that relative paths are resolved against the current directory.
 """
 
@@ -37,7 +37,7 @@ def test_demo_config_from_another_directory_fails_before_anything_runs(
     )
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr
-    assert "gleaner: error: evaluate.eval_sets_dir = '../shared/data/eval_sets'" in error
+    assert "gleaner: error: evaluate.test_sets_dir = '../shared/data/eval_sets'" in error
     assert "../shared/data/eval_sets/vicuna_test_set.jsonl is not a readable file" in error
     assert f"relative paths are resolved against the current directory ({tmp_path})" in error
     assert "Traceback" not in error
@@ -55,7 +55,7 @@ def test_the_flow_itself_fails_before_ingesting(prefect_api: str, tmp_path: Path
     """A deployment run has no CLI around it: the flow checks too, before Ray and ingest."""
     monkeypatch.chdir(tmp_path)
     config = load_config(DEMO).with_overrides({"store.url": str(tmp_path / "store")})
-    with pytest.raises(EvalSetError, match=r"evaluate\.eval_sets_dir.*current directory"):
+    with pytest.raises(EvalSetError, match=r"evaluate\.test_sets_dir.*current directory"):
         curate_flow(sources=[str(ALPACA_SAMPLE)], config=config, run_id="preflight-flow")
     assert not (tmp_path / "store").exists()  # no run record, no ingest
 
@@ -75,7 +75,7 @@ def test_what_is_checked_and_when(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "current directory" not in str(caught.value)
     # A folder where a file should be is not readable either.
     (tmp_path / "vicuna_test_set.jsonl").mkdir()
-    with pytest.raises(EvalSetError, match=r"evaluate\.eval_sets_dir = '\.'"):
+    with pytest.raises(EvalSetError, match=r"evaluate\.test_sets_dir = '\.'"):
         check_readable(["vicuna"], ".")
     # A known set with no folder: the copies shipped with gleaner, where the licence allows;
     # Vicuna's questions are non-commercial, so it needs a folder, and the error says why.
@@ -83,7 +83,7 @@ def test_what_is_checked_and_when(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     check_readable(["koala", "sinstruct", "mt_bench"], None)
     with pytest.raises(EvalSetError, match=r"evaluate\.test_sets: .*not shipped with gleaner "
                                            r"\(its questions are CC-BY-NC-4\.0.*"
-                                           r"evaluate\.eval_sets_dir"):
+                                           r"evaluate\.test_sets_dir"):
         check_readable(["vicuna"], None)
     monkeypatch.setenv("GLEANER_EVAL_SETS", "nowhere")
     with pytest.raises(EvalSetError, match=r"\$GLEANER_EVAL_SETS = 'nowhere'.*current directory"):
@@ -91,7 +91,7 @@ def test_what_is_checked_and_when(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("GLEANER_EVAL_SETS", folder)
     check_readable(["koala"], None)
     # Only when this flow evaluates: not with --no-eval, not when a deployment does it.
-    bad = GleanerConfig().with_overrides({"evaluate.eval_sets_dir": "nowhere"})
+    bad = GleanerConfig().with_overrides({"evaluate.test_sets_dir": "nowhere"})
     with pytest.raises(EvalSetError):
         check_evaluation_inputs(bad)
     check_evaluation_inputs(bad.with_overrides({"curate.evaluate": False}))

@@ -48,7 +48,7 @@ def write_config(tmp_path: Path, shared_data: Path, endpoint: str, **sections: A
                               "api_key_env": KEY_ENV, "max_retries": 0}},
         "evaluate": {"judge": {"base_url": endpoint, "model": "stub-model",
                                "api_key_env": KEY_ENV, "max_retries": 0},
-                     "test_sets": ["vicuna"], "eval_sets_dir": str(shared_data / "eval_sets")},
+                     "test_sets": ["vicuna"], "test_sets_dir": str(shared_data / "eval_sets")},
     }
     for section, values in sections.items():
         document.setdefault(section, {}).update(values)
@@ -169,8 +169,8 @@ def test_rejected_key_fails_unless_the_role_is_not_needed(monkeypatch):
     with OpenAIStub(lambda body: Reply(status=401, error_message="bad key")) as server:
         endpoint = EndpointConfig(base_url=server.base_url, model="stub-model",
                                   api_key_env=KEY_ENV, max_retries=0)
-        needed = check_endpoint("judge", "evaluate.judge", endpoint, needed=True)
-        spare = check_endpoint("judge", "evaluate.judge", endpoint, needed=False,
+        needed = check_endpoint("judge", "evaluate.endpoint", endpoint, needed=True)
+        spare = check_endpoint("judge", "evaluate.endpoint", endpoint, needed=False,
                                unused="curate.evaluate is off")
     assert needed.status == "failed" and needed.info["error"] == "rejected_key"
     assert KEY_ENV in needed.fix and SECRET not in needed.detail + needed.fix

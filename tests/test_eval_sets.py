@@ -57,7 +57,7 @@ def test_bad_rows_name_file_line_and_field(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(EvalSetError, match="file not found"):
         load_eval_set(str(tmp_path / "missing.jsonl"))
     monkeypatch.delenv("GLEANER_EVAL_SETS", raising=False)
-    with pytest.raises(EvalSetError, match="not shipped with gleaner.*eval_sets_dir"):
+    with pytest.raises(EvalSetError, match="not shipped with gleaner.*test_sets_dir"):
         load_eval_set("wizardlm", None)  # non-commercial terms: the user's folder only
 
 

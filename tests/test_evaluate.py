@@ -59,7 +59,7 @@ def test_cli_judges_answer_files_with_repeats_and_unmatched_rows(prefect_api, ra
     with OpenAIStub(marker_judge) as stub:
         # one of koala's two pairs is a judge failure: over the default 5 % budget
         settings = tmp_path / "gleaner.yaml"
-        settings.write_text("evaluate:\n  failure_budget: 1.0\n")
+        settings.write_text("evaluate:\n  max_failed_share: 1.0\n")
         args = ["evaluate", "--answers-a", a, "--answers-b", b, "--judge-base-url", stub.base_url,
                 "--judge-model", "gpt-4", "--store", str(store), "--run-id", "eval-run", "--json",
                 "--config", str(settings)]
@@ -121,9 +121,9 @@ def test_flow_generates_with_two_models_and_judges(prefect_api, ray_local, tiny_
 
     with OpenAIStub(by_length) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
-            "evaluate.eval_sets_dir": str(shared_data / "eval_sets"),
-            "evaluate.max_new_tokens": 12, "evaluate.generation.batch_size": 2})
+            "store.url": str(tmp_path / "store"), "evaluate.endpoint.base_url": stub.base_url,
+            "evaluate.test_sets_dir": str(shared_data / "eval_sets"),
+            "evaluate.generation.max_tokens": 12, "evaluate.generation.forward_batch_size": 2})
         summary = evaluate_flow(run_id="gen-run", config=config, model_a=str(tiny_model_dir),
                                 model_b=str(other), test_sets=["vicuna", custom], limit=3)
         asked = stub.count()
@@ -182,14 +182,14 @@ def test_judging_resumes_from_parts_and_reuses_judgements(prefect_api, ray_local
     store = Store(str(tmp_path / "store"))
     with OpenAIStub(marker_judge) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": store.url, "evaluate.judge.base_url": stub.base_url,
-            "evaluate.judge_resources.batch_size": 2})
+            "store.url": store.url, "evaluate.endpoint.base_url": stub.base_url,
+            "evaluate.resources.batch_size": 2})
         first = run_evaluate_answers(store, "resume-run", config, a, b)
         assert stub.count() == 1 + 2 * 5  # the probe, then both orders of 5 pairs
         stage = layout.judge_stage(first["comparison"], "answers")
         assert store.finished_parts("resume-run", stage) == {0, 1, 2}
         store.fs.rm(store.part_paths(store.stage_path("resume-run", stage))[1])
-        no_cache = config.with_overrides({"evaluate.judge_cache": False})
+        no_cache = config.with_overrides({"evaluate.cache": False})
         again = run_evaluate_answers(store, "resume-run", no_cache, a, b)
         assert stub.count() == 1 + 2 * 5 + 1 + 2 * 2  # the lost part's 2 pairs only
         other = run_evaluate_answers(store, "other-run", config, a, b)

@@ -116,7 +116,7 @@ def test_cli_evol_complexity_rows_items_and_cache(prefect_api, ray_local, tmp_pa
              Example("pool", 2, "Say nothing.", "", "...")]
     store.write_part("evol-run", "ingest", 0, examples_to_table(seeds))
     settings = tmp_path / "gleaner.yaml"
-    settings.write_text("evol:\n  failure_budget: 1.0\n  parse_retries: 1\n")
+    settings.write_text("evol:\n  max_failed_share: 1.0\n  parse_retries: 1\n")
     args = ["evol", "complexity", "--run-id", "evol-run", "--rounds", "2", "--store", store.url,
             "--base-url", "PLACEHOLDER", "--model", "gpt-3.5-turbo", "--json", "--config",
             str(settings)]
@@ -179,11 +179,11 @@ def test_offline_server_settings_for_the_grader_and_the_rewriter() -> None:
     server = SimpleNamespace(base_url="http://127.0.0.1:9/v1", model="smollm2",
                              state_path="/tmp/state.json")
     live = with_offline_rewriter(with_offline_grader(GleanerConfig(), server), server)
-    assert live.compare.judge.base_url == live.evol.endpoint.base_url == server.base_url
+    assert live.compare.endpoint.base_url == live.evol.endpoint.base_url == server.base_url
     assert (live.compare.grammar, live.compare.max_tokens) == (True, 16)
-    assert (live.evol.score_grammar, live.evol.max_tokens) == (True, 192)
+    assert (live.evol.score.grammar, live.evol.max_tokens) == (True, 192)
     assert live.compare.resources.concurrency == live.evol.resources.concurrency == 2
     assert live.evol.endpoint.local_server == "/tmp/state.json"
-    off = GleanerConfig().with_overrides({"compare.grammar": False, "evol.score_grammar": False})
+    off = GleanerConfig().with_overrides({"compare.grammar": False, "evol.score.grammar": False})
     assert with_offline_grader(off, server).compare.grammar is False
-    assert with_offline_rewriter(off, server).evol.score_grammar is False
+    assert with_offline_rewriter(off, server).evol.score.grammar is False

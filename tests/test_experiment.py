@@ -64,7 +64,7 @@ def grid_config(tmp_path: Path, shared_data: Path, tiny_model_dir: Path, judge_u
         "evaluate": {"judge": {"base_url": judge_url, "model": "gpt-4"},
                      "test_sets": ["vicuna"], "limit": 3, "max_new_tokens": 8,
                      "generation": {"batch_size": 3},
-                     "eval_sets_dir": str(shared_data / "eval_sets")},
+                     "test_sets_dir": str(shared_data / "eval_sets")},
         "mt_bench": {"question_ids": [81, 101], "max_new_tokens": 6},
         "experiment": {"name": "tiny", "arms": arms, **experiment},
     }

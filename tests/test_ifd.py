@@ -150,7 +150,7 @@ def test_ifd_and_length_stages_on_the_engine_then_select(prefect_api, ray_local,
         store.write_part(run, layout.INGEST, 0, pa.Table.from_pylist(rows, EXAMPLE_SCHEMA))
     config = GleanerConfig().with_overrides({
         "store.url": str(tmp_path / "store"), "ifd.model": str(tiny_model_dir),
-        "ifd.max_length": 96, "ifd.resources.batch_size": 4, "ifd.failure_budget": 0.5,
+        "ifd.max_length": 96, "ifd.resources.batch_size": 4, "ifd.max_failed_share": 0.5,
         "length.tokenizer": str(tiny_model_dir)})
     summary = ifd_flow(run_id="r1", config=config)
     assert (summary["ok"], summary["failed"], summary["failures"]) == (5, 1, {"input": 1})
@@ -176,7 +176,7 @@ def test_ifd_and_length_stages_on_the_engine_then_select(prefect_api, ray_local,
     assert picked["selected"] == min(3, sum(v <= 1 for v in values))  # 50 % of 6, IFD <= 1
     assert picked["reasons"]["above_threshold"] == sum(v > 1 for v in values)
     assert picked["reasons"]["failed_upstream"] == 1
-    longest_config = config.with_overrides({"select.selector": "longest", "select.budget": 2})
+    longest_config = config.with_overrides({"select.selector": "longest", "select.size": 2})
     picked, _, _ = select_examples(store, "r1", longest_config)
     manifest = store.read_stage("r1", layout.SELECT)
     chosen = set(manifest.filter(manifest["selected"]).column("id").to_pylist())

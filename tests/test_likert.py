@@ -115,11 +115,11 @@ def test_likert_stage_rates_samples_and_records_the_unparseable(prefect_api, ray
              for sample, rating in enumerate(pair)]
     store = Store(str(tmp_path / "store"))
     config = GleanerConfig().with_overrides({"store.url": store.url,
-                                             "evaluate.likert.failure_budget": 0.5,
+                                             "evaluate.likert.max_failed_share": 0.5,
                                              "evaluate.likert.resources.batch_size": 8})
     with OpenAIStub(lima_judge) as stub:
-        config = config.with_overrides({"evaluate.judge.base_url": stub.base_url,
-                                        "evaluate.judge.model": "gpt-3.5-turbo"})
+        config = config.with_overrides({"evaluate.endpoint.base_url": stub.base_url,
+                                        "evaluate.endpoint.model": "gpt-3.5-turbo"})
         summary = likert_flow(run_id="lk", config=config, items=items)
         asked = list(stub.requests)
         again = likert_flow(run_id="lk", config=config, items=items)
@@ -174,7 +174,7 @@ def test_cli_evaluate_likert_reports_mean_and_interval_per_model(prefect_api, ra
         {"prompt": "2+2?", "answer": "5 [s=2] [r=1]"},
         {"prompt": "Tea?", "answer": "No [s=3] [r=2]"}])
     settings = tmp_path / "gleaner.yaml"
-    settings.write_text("evaluate:\n  likert:\n    failure_budget: 0.5\n")
+    settings.write_text("evaluate:\n  likert:\n    max_failed_share: 0.5\n")
     runner = CliRunner()
     with OpenAIStub(lima_judge) as stub:
         args = ["evaluate", "--answers-a", a, "--answers-b", b, "--judge-base-url",
@@ -220,7 +220,7 @@ def test_cli_refuses_likert_samples_with_greedy_answers(tmp_path: Path) -> None:
 
     result = CliRunner().invoke(app, ["evaluate", "--likert", "--likert-samples", "3",
                                       "--store", str(tmp_path / "store")])
-    assert result.exit_code == 2 and "set evaluate.do_sample: true" in result.output
+    assert result.exit_code == 2 and "set evaluate.generation.do_sample: true" in result.output
 
 
 # ---- N sampled answers from a real model --------------------------------------------------------
@@ -244,9 +244,9 @@ def test_flow_rates_n_sampled_answers_of_two_tiny_models(
 
     with OpenAIStub(constant) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
-            "evaluate.max_new_tokens": 8, "evaluate.do_sample": True,
-            "evaluate.temperature": 1.0, "evaluate.likert.enabled": True,
+            "store.url": str(tmp_path / "store"), "evaluate.endpoint.base_url": stub.base_url,
+            "evaluate.generation.max_tokens": 8, "evaluate.generation.do_sample": True,
+            "evaluate.generation.temperature": 1.0, "evaluate.likert.enabled": True,
             "evaluate.likert.samples": 3})
         summary = evaluate_flow(run_id="n-run", config=config, model_a=str(tiny_model_dir),
                                 model_b=str(other), test_sets=[prompts])
@@ -289,7 +289,7 @@ def test_offline_smollm2_judge_rates_under_the_grammar() -> None:
         assert settings.grammar and settings.max_tokens == 4
 
         async def rate() -> list[tuple[Any, RowCost]]:
-            async with LLMClient(live.evaluate.judge, concurrency=2) as client:
+            async with LLMClient(live.evaluate.endpoint, concurrency=2) as client:
                 out = []
                 for question, answer in answers:
                     cost = RowCost()
@@ -308,7 +308,8 @@ def test_the_cost_plan_counts_both_models_samples() -> None:
 
     base = GleanerConfig().with_overrides({
         "evaluate.test_sets": ["koala"], "evaluate.limit": 3,
-        "evaluate.judge.base_url": "http://127.0.0.1:1/v1", "evaluate.do_sample": True})
+        "evaluate.endpoint.base_url": "http://127.0.0.1:1/v1",
+        "evaluate.generation.do_sample": True})
     assert plan_likert(base) == []  # not asked for: nothing planned
     [plan] = plan_likert(base.with_overrides({"evaluate.likert.enabled": True,
                                               "evaluate.likert.samples": 5}))

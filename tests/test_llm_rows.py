@@ -124,7 +124,7 @@ def test_a_toy_stage_on_the_row_loop(prefect_api, toy_by_value, tmp_path: Path) 
     counter = Counter()
     with OpenAIStub(counter) as stub:
         section = {"endpoint": {"base_url": stub.base_url, "model": "stub", "max_retries": 0},
-                   "resources": {"batch_size": 4, "retries": 0}, "failure_budget": 1.0}
+                   "resources": {"batch_size": 4, "retries": 0}, "max_failed_share": 1.0}
         summary = count_flow(run_id="r1", config=config, section=section)
         sent = stub.count()
         again = count_flow(run_id="r1", config=config, section=section)  # resumed: all done

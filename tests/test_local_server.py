@@ -106,7 +106,7 @@ def test_judge_path_reports_a_dead_local_server(prefect_api, ray_local, tmp_path
         answers[side] = str(path)
     config = GleanerConfig().with_overrides({"store.url": str(tmp_path / "store")})
     with offline_endpoints(config, "judge") as live:
-        pid = json.loads(Path(live.evaluate.judge.local_server).read_text())["pid"]
+        pid = json.loads(Path(live.evaluate.endpoint.local_server).read_text())["pid"]
         os.kill(pid, signal.SIGKILL)
         wait_dead(pid)
         with pytest.raises(FatalStageError) as caught:

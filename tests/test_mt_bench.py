@@ -60,10 +60,10 @@ def test_mt_bench_two_turns_graded_like_fastchat(prefect_api, ray_local, tiny_mo
         .splitlines())}
     with OpenAIStub(fastchat_judge(by_question)) as stub:
         config = GleanerConfig().with_overrides({
-            "store.url": str(tmp_path / "store"), "evaluate.judge.base_url": stub.base_url,
-            "evaluate.eval_sets_dir": str(shared_data / "eval_sets"),
-            "mt_bench.question_ids": QUESTION_IDS, "mt_bench.max_new_tokens": 6,
-            "mt_bench.failure_budget": 0.5})
+            "store.url": str(tmp_path / "store"), "evaluate.endpoint.base_url": stub.base_url,
+            "evaluate.test_sets_dir": str(shared_data / "eval_sets"),
+            "mt_bench.question_ids": QUESTION_IDS, "mt_bench.answers.max_tokens": 6,
+            "mt_bench.max_failed_share": 0.5})
         summary = mt_bench_flow(run_id="mt", config=config, model=str(tiny_model_dir))
         asked = list(stub.requests)
         again = mt_bench_flow(run_id="mt", config=config, model=str(tiny_model_dir))

@@ -48,14 +48,14 @@ def config(**overrides: object) -> GleanerConfig:
 def test_the_offline_rule_sets_the_token_cap_and_the_grammar() -> None:
     base = config()
     live = with_offline_judge(base, "http://127.0.0.1:1/v1", "smollm2-135m-instruct")
-    assert live.evaluate.judge.base_url == "http://127.0.0.1:1/v1"
-    assert live.evaluate.judge_max_tokens == base.evaluate.offline_judge_max_tokens == 48
-    assert live.evaluate.judge_grammar is True
-    assert live.evaluate.judge_resources.concurrency == 2
+    assert live.evaluate.endpoint.base_url == "http://127.0.0.1:1/v1"
+    assert live.evaluate.max_tokens == base.evaluate.offline_max_tokens == 48
+    assert live.evaluate.grammar is True
+    assert live.evaluate.resources.concurrency == 2
     # A user who turned the grammar off keeps it off, offline too.
-    off = with_offline_judge(config(**{"evaluate.judge_grammar": False}), "http://x/v1", "m")
-    assert off.evaluate.judge_grammar is False
-    assert off.evaluate.judge_max_tokens == 48
+    off = with_offline_judge(config(**{"evaluate.grammar": False}), "http://x/v1", "m")
+    assert off.evaluate.grammar is False
+    assert off.evaluate.max_tokens == 48
 
 
 def test_grammar_is_in_the_request_body_only_when_on() -> None:
@@ -65,7 +65,7 @@ def test_grammar_is_in_the_request_body_only_when_on() -> None:
         return Reply("8 6\nThe first." if a_first else "6 8\nThe second.")
 
     with OpenAIStub(prefers_a) as stub:
-        url = {"evaluate.judge.base_url": stub.base_url, "evaluate.judge.max_retries": 0}
+        url = {"evaluate.endpoint.base_url": stub.base_url, "evaluate.endpoint.max_retries": 0}
 
         def bodies(cfg: GleanerConfig) -> list[dict]:
             stub.reset()
@@ -76,12 +76,12 @@ def test_grammar_is_in_the_request_body_only_when_on() -> None:
         configured = bodies(config(**url))  # a configured endpoint (OpenAI): never by default
         assert len(configured) == 2
         assert all("grammar" not in b and b["max_tokens"] == 1024 for b in configured)
-        forced = bodies(config(**url, **{"evaluate.judge_grammar": True}))  # own llama.cpp
+        forced = bodies(config(**url, **{"evaluate.grammar": True}))  # own llama.cpp
         assert all(b["grammar"] == SCORE_LINE_GRAMMAR for b in forced)
         assert all(b["max_tokens"] == 1024 for b in forced)
         offline = bodies(with_offline_judge(config(), stub.base_url, "smollm2"))
         assert all(b["grammar"] == SCORE_LINE_GRAMMAR and b["max_tokens"] == 48 for b in offline)
-        off = bodies(with_offline_judge(config(**{"evaluate.judge_grammar": False}),
+        off = bodies(with_offline_judge(config(**{"evaluate.grammar": False}),
                                         stub.base_url, "smollm2"))
         assert all("grammar" not in b for b in off)
 
@@ -106,8 +106,8 @@ def assert_offline_reviews_parse(cfg: GleanerConfig) -> None:
 def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """curate's one llama.cpp server for rater and judge: the judge still gets the offline rule."""
     with offline_endpoints(config(), "rater", "judge") as live:
-        assert live.evaluate.judge.base_url == live.rate.endpoint.base_url
-        assert live.evaluate.judge.model == "smollm2-135m-instruct"
+        assert live.evaluate.endpoint.base_url == live.rate.endpoint.base_url
+        assert live.evaluate.endpoint.model == "smollm2-135m-instruct"
         # a base_url now: used as it is, no new server
         with offline_endpoints(live, "judge") as judging:
             assert judging is live
@@ -119,5 +119,5 @@ def test_curate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
 def test_evaluate_flow_offline_judge_gets_offline_settings_and_parses() -> None:
     """The evaluate flow alone, no judge configured: it starts the server under the same rule."""
     with offline_endpoints(config(), "judge") as judging:
-        assert judging.evaluate.judge.base_url.startswith("http://127.0.0.1:")
+        assert judging.evaluate.endpoint.base_url.startswith("http://127.0.0.1:")
         assert_offline_reviews_parse(judging)

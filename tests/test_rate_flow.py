@@ -152,7 +152,7 @@ def test_prefect_retries_a_raising_batch_and_marks_a_dead_batch_failed(
     with OpenAIStub(rater) as stub:
         # a dead batch is a third of this tiny run: over the default failure budget
         overrides = {"rate.resources.batch_size": 5, "rate.endpoint.max_retries": 0,
-                     "rate.resources.retries": 1, "rate.failure_budget": 0.5}
+                     "rate.resources.retries": 1, "rate.max_failed_share": 0.5}
         summary = run_rate(config_for(store, stub, **overrides), "retries")
 
     rated = ratings(store, "retries")

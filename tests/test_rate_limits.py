@@ -312,7 +312,7 @@ def test_without_the_limiter_most_requests_are_answered_429(prefect_api, ray_loc
     with QuotaServer(rate=QUOTA, latency_s=0.05) as server:
         run = run_stage_against("rate", server, str(tmp_path / "store"), "quota-none", 120,
                                 rpm=None, batch_size=BATCH_SIZE, concurrency=CONCURRENCY,
-                                **{"rate.endpoint.max_retries": 20, "rate.failure_budget": 1.0})
+                                **{"rate.endpoint.max_retries": 20, "rate.max_failed_share": 1.0})
         stats = server.stats()
     print(f"\nrate without rpm: {stats.line()}")
     assert run.summary["examples"] == 120

@@ -61,7 +61,7 @@ def config_for(store: Store, stub: OpenAIStub, **overrides: object) -> GleanerCo
     return GleanerConfig().with_overrides({
         "store.url": store.url, "regenerate.endpoint.base_url": stub.base_url,
         "regenerate.endpoint.model": "teacher-model", "regenerate.endpoint.max_retries": 0,
-        "regenerate.resources.batch_size": 64, "regenerate.failure_budget": 0.2,
+        "regenerate.resources.batch_size": 64, "regenerate.max_failed_share": 0.2,
         "regenerate.resources.retry_delay_s": 0, **overrides})
 
 
@@ -133,8 +133,8 @@ def test_regeneration_of_real_examples_and_conversations(
         # the two answer sets, judged against each other in one command
         answers = summary["answers"]
         assert answers["rows"] == 229 - len(failed)
-        judge = config.with_overrides({"evaluate.judge.base_url": stub.base_url,
-                                       "evaluate.judge.model": "judge-model"})
+        judge = config.with_overrides({"evaluate.endpoint.base_url": stub.base_url,
+                                       "evaluate.endpoint.model": "judge-model"})
         verdict = evaluate_flow(run_id="teacher-vs-original", config=judge,
                                 answers_a=answers["teacher"], answers_b=answers["original"])
     assert verdict["join_key"] == "id" and verdict["matched"] == answers["rows"]

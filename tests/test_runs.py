@@ -27,7 +27,7 @@ from gleaner.tasks.publish.versions import publish_dataset_version
 def summary(store: Store, run_id: str, stage: str, **fields) -> None:
     document = {"run_id": run_id, "stage": stage, "status": "completed", "examples": 10,
                 "ok": 10, "failed": 0, "est_cost_usd": 0.25, "price_known": True,
-                "failure_budget": 0.1, **fields}
+                "max_failed_share": 0.1, **fields}
     store.write_json(layout.plan_path(store, run_id, stage), {"stage": stage})
     store.write_json(layout.summary_path(store, run_id, stage), document)
 

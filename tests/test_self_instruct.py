@@ -53,7 +53,7 @@ def test_every_candidate_is_kept_or_filtered_with_its_reason(tmp_path: Path, see
     with OpenAIStub(ScriptedResponder()) as stub:
         config = config_for(store, stub, **{"generate.requests_per_round": 4,
                                             "generate.max_rounds": 1,
-                                            "generate.failure_budget": 0.5})
+                                            "generate.max_failed_share": 0.5})
         summary = run_self_instruct(config, "s", seeds, count=100)
         sent = [b for b in stub.requests if request_text(b) != "Say OK."]
     assert summary["kept"] == EXPECTED["kept"]

@@ -64,8 +64,8 @@ def compare(
 ) -> None:
     """Grade K responses per prompt 1-10 and write every pair with s_l < s_h (GPT-4-LLM)."""
     config = build_config(config_file, **{
-        "store.url": store, "compare.judge.base_url": judge_base_url,
-        "compare.judge.model": judge_model, "compare.limit": limit,
+        "store.url": store, "compare.endpoint.base_url": judge_base_url,
+        "compare.endpoint.model": judge_model, "compare.limit": limit,
         "compare.resources.batch_size": batch_size,
         "compare.resources.concurrency": concurrency,
         **stage_flags("compare", force, no_cache, retry_failed)})

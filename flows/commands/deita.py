@@ -124,10 +124,11 @@ def select(
     sort_by: str | None = typer.Option(
         None, "--sort-by", help="evol | rating | complexity | quality | any score column."
     ),
-    budget: int | None = typer.Option(None, "--budget", min=0, help="How many to select."),
+    size: int | None = typer.Option(None, "--size", "--budget", min=0,
+                                    help="How many to select (select.size)."),
     fraction: float | None = typer.Option(
         None, "--fraction", min=0.0, max=1.0,
-        help="A share of the pool instead of --budget (IFD keeps the top 0.05)."),
+        help="A share of the pool instead of --size (IFD keeps the top 0.05)."),
     tau: float | None = typer.Option(None, "--tau", help="deita: max cosine similarity."),
     threshold: float | None = typer.Option(
         None, "--threshold",
@@ -150,7 +151,7 @@ def select(
     config = build_config(config_file, **{
         "store.url": store, "select.selector": choice("selector", selector, "--selector"),
         "select.sort_by": sort_by,
-        "select.budget": budget, "select.fraction": fraction, "select.tau": tau,
+        "select.size": size, "select.fraction": fraction, "select.tau": tau,
         "select.threshold": threshold,
         "select.seed": seed,
     })

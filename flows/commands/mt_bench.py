@@ -26,7 +26,7 @@ def mt_bench(
     store: str | None = StoreOption,
     judge_base_url: str | None = typer.Option(None, "--judge-base-url"),
     judge_model: str | None = typer.Option(None, "--judge-model", help="Default gpt-4."),
-    eval_sets_dir: str | None = typer.Option(None, "--eval-sets-dir"),
+    test_sets_dir: str | None = typer.Option(None, "--eval-sets-dir"),
     question_ids: list[int] | None = typer.Option(None, "--question-id", help="Repeatable."),
     per_category: int | None = typer.Option(None, "--per-category", min=1),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
@@ -35,10 +35,10 @@ def mt_bench(
 ) -> None:
     """Two-turn answers, single-answer grades 1-10 (references for math, reasoning, coding)."""
     config = build_config(config_file, **{
-        "store.url": store, "evaluate.judge.base_url": judge_base_url,
-        "evaluate.judge.model": judge_model, "evaluate.eval_sets_dir": eval_sets_dir,
+        "store.url": store, "evaluate.endpoint.base_url": judge_base_url,
+        "evaluate.endpoint.model": judge_model, "evaluate.test_sets_dir": test_sets_dir,
         "mt_bench.question_ids": question_ids or None, "mt_bench.per_category": per_category,
-        "mt_bench.max_new_tokens": max_new_tokens})
+        "mt_bench.answers.max_tokens": max_new_tokens})
     from gleaner.flows.mt_bench_flow import mt_bench_flow
     from gleaner.runtime import execution_environment
     from gleaner.tasks.mtbench.run import markdown

@@ -189,7 +189,7 @@ def evaluate(
     test_sets: list[str] | None = typer.Option(
         None, "--test-sets", "--test-set",
         help="koala, vicuna, wizardlm, sinstruct, mt_bench, or a prompt JSONL (repeatable)."),
-    eval_sets_dir: str | None = typer.Option(None, "--eval-sets-dir"),
+    test_sets_dir: str | None = typer.Option(None, "--eval-sets-dir"),
     limit: int | None = typer.Option(None, "--limit", min=1, help="First N prompts per set."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
     force: bool = typer.Option(False, "--force", help="Regenerate and rejudge."),
@@ -197,7 +197,7 @@ def evaluate(
                                 "6-point helpfulness scale: mean and 95 % CI per model."),
     likert_samples: int | None = typer.Option(
         None, "--likert-samples", min=1,
-        help="--likert: answers sampled per prompt (above 1 needs evaluate.do_sample)."),
+        help="--likert: answers sampled per prompt (above 1 needs evaluate.generation.do_sample)."),
     batch_api: bool = BatchAPIOption,
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
@@ -208,12 +208,12 @@ def evaluate(
     if bool(answers_a) != bool(answers_b):
         fail("give both --answers-a and --answers-b, or neither")
     config = build_config(config_file, **{
-        "store.url": store, "run_id": run_id, "evaluate.judge.base_url": judge_base_url,
-        "evaluate.judge.model": judge_model, "evaluate.rule": rule,
-        "evaluate.eval_sets_dir": eval_sets_dir, "evaluate.limit": limit,
-        "evaluate.max_new_tokens": max_new_tokens, "evaluate.force": True if force else None,
+        "store.url": store, "run_id": run_id, "evaluate.endpoint.base_url": judge_base_url,
+        "evaluate.endpoint.model": judge_model, "evaluate.rule": rule,
+        "evaluate.test_sets_dir": test_sets_dir, "evaluate.limit": limit,
+        "evaluate.generation.max_tokens": max_new_tokens, "evaluate.force": True if force else None,
         "evaluate.test_sets": test_sets or None,
-        "evaluate.judge.api": "batch" if batch_api else None,
+        "evaluate.endpoint.api": "batch" if batch_api else None,
         "evaluate.likert.enabled": True if likert else None,
         "evaluate.likert.samples": likert_samples})
 

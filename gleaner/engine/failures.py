@@ -9,7 +9,7 @@
   does not exist, the local server gleaner started has died) raises
   :class:`FatalStageError` at the first occurrence: the batch is not retried,
   no further batch is submitted, and the stage fails with that cause in plain words.
-- A stage whose failed share exceeds its ``failure_budget`` ends with
+- A stage whose failed share exceeds its ``max_failed_share`` ends with
   :class:`StageFailed` after writing every row and its summary.
 """
 

@@ -190,7 +190,7 @@ def run_rounds(stage: RoundStage, config: GleanerConfig, run_id: str) -> dict[st
     publish_summary(stage, run_id, summary)
     if stopped is not None:
         raise stopped
-    check_budget(stage.name, summary["failed"], summary["examples"], stage.section.failure_budget)
+    check_budget(stage.name, summary["failed"], summary["examples"], stage.section.max_failed_share)
     return summary
 
 

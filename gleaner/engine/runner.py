@@ -325,7 +325,7 @@ def run_stage(stage: Stage, config: GleanerConfig, run_id: str) -> dict[str, Any
     if fatal is not None:
         raise FatalStageError(f"{stage.name} stopped: {fatal}",
                               getattr(fatal, "kind", "fatal")) from None
-    check_budget(stage.name, summary["failed"], summary["examples"], section.failure_budget)
+    check_budget(stage.name, summary["failed"], summary["examples"], section.max_failed_share)
     return summary
 
 
@@ -415,7 +415,7 @@ def summarize(stage: Stage, store: Store, run_id: str, config: GleanerConfig, in
         batches_failed=sum(1 for r in results if r.get("failed_batch")),
         batch_seconds=round(sum(r.get("seconds", 0.0) for r in results), 3),
         nodes=dict(nodes), seconds=round(seconds, 3),
-        failure_budget=stage.section.failure_budget,  # over it, the stage failed (gleaner runs)
+        max_failed_share=stage.section.max_failed_share,  # over it, the stage failed (gleaner runs)
         **({"devices": dict(devices)} if devices else {}))
     summary.update(stage.summarize(table))  # an empty stage too: its fields are all there
     store.write_json(layout.summary_path(store, run_id, stage.name), summary)

@@ -10,6 +10,9 @@ through one function, :func:`run_step`:
   stored summary comes back marked ``reused``; nothing runs and nothing is sent;
 - **another key**: refused, naming the changed settings (``PlanMismatch``), unless
   ``force`` (``Step.clear``, then afresh);
+- **other inputs** (``Step.inputs()``: the versions of what it reads, e.g. a retrained model,
+  a refreshed stage): made again, as a stage that follows its input is; what is unchanged
+  below it (answers, judgements) is reused by its own cache;
 - **extent**: a step whose work grows by units (a training run's steps) keeps that
   out of its key: more units than on record continue from the record (the trainer
   resumes from its checkpoint), fewer are refused;
@@ -75,7 +78,11 @@ class Step(abc.ABC):
 
     @abc.abstractmethod
     def settings(self) -> dict[str, Any]:
-        """What makes the output: a change here means another output."""
+        """What makes the output: a change here means another output (refused)."""
+
+    def inputs(self) -> dict[str, Any]:
+        """The versions of what it reads: a change here makes it again (default: none)."""
+        return {}
 
     def extent(self) -> int | None:
         """Units of work asked for, outside the key (a training run's steps); None: none."""
@@ -118,6 +125,8 @@ def check_step(store: Store, run_id: str, step: Step, force: bool = False
         raise PlanMismatch(
             f"run {run_id!r}: {step.name} holds {held} steps of work and {asked} were asked; "
             "a run cannot be made shorter: --force to make it afresh")
+    if record.get("inputs", {}) != step.inputs():
+        return None
     if (asked is None or held is None or asked == held) and step.done(store, run_id):
         return record
     return None
@@ -129,6 +138,8 @@ def run_step(store: Store, run_id: str, step: Step, *, force: bool = False) -> d
     if record is not None:
         return {**record["summary"], "reused": True}
     previous = None if force else read_step(store, run_id, step.name)
+    if previous is not None and previous.get("inputs", {}) != step.inputs():
+        previous = None  # other inputs: made again, not continued
     if force:  # the record goes first: a forced attempt killed half-way leaves none
         path = step_record_path(store, run_id, step.name)
         if store.exists(path):
@@ -140,7 +151,7 @@ def run_step(store: Store, run_id: str, step: Step, *, force: bool = False) -> d
                "reused": False, "seconds": round(time.perf_counter() - started, 2)}
     store.write_json(step_record_path(store, run_id, step.name), {
         "step": step.name, "key": summary["key"], "settings": step.settings(),
-        "extent": step.extent(), "summary": summary})
+        "inputs": step.inputs(), "extent": step.extent(), "summary": summary})
     markdown = step.markdown(summary)
     if markdown is not None:
         publish_markdown(f"{step.artifact or step.name}-{run_id}", markdown,

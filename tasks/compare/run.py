@@ -70,7 +70,7 @@ def make_pairs(store: Store, run_id: str, config: GleanerConfig, gathered: Gathe
     store.write_part(run_id, layout.COMPARE_PAIRS, 0, pairs)
     sources = gathered.counts
     summary = {
-        "run_id": run_id, "judge_model": config.compare.judge.model,
+        "run_id": run_id, "judge_model": config.compare.endpoint.model,
         "responses_from": sources["by_source"], **{k: v for k, v in sources.items()
                                                    if k != "by_source"},
         "scored": counts["scored"], "failed": counts["failed"], "pairs": counts["pairs"],

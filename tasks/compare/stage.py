@@ -56,7 +56,7 @@ class GradeStage(LLMRowStage):
 
     @property
     def endpoint(self) -> EndpointConfig:
-        return self.settings.judge
+        return self.settings.endpoint
 
     @property
     def schema(self) -> pa.Schema:
@@ -97,7 +97,7 @@ class GradeStage(LLMRowStage):
 
 
 register("offline_role", "grader")(OfflineRole(
-    "compare.judge", lambda c: {
+    "compare.endpoint", lambda c: {
         "compare.max_tokens": min(c.compare.max_tokens, c.compare.offline_max_tokens),
         "compare.grammar": c.compare.grammar is not False,  # forced to "Rating: [[n]]"
         **capped_concurrency(c, "compare.resources")}))

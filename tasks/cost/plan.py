@@ -241,7 +241,7 @@ def priced(plan: StagePlan, price: PriceConfig | None) -> StagePlan:
 # ---- the judge (its answers do not exist before the run) ---------------------------------------
 def plan_judge(config: GleanerConfig) -> list[StagePlan]:
     """Both orders of every prompt of the test sets; each answer counted at its cap
-    (``evaluate.max_new_tokens``), the review at ``judge_max_tokens``: upper bounds."""
+    (``evaluate.generation.max_tokens``), the review at ``judge_max_tokens``: upper bounds."""
     from gleaner.llm.client import chat_request, request_body
     from gleaner.tasks.evaluate.eval_sets import load_eval_set
     from gleaner.tasks.evaluate.judge import JUDGE_TEMPERATURE, judge_messages
@@ -249,12 +249,12 @@ def plan_judge(config: GleanerConfig) -> list[StagePlan]:
 
     settings = config.evaluate
     comparison = f"{label_of(settings.model_a)}-vs-{label_of(settings.model_b)}"
-    judge = settings.judge if settings.judge.base_url else offline_endpoint(settings.judge)
+    judge = settings.endpoint if settings.endpoint.base_url else offline_endpoint(settings.endpoint)
     counter = counter_for(judge, config.budget)
-    max_tokens = settings.judge_max_tokens if judge.base_url else settings.offline_judge_max_tokens
+    max_tokens = settings.max_tokens if judge.base_url else settings.offline_max_tokens
     out = []
     for spec in settings.test_sets:
-        prompts = load_eval_set(spec, settings.eval_sets_dir, settings.limit)
+        prompts = load_eval_set(spec, settings.test_sets_dir, settings.limit)
         name = prompts[0].test_set if prompts else spec
         prompt_tokens = 0
         for prompt in prompts:
@@ -262,20 +262,22 @@ def plan_judge(config: GleanerConfig) -> list[StagePlan]:
                                              max_tokens=max_tokens,
                                              temperature=JUDGE_TEMPERATURE))
             prompt_tokens += 2 * (counter.prompt_tokens("/v1/chat/completions", body)
-                                  + 2 * settings.max_new_tokens)
+                                  + 2 * settings.generation.max_tokens)
         out.append(priced(StagePlan(
             layout.judge_stage(comparison, name), judge.model, judge.api,
             len(prompts), 0, 0, len(prompts), 2 * len(prompts), prompt_tokens,
             2 * len(prompts) * max_tokens, True, counter.name, False, None, None,
-            [f"answers counted at evaluate.max_new_tokens = {settings.max_new_tokens} tokens "
-             "each (they do not exist yet): an upper bound"]),
+            [f"answers counted at evaluate.generation.max_tokens = "
+             f"{settings.generation.max_tokens} tokens each (they do not exist yet): an upper "
+             "bound"]),
             config.prices.get(judge.model)))
     return out
 
 
 def plan_likert(config: GleanerConfig) -> list[StagePlan]:
     """LIMA's rating (``evaluate.likert``, when on) of both models' N samples per prompt, each
-    answer counted at ``evaluate.max_new_tokens``, the judge's answer at its cap: upper bounds."""
+    answer counted at ``evaluate.generation.max_tokens``, the judge's answer at its cap: upper
+    bounds."""
     from gleaner.llm.client import chat_request, request_body
     from gleaner.tasks.evaluate.eval_sets import load_eval_set
     from gleaner.tasks.evaluate.likert import likert_messages
@@ -284,24 +286,25 @@ def plan_likert(config: GleanerConfig) -> list[StagePlan]:
     settings, likert = config.evaluate, config.evaluate.likert
     if not likert.enabled:
         return []
-    judge = settings.judge if settings.judge.base_url else offline_endpoint(settings.judge)
+    judge = settings.endpoint if settings.endpoint.base_url else offline_endpoint(settings.endpoint)
     counter = counter_for(judge, config.budget)
     max_tokens = likert.max_tokens if judge.base_url else likert.offline_max_tokens
     answers = 2 * likert.samples  # both models, N samples each
     prompt_tokens = rows = 0
     for spec in settings.test_sets:
-        for prompt in load_eval_set(spec, settings.eval_sets_dir, settings.limit):
+        for prompt in load_eval_set(spec, settings.test_sets_dir, settings.limit):
             body = request_body(chat_request(judge.model, likert_messages(prompt.question, ""),
                                              max_tokens=max_tokens, temperature=0.0))
             prompt_tokens += answers * (counter.prompt_tokens("/v1/chat/completions", body)
-                                        + settings.max_new_tokens)
+                                        + settings.generation.max_tokens)
             rows += answers
     comparison = f"{label_of(settings.model_a)}-vs-{label_of(settings.model_b)}"
     return [priced(StagePlan(
         layout.likert_stage(comparison), judge.model, judge.api, rows, 0, 0, rows, rows,
         prompt_tokens, rows * max_tokens, True, counter.name, False, None, None,
-        [f"answers counted at evaluate.max_new_tokens = {settings.max_new_tokens} tokens "
-         "each (they do not exist yet): an upper bound"]), config.prices.get(judge.model))]
+        [f"answers counted at evaluate.generation.max_tokens = "
+         f"{settings.generation.max_tokens} tokens each (they do not exist yet): an upper "
+         "bound"]), config.prices.get(judge.model))]
 
 
 # ---- fine-tunes --------------------------------------------------------------------------------
@@ -336,8 +339,8 @@ def plan_finetunes(config: GleanerConfig, pool: pa.Table) -> list[FinetunePlan]:
                                                   + len(r["output"])) / cpt)
                           for r in sample) / len(sample)
         how = f"{cpt:.2f} chars/token"
-    curated = min(config.select.budget, pool.num_rows)
-    arms = [("curated", curated, f"at most select.budget = {config.select.budget:,} examples")]
+    curated = min(config.select.size, pool.num_rows)
+    arms = [("curated", curated, f"at most select.size = {config.select.size:,} examples")]
     baseline = config.finetune.baseline
     if baseline == "random":
         arms.append(("baseline", curated, "a random subset of the curated set's size"))

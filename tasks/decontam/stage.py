@@ -142,13 +142,13 @@ def test_set_specs(config: GleanerConfig) -> list[str]:
     return list(unique.values())
 
 
-def load_test_sets(specs: list[str], eval_sets_dir: str | None) -> dict[str, list[EvalPrompt]]:
+def load_test_sets(specs: list[str], test_sets_dir: str | None) -> dict[str, list[EvalPrompt]]:
     """Every test set's prompts, by name; an empty set or no set at all is an error."""
     if not specs:
         raise EvalSetError("decontaminate.test_sets is empty: name at least one test set")
     out: dict[str, list[EvalPrompt]] = {}
     for spec in specs:
-        prompts = load_eval_set(spec, eval_sets_dir)
+        prompts = load_eval_set(spec, test_sets_dir)
         if not prompts:
             raise EvalSetError(f"test set {spec!r} has no prompts: decontaminating against it "
                                "would find nothing; fix the file or leave the set out")
@@ -182,16 +182,16 @@ class DecontaminateStage(Stage):
     description = "test-set decontamination (n-gram and exact overlap)"
 
     def __init__(self, section: DecontaminateConfig, specs: list[str],
-                 eval_sets_dir: str | None):
+                 test_sets_dir: str | None):
         super().__init__(section)
-        self.settings, self.specs, self.eval_sets_dir = section, specs, eval_sets_dir
+        self.settings, self.specs, self.test_sets_dir = section, specs, test_sets_dir
         self._index: PromptIndex | None = None
 
     @property
     def index(self) -> PromptIndex:
         """Built once, on the driver (the first ``requested()``); pickled with the stage."""
         if self._index is None:
-            sets = load_test_sets(self.specs, self.eval_sets_dir)
+            sets = load_test_sets(self.specs, self.test_sets_dir)
             self._index = PromptIndex.build(sets, self.settings.ngram)
         return self._index
 
@@ -249,7 +249,7 @@ def describe(summary: Mapping[str, Any]) -> str:
 def make(config: GleanerConfig) -> DecontaminateStage:
     section = config.decontaminate
     return DecontaminateStage(section, test_set_specs(config),
-                              section.eval_sets_dir or config.evaluate.eval_sets_dir)
+                              section.test_sets_dir or config.evaluate.test_sets_dir)
 
 
 register("pool_stage", DECONTAMINATE)(PoolStage(

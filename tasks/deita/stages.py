@@ -90,7 +90,7 @@ class _ScoreBase:
 
 class HFScoreWorker:
     def __init__(self, settings: ScoreConfig):
-        kwargs = {"device": settings.device, "batch_size": settings.model_batch_size,
+        kwargs = {"device": settings.device, "batch_size": settings.forward_batch_size,
                   "max_length": settings.max_length}
         scorer = registry("scorer").get(settings.backend)
         self.complexity = scorer(settings.complexity_model, **kwargs)

@@ -116,7 +116,7 @@ class AnswerStage(Stage):
             resources=Resources(batch_size=settings.prompts_per_part, cpus=settings.cpus,
                                 gpus=settings.gpus_per_replica(), actors=settings.replicas,
                                 retries=settings.retries),
-            force=config.evaluate.force, failure_budget=0.0))
+            force=config.evaluate.force, max_failed_share=0.0))
         self.settings: GenerationConfig = settings
         self.store_config: StoreConfig = config.store
         self.model = model

@@ -89,7 +89,7 @@ class TransformersBackend:
 
         torch.manual_seed(sampling.seed)
         answers: list[str] = []
-        size = self.settings.batch_size
+        size = self.settings.forward_batch_size
         kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens,
                                   "eos_token_id": list(self.model_spec.stop_ids) or None,
                                   "pad_token_id": self.tokenizer.pad_token_id,
@@ -175,7 +175,7 @@ class EndpointBackend:
         assert settings.endpoint is not None  # GenerationConfig checks it
         self.endpoint = settings.endpoint.model_copy(update={"model": model.served_name})
         self.model_spec = model
-        self.concurrency = max(1, settings.batch_size)
+        self.concurrency = max(1, settings.forward_batch_size)
 
     def generate(self, prompts: Sequence[str], sampling: Sampling) -> list[str]:
         import asyncio

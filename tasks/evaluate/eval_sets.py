@@ -3,7 +3,7 @@
 Every loader yields the same record, :class:`EvalPrompt`: the instruction and
 (for Self-Instruct) the instance input kept apart so a fine-tuned model gets
 them in its own prompt template, and ``question`` = what the judge reads.
-A named set resolves to ``<eval_sets_dir>/<file>`` (``evaluate.eval_sets_dir``, else
+A named set resolves to ``<test_sets_dir>/<file>`` (``evaluate.test_sets_dir``, else
 ``$GLEANER_EVAL_SETS``), else to the copy shipped in this package (``data/``: the sets
 whose licences allow it, named in ``data/NOTICE``; Vicuna's and WizardLM's carry
 non-commercial terms and are not shipped); anything else is a path or fsspec URL of a
@@ -129,7 +129,7 @@ ALIASES = {"self-instruct": "sinstruct", "self_instruct": "sinstruct", "mt-bench
            "mtbench": "mt_bench"}
 
 
-def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Reader]:
+def resolve(spec: str, test_sets_dir: str | None = None) -> tuple[str, str, Reader]:
     """(name, url, reader) for a known set name, ``name=path`` or a path to a prompt JSONL."""
     name, _, explicit = spec.partition("=")
     key = ALIASES.get(name.lower(), name.lower())
@@ -139,7 +139,7 @@ def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Read
         return name, explicit, reader
     if key in known:
         file_name, reader = known[key]
-        directory = eval_sets_folder(eval_sets_dir)
+        directory = eval_sets_folder(test_sets_dir)
         if directory:
             return key, posixpath.join(directory.rstrip("/"), file_name), reader
         shipped = shipped_file(file_name)
@@ -147,17 +147,17 @@ def resolve(spec: str, eval_sets_dir: str | None = None) -> tuple[str, str, Read
             why = NOT_SHIPPED.get(key, "gleaner does not ship it")
             raise EvalSetError(
                 f"test set {spec!r} is not shipped with gleaner ({why}): set "
-                f"evaluate.eval_sets_dir or ${EVAL_SETS_ENV} to the folder holding "
+                f"evaluate.test_sets_dir or ${EVAL_SETS_ENV} to the folder holding "
                 f"{file_name}")
         return key, shipped, reader
     stem = posixpath.basename(spec).rsplit(".", 1)[0] or spec
     return stem, spec, _generic
 
 
-def load_eval_set(spec: str, eval_sets_dir: str | None = None, limit: int | None = None,
+def load_eval_set(spec: str, test_sets_dir: str | None = None, limit: int | None = None,
                   storage_options: dict[str, Any] | None = None) -> list[EvalPrompt]:
     """Read one test set (all rows, or the first ``limit``)."""
-    name, url, reader = resolve(spec, eval_sets_dir)
+    name, url, reader = resolve(spec, test_sets_dir)
     prompts: list[EvalPrompt] = []
     for number, where, row in json_lines(url, EvalSetError, f"test set {spec!r}",
                                          storage_options):
@@ -168,23 +168,23 @@ def load_eval_set(spec: str, eval_sets_dir: str | None = None, limit: int | None
     return prompts
 
 
-def check_readable(specs: list[str], eval_sets_dir: str | None = None) -> None:
+def check_readable(specs: list[str], test_sets_dir: str | None = None) -> None:
     """Fail now, naming the config key, if a test set does not resolve to a readable file.
 
-    The curate flow calls this before ingesting, so a wrong ``eval_sets_dir``
+    The curate flow calls this before ingesting, so a wrong ``test_sets_dir``
     (e.g. a relative path read from another directory) stops the run at once
     instead of after rating and fine-tuning.
     """
     for spec in specs:
         try:
-            _, url, _ = resolve(spec, eval_sets_dir)
+            _, url, _ = resolve(spec, test_sets_dir)
         except EvalSetError as error:
             raise EvalSetError(f"evaluate.test_sets: {error}") from None
         known = ALIASES.get(spec.lower(), spec.lower()) in known_sets()
         if "=" in spec or not known:
             where = f"evaluate.test_sets entry {spec!r}"
-        elif eval_sets_dir:
-            where = f"evaluate.eval_sets_dir = {eval_sets_dir!r} (test set {spec!r})"
+        elif test_sets_dir:
+            where = f"evaluate.test_sets_dir = {test_sets_dir!r} (test set {spec!r})"
         else:
             where = f"${EVAL_SETS_ENV} = {os.environ.get(EVAL_SETS_ENV)!r} (test set {spec!r})"
         try:
@@ -209,4 +209,4 @@ def check_evaluation_inputs(config: Any) -> None:
     subflow``); with ``event`` the evaluate deployment reads them on its own worker.
     """
     if config.curate.evaluate and config.curate.downstream == "subflow":
-        check_readable(config.evaluate.test_sets, config.evaluate.eval_sets_dir)
+        check_readable(config.evaluate.test_sets, config.evaluate.test_sets_dir)

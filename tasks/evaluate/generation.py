@@ -112,7 +112,7 @@ class Generator:
         if self._loaded is None:
             self._loaded = self._backend_class(
                 self.renderer.model_spec(),
-                GenerationConfig(backend=self.backend, batch_size=self.settings.batch_size,
+                GenerationConfig(backend=self.backend, forward_batch_size=self.settings.batch_size,
                                  **self._backend_settings))
         backend, sampling = self._loaded, self.settings.sampling()
         return answer_in_order(texts, lambda sorted_texts: backend.generate(sorted_texts,

@@ -3,7 +3,7 @@
 LIMA (Zhou et al. 2023, "LIMA: Less Is More for Alignment", Section 5 and Appendix D) asks
 ChatGPT to grade the helpfulness of each of 5 sampled responses per test prompt on a 1-6
 Likert scale and reports the average with a 95 % two-sided confidence interval. Here the
-judge is ``evaluate.judge``; the prompt is Appendix D's template (:data:`LIKERT_TEMPLATE`,
+judge is ``evaluate.endpoint``; the prompt is Appendix D's template (:data:`LIKERT_TEMPLATE`,
 docs/methods.md says what is verbatim). A row is one (model, test set, prompt, sample,
 answer); the judge's last line holding only a digit 1-6 is the rating; an answer without
 one is asked again (``evaluate.likert.parse_retries``) and then a failed row with the raw
@@ -173,7 +173,7 @@ class LikertSettings:
 
 def likert_settings(config: GleanerConfig) -> LikertSettings:
     """What the judge is asked with; gleaner's own offline judge answers under the grammar."""
-    likert, offline = config.evaluate.likert, bool(config.evaluate.judge.local_server)
+    likert, offline = config.evaluate.likert, bool(config.evaluate.endpoint.local_server)
     return LikertSettings(
         max_tokens=min(likert.max_tokens, likert.offline_max_tokens) if offline
         else likert.max_tokens,
@@ -200,15 +200,15 @@ class LikertStage(LLMRowStage):
 
     def __init__(self, config: GleanerConfig, comparison: str):
         likert = config.evaluate.likert
-        offline = bool(config.evaluate.judge.local_server)
+        offline = bool(config.evaluate.endpoint.local_server)
         own = resolve_resources(self.declared, likert.resources)
         resources = likert.resources if not offline else likert.resources.model_copy(
             update={"concurrency": min(own.concurrency or OFFLINE_CONCURRENCY,
                                        OFFLINE_CONCURRENCY)})
         super().__init__(StageSection(
             resources=resources, cache=likert.cache, force=likert.force or config.evaluate.force,
-            retry_failed=likert.retry_failed, failure_budget=likert.failure_budget))
-        self.judge = config.evaluate.judge
+            retry_failed=likert.retry_failed, max_failed_share=likert.max_failed_share))
+        self.judge = config.evaluate.endpoint
         self.settings = likert_settings(config)
         self.name = layout.likert_stage(comparison)
         self.input_stage = layout.likert_requests_stage(comparison)
@@ -349,10 +349,10 @@ def rate_answers(store: Store, run_id: str, config: GleanerConfig, comparison: s
     else:
         stage_summary, table = {"prompt_tokens": 0, "completion_tokens": 0}, \
             RATING_SCHEMA.empty_table()
-    price = config.prices.get(config.evaluate.judge.model)
+    price = config.prices.get(config.evaluate.endpoint.model)
     prompt_tokens = int(stage_summary.get("prompt_tokens") or 0)
     completion_tokens = int(stage_summary.get("completion_tokens") or 0)
-    summary = {"judge_model": config.evaluate.judge.model, "prompt_version": PROMPT_VERSION,
+    summary = {"judge_model": config.evaluate.endpoint.model, "prompt_version": PROMPT_VERSION,
                "samples": samples,
                "resamples": likert.resamples, "seed": likert.seed,
                "models": likert_scores(table, likert.resamples, likert.seed),

@@ -140,8 +140,8 @@ def generate_for(store: Store, run_id: str, config: GleanerConfig, model: Answer
     With ``evaluate.likert.samples`` N > 1 the same stage also samples N - 1 more answers
     per prompt (sample k seeded k), and every sample is written to the samples files."""
     settings = config.evaluate
-    sampling = Sampling(settings.max_new_tokens,
-                        settings.temperature if settings.do_sample else 0.0)
+    sampling = Sampling(settings.generation.max_tokens, settings.generation.temperature
+                        if settings.generation.do_sample else 0.0)
     samples = likert_samples(config)
     items = [p for prompts in prompts_by_set.values() for p in prompts]
     log.info("answering %d prompts (%d sample(s) each) with %s (%s back end)", len(items),
@@ -212,7 +212,7 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
            ) -> dict[str, Any]:
     """Tallies, the markdown table and the chart, written to the store; returns the summary.
     ``likert``: LIMA's absolute evaluation (tasks/evaluate/likert.py), its table appended."""
-    models = judge_models(judgements) or [config.evaluate.judge.model]
+    models = judge_models(judgements) or [config.evaluate.endpoint.model]
     price = config.prices.get(models[0], PriceConfig()) if len(models) == 1 else PriceConfig()
     per_set = {name: tally_table(table, rule, price) for name, table in judgements.items()}
     table_md = markdown_table(per_set, label_a, label_b, rule)
@@ -338,7 +338,7 @@ def _evaluate(store: Store, run_id: str, config: GleanerConfig, reference_a: str
                                                                     name, pairs))
     prompts_by_set: dict[str, list[EvalPrompt]] = {}
     for spec in specs:
-        prompts = load_eval_set(spec, config.evaluate.eval_sets_dir, limit)
+        prompts = load_eval_set(spec, config.evaluate.test_sets_dir, limit)
         prompts_by_set[prompts[0].test_set if prompts else spec] = prompts
     label_a, label_b = label_of(reference_a), label_of(reference_b)
     answers_a = answer_fn(reference_a, prompts_by_set)

@@ -69,17 +69,17 @@ def pairs_table(pairs: Sequence[Pair]) -> pa.Table:
 def make_judge(config: GleanerConfig) -> Judge:
     """The judge ``config.evaluate`` describes (its endpoint must have a base_url)."""
     settings = config.evaluate
-    return Judge(settings.judge, parse_retries=settings.parse_retries,
-                 max_tokens=settings.judge_max_tokens,
-                 grammar=SCORE_LINE_GRAMMAR if settings.judge_grammar else None,
+    return Judge(settings.endpoint, parse_retries=settings.parse_retries,
+                 max_tokens=settings.max_tokens,
+                 grammar=SCORE_LINE_GRAMMAR if settings.grammar else None,
                  concurrency=resolve_resources(JudgeStage.declared,
-                                               settings.judge_resources).concurrency)
+                                               settings.resources).concurrency)
 
 
 def judge_section(config: GleanerConfig) -> StageSection:
     e = config.evaluate
-    return StageSection(resources=e.judge_resources, cache=e.judge_cache, force=e.force,
-                        failure_budget=e.failure_budget)
+    return StageSection(resources=e.resources, cache=e.cache, force=e.force,
+                        max_failed_share=e.max_failed_share)
 
 
 class JudgeStage(LLMRowStage):
@@ -134,9 +134,9 @@ class JudgeStage(LLMRowStage):
 
 
 register("offline_role", "judge")(OfflineRole(
-    "evaluate.judge", lambda c: {
-        **capped_concurrency(c, "evaluate.judge_resources"),
-        "evaluate.judge_max_tokens": c.evaluate.offline_judge_max_tokens,
-        "evaluate.judge_grammar": c.evaluate.judge_grammar is not False},
+    "evaluate.endpoint", lambda c: {
+        **capped_concurrency(c, "evaluate.resources"),
+        "evaluate.max_tokens": c.evaluate.offline_max_tokens,
+        "evaluate.grammar": c.evaluate.grammar is not False},
     "no judge endpoint configured: judging with the offline SmolLM2 server; set "
-    "evaluate.judge.base_url (e.g. https://api.openai.com/v1) for GPT-4"))
+    "evaluate.endpoint.base_url (e.g. https://api.openai.com/v1) for GPT-4"))

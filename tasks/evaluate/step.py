@@ -1,8 +1,9 @@
 """A pairwise evaluation on the step contract (gleaner.engine.step).
 
-Its key: both models' versions (``run.model_identity``: a trained model of the run by its
-metrics, a folder by its files, a hub id by name), the test sets and their limit, the
-combination rule, the judge and what shapes the answers and the verdicts. Done when the
+Its key: the test sets and their limit, the combination rule, the judge and what shapes
+the answers and the verdicts; its inputs: both models' versions (``run.model_identity``: a
+trained model of the run by its metrics, a folder by its files, a hub id by name), so a
+retrained model is answered and judged again. Done when the
 comparison's summary is in the store: a rerun then loads no model, asks nothing and
 rewrites no answer, pair or report.
 """
@@ -40,13 +41,17 @@ class EvaluateStep(Step):
 
     def settings(self) -> dict[str, Any]:
         e = self.config.evaluate
-        return {"models": self.models, "test_sets": self.test_sets, "limit": self.limit,
-                "rule": self.rule, "judge": e.judge.model, "judge_max_tokens":
-                e.judge_max_tokens, "max_new_tokens": e.max_new_tokens,
-                "do_sample": e.do_sample, "temperature": e.temperature if e.do_sample else None,
+        return {"test_sets": self.test_sets, "limit": self.limit,
+                "rule": self.rule, "judge": e.endpoint.model, "max_tokens":
+                e.max_tokens, "max_new_tokens": e.generation.max_tokens,
+                "do_sample": e.generation.do_sample, "temperature": e.generation.temperature
+                if e.generation.do_sample else None,
                 "generation": {"backend": e.generation.backend, "dtype": e.generation.dtype},
                 "likert": e.likert.model_dump(mode="json", include={
                     "samples", "resamples", "seed", "max_tokens"}) if e.likert.enabled else None}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"models": self.models}  # a retrained model is judged again
 
     def done(self, store: Store, run_id: str) -> bool:
         return store.exists(posixpath.join(layout.comparison_dir(store, run_id, self.comparison),

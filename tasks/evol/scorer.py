@@ -100,7 +100,7 @@ def scorer_report(store: Store, run_id: str, config: GleanerConfig, kind: str,
             store.fs.get(remote.rstrip("/") + "/", scratch, recursive=True)
             folder = scratch
         scorer = HFScorer(folder, device=config.score.device,
-                          batch_size=config.score.model_batch_size,
+                          batch_size=config.score.forward_batch_size,
                           max_length=config.score.max_length)
         scored = scorer.score([scorer_prompt(kind, i) for i in items])
     # the hf scorer loads a local folder: a model in an object store is copied down first

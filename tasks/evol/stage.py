@@ -98,8 +98,8 @@ class EvolStage(LLMRowStage):
         return {"kind": self.kind, "model": self.endpoint.model,
                 "prompt_version": prompts.PROMPT_VERSION, "rounds": s.rounds,
                 "temperature": s.temperature, "max_tokens": s.max_tokens,
-                "score_max_tokens": s.score_max_tokens, "parse_retries": s.parse_retries,
-                "score_grammar": bool(s.score_grammar)}
+                "score_max_tokens": s.score.max_tokens, "parse_retries": s.parse_retries,
+                "score_grammar": bool(s.score.grammar)}
 
     def conversation(self, row: dict[str, Any]) -> Conversation:
         """The seed's M rewrites (each of the previous version), then one ranking of all;
@@ -117,11 +117,11 @@ class EvolStage(LLMRowStage):
                 versions.append(rewrite.value)
                 methods.append(method)
             options = ({"extra_body": {"grammar": prompts.rank_grammar(kind, len(versions))}}
-                       if s.score_grammar else {})
+                       if s.score.grammar else {})
             ranking = yield Call(
                 score_reader(len(versions)),
                 [{"role": "user", "content": prompts.rank_prompt(kind, versions, question)}],
-                max_tokens=s.score_max_tokens, options=options)
+                max_tokens=s.score.max_tokens, options=options)
         except RowFailed:
             return {"instruction": question, "versions": versions, "methods": methods}
         return {"instruction": question, "versions": versions, "methods": methods,
@@ -150,5 +150,5 @@ class EvolStage(LLMRowStage):
 register("offline_role", "rewriter")(OfflineRole(
     "evol.endpoint", lambda c: {  # short rewrites (a 2,048-token context), "[k] Score: n"
         "evol.max_tokens": min(c.evol.max_tokens, c.evol.offline_max_tokens),
-        "evol.score_grammar": c.evol.score_grammar is not False,
+        "evol.score.grammar": c.evol.score.grammar is not False,
         **capped_concurrency(c, "evol.resources")}))

@@ -47,7 +47,7 @@ def selection_settings(arm: ArmConfig, config: GleanerConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"selector": arm.selector, "sort_by": arm.sort_by or chosen.default_sort,
                            "threshold": threshold}
     if chosen.budgeted:
-        out.update(budget=arm.budget, fraction=arm.fraction)
+        out.update(budget=arm.size, fraction=arm.fraction)
     if chosen.uses_tau:
         out["tau"] = arm.tau
     if chosen.uses_seed:
@@ -103,7 +103,7 @@ def plan_selections(config: GleanerConfig, pool_run: str) -> list[Selection]:
         same = next((s for s in order if s.key == key), None)
         if same is None:
             select = SelectConfig(selector=arm.selector, sort_by=arm.sort_by,
-                                  budget=arm.budget or 0, tau=arm.tau, threshold=arm.threshold,
+                                  size=arm.size or 0, tau=arm.tau, threshold=arm.threshold,
                                   seed=arm.seed, fraction=arm.fraction)
             chosen = selector(arm.selector)
             model_key = settings_key({"selection": base_key, **model_settings(config)})[:8]

@@ -5,7 +5,7 @@ Built on the cost plan (gleaner.tasks.cost.plan): the pool's LLM stages the arms
 bookkeeping (finished parts and the cache subtracted, the stage's real request
 bodies counted); each arm's judging against the baseline by ``plan_judge``
 (both orders, answers at their token cap: an upper bound); MT-Bench grading
-the same way (two grades per question, the answers at ``mt_bench.max_new_tokens``).
+the same way (two grades per question, the answers at ``mt_bench.answers.max_tokens``).
 Work the store already holds (a trained model, stored answers, a test set judged
 in full) is not planned again. Fine-tunes are counted in tokens of the base
 model's tokenizer on a sample of the pool, arm sizes from their settings (a
@@ -105,9 +105,9 @@ def mt_bench_entry(store: Store, run_id: str, config: GleanerConfig, model: str)
     from gleaner.tasks.mtbench.prompts import grading_messages, judge_prompt
     from gleaner.tasks.mtbench.questions import load_questions
 
-    judge, settings = config.evaluate.judge, config.mt_bench
+    judge, settings = config.evaluate.endpoint, config.mt_bench
     counter = counter_for(judge, config.budget)
-    max_tokens = settings.judge_max_tokens if judge.base_url else settings.offline_max_tokens
+    max_tokens = settings.max_tokens if judge.base_url else settings.offline_max_tokens
     questions = load_questions(config)
     prompt = 0
     for q in questions:
@@ -116,12 +116,12 @@ def mt_bench_entry(store: Store, run_id: str, config: GleanerConfig, model: str)
             messages = grading_messages(judge_prompt(q.category, turn), list(q.turns),
                                         ["", ""], refs)
             body = request_body(chat_request(judge.model, messages, max_tokens=max_tokens))
-            prompt += counter.prompt_tokens(CHAT_URL, body) + turn * settings.max_new_tokens
+            prompt += counter.prompt_tokens(CHAT_URL, body) + turn * settings.answers.max_tokens
     n = 2 * len(questions)
     entry = priced(StagePlan(
         layout.mt_bench_grades_stage(model), judge.model, judge.api, n, 0, 0, n, n, prompt,
         n * max_tokens, True, counter.name, False, None, None,
-        [f"answers counted at mt_bench.max_new_tokens = {settings.max_new_tokens} tokens"]),
+        [f"answers counted at mt_bench.answers.max_tokens = {settings.answers.max_tokens} tokens"]),
         config.prices.get(judge.model))
     return _done(store, run_id, entry)
 
@@ -161,7 +161,7 @@ def experiment_plan(store: Store, run_id: str, config: GleanerConfig,
             entries += judge_entries(store, run_id, config, selection, baseline)
         if config.experiment.mt_bench:
             entries.append(mt_bench_entry(store, run_id, config, selection.model))
-    if config.evaluate.judge.base_url is None:
+    if config.evaluate.endpoint.base_url is None:
         entries = [_offline(e) if e.stage.startswith("evaluate/") else e for e in entries]
     return assemble(store, run_id, config, selections, stages, entries, examples)
 
@@ -170,7 +170,7 @@ def assemble(store: Store, run_id: str, config: GleanerConfig, selections: list[
              stages: list[str], entries: list[StagePlan], examples: pa.Table) -> dict[str, Any]:
     per_example = plan_finetunes(config.with_overrides({
         "curate.train": True, "finetune.baseline": "none",
-        "select.budget": max(1, examples.num_rows)}), examples)
+        "select.size": max(1, examples.num_rows)}), examples)
     size = sizes(selections, examples.num_rows)
     recipe = build_recipe(config.finetune.preset, config.finetune.overrides)
     base = base_model_source(config.finetune.base_model)

@@ -72,7 +72,7 @@ def test_prompts(config: GleanerConfig) -> dict[str, list[EvalPrompt]]:
     """The test sets' prompts (``evaluate.limit`` first of each), by set name."""
     out: dict[str, list[EvalPrompt]] = {}
     for spec in config.evaluate.test_sets:
-        prompts = load_eval_set(spec, config.evaluate.eval_sets_dir, config.evaluate.limit)
+        prompts = load_eval_set(spec, config.evaluate.test_sets_dir, config.evaluate.limit)
         out[prompts[0].test_set if prompts else spec] = prompts
     return out
 
@@ -181,10 +181,10 @@ class ArmStep(Step):
     def settings(self) -> dict[str, Any]:
         e = self.config.evaluate
         return {"selection": self.selection.key, "dataset": self.dataset,
-                "baseline": self.baseline.key, "judge": e.judge.model,
+                "baseline": self.baseline.key, "judge": e.endpoint.model,
                 "test_sets": list(e.test_sets), "rule": e.rule, "limit": e.limit,
-                "max_new_tokens": e.max_new_tokens, "do_sample": e.do_sample,
-                "temperature": e.temperature if e.do_sample else None,
+                "max_new_tokens": e.generation.max_tokens, "do_sample": e.generation.do_sample,
+                "temperature": e.generation.temperature if e.generation.do_sample else None,
                 "mt_bench": self.config.experiment.mt_bench}
 
     def done(self, store: Store, run_id: str) -> bool:
@@ -234,7 +234,7 @@ def arm_cost(result: dict[str, Any], signals_usd: float | None, config: GleanerC
     """Rating/scoring (the signals it selects by), pairwise judging and MT-Bench grading
     (nothing when gleaner's own offline server judged; None where the price is unknown)."""
     evaluation, mt = result.get("evaluation"), result.get("mt_bench")
-    offline = bool(config.evaluate.judge.local_server)
+    offline = bool(config.evaluate.endpoint.local_server)
     judge = 0.0 if offline or not evaluation else (
         evaluation["overall"]["cost_usd"] if evaluation["price_known"] else None)
     mt_usd = 0.0 if offline or not mt else mt.get("cost_usd")

@@ -55,7 +55,7 @@ def grid_result(run_id: str, config: GleanerConfig, pool_run: str,
             check_adds_up(arm, prompts)
     exp = config.experiment
     judges = [(a.get("evaluation") or a.get("mt_bench") or {}).get("judge_model") for a in arms]
-    judge = next((j for j in judges if j), config.evaluate.judge.model)  # the one that judged
+    judge = next((j for j in judges if j), config.evaluate.endpoint.model)  # the one that judged
     return {"experiment": exp.name, "run_id": run_id, "pool_run": pool_run,
             "baseline": exp.baseline or exp.arms[0].name, "judge": judge,
             "rule": config.evaluate.rule, "test_sets": prompts, "mt_bench": exp.mt_bench,

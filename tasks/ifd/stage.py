@@ -41,7 +41,7 @@ def model_name(settings: IFDConfig) -> str:
 
 class IFDWorker:
     def __init__(self, settings: IFDConfig):
-        self.scorer = IFDScorer(settings.model, settings.device, settings.model_batch_size,
+        self.scorer = IFDScorer(settings.model, settings.device, settings.forward_batch_size,
                                 settings.max_length)
         self.device = placement(self.scorer.model)
 

@@ -37,12 +37,12 @@ Answer = Callable[[int, list[str], list[Sampling]], list[str]]  # turn, prompts 
 
 
 def temperature(config: GleanerConfig, category: str) -> float:
-    return config.mt_bench.temperatures.get(category, 0.7)
+    return config.mt_bench.answers.temperatures.get(category, 0.7)
 
 
 def sampling(config: GleanerConfig, question: MTQuestion) -> Sampling:
     """FastChat's: greedy at (about) 0, else sampling at the category's temperature."""
-    return Sampling(config.mt_bench.max_new_tokens, temperature(config, question.category))
+    return Sampling(config.mt_bench.answers.max_tokens, temperature(config, question.category))
 
 
 def two_turn_answers(answer: Answer, renderer: PromptRenderer, questions: list[MTQuestion],

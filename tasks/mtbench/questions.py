@@ -36,7 +36,7 @@ def files(config: GleanerConfig) -> tuple[str, str]:
     """(questions, references) URLs: configured, else in the eval-sets folder, else FastChat's
     files shipped with gleaner (Apache-2.0, tasks/evaluate/data/NOTICE)."""
     settings = config.mt_bench
-    folder = eval_sets_folder(config.evaluate.eval_sets_dir)
+    folder = eval_sets_folder(config.evaluate.test_sets_dir)
 
     def where(file_name: str) -> str:
         if folder:

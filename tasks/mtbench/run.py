@@ -67,9 +67,9 @@ def run_mt_bench(store: Store, run_id: str, config: GleanerConfig, reference: st
     store.write_part(run_id, stage.input_stage, 0, requests)
     stage_summary = run_stage(stage, config, run_id)
     grades = store.read_stage(run_id, stage.name, schema=GRADE_SCHEMA)
-    price = config.prices.get(config.evaluate.judge.model)  # None: the cost is unknown
+    price = config.prices.get(config.evaluate.endpoint.model)  # None: the cost is unknown
     summary = {
-        "run_id": run_id, "model": label, "judge_model": config.evaluate.judge.model,
+        "run_id": run_id, "model": label, "judge_model": config.evaluate.endpoint.model,
         "questions": len(questions), **scores(requests, grades),
         "answer_chars": {str(t): _mean([len(a) for a in answers.column(f"answer_{t}")
                                         .to_pylist()]) for t in (1, 2)},

@@ -70,10 +70,10 @@ def request_rows(answers: pa.Table, references: Mapping[int, tuple[str, str] | N
 
 def grading_settings(config: GleanerConfig) -> GradingSettings:
     """What the judge is asked with; gleaner's own offline judge answers under the grammar."""
-    settings, judge = config.mt_bench, config.evaluate.judge
+    settings, judge = config.mt_bench, config.evaluate.endpoint
     offline = bool(judge.local_server)
     return GradingSettings(
-        max_tokens=settings.offline_max_tokens if offline else settings.judge_max_tokens,
+        max_tokens=settings.offline_max_tokens if offline else settings.max_tokens,
         temperature=0.0, parse_retries=settings.parse_retries,
         grammar=settings.grammar if settings.grammar is not None else offline)
 
@@ -92,8 +92,8 @@ class GradeStage(LLMRowStage):
         m = config.mt_bench
         super().__init__(StageSection(resources=m.resources, cache=m.cache, force=m.force,
                                       retry_failed=m.retry_failed,
-                                      failure_budget=m.failure_budget))
-        self.judge = config.evaluate.judge
+                                      max_failed_share=m.max_failed_share))
+        self.judge = config.evaluate.endpoint
         self.grading = grading_settings(config)
         self.name = layout.mt_bench_grades_stage(label)
         self.input_stage = layout.mt_bench_requests_stage(label)

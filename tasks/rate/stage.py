@@ -91,7 +91,7 @@ class RateStage(LLMRowStage):
         self.settings = section
         self.prompt = build_prompt(section.dimension, section.template_file)
         self.mode = section.mode or "explain"
-        self.options = RateOptions(section.parse_retries, section.explain_max_tokens,
+        self.options = RateOptions(section.parse_retries, section.max_tokens,
                                    section.top_logprobs)
         self.mode_note: str | None = None
 

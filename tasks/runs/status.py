@@ -4,7 +4,7 @@ A run is what its files say:
 
 - ``run.json``: when it started (``created_at``) and was last recorded;
 - each engine stage: ``<stage>/_summary.json`` (``status``: completed, or stopped by a
-  fatal error; failed rows over the stage's ``failure_budget`` fail it too) and its lease
+  fatal error; failed rows over the stage's ``max_failed_share`` fail it too) and its lease
   ``_leases/<stage>.json``: a live lease is a stage **running** now; a stale one (no
   heartbeat within its ttl, or a process of this host that is gone) is a stage that
   **crashed** (a failure); parts or a plan without a summary and without a lease are a
@@ -89,7 +89,7 @@ def _stage_state(summary: dict[str, Any] | None, lease: dict[str, Any] | None
     if summary.get("status") not in (None, "completed"):
         return "failed", str(summary.get("stopped_because") or summary.get("status"))
     failed, examples = summary.get("failed") or 0, summary.get("examples") or 0
-    budget = summary.get("failure_budget")
+    budget = summary.get("max_failed_share")
     if budget is not None and examples and failed / examples > float(budget):
         return "failed", (f"{failed} of {examples} rows failed, over the failure budget of "
                           f"{float(budget):.1%}")

@@ -103,7 +103,7 @@ def select_manifest(data: Candidates, config: GleanerConfig, size: int | None = 
     threshold = s.threshold
     if threshold is None and chosen.own_threshold:
         threshold = config.rate.threshold
-    return run_selector(data, s.selector, SelectRequest(s.sort_by, s.budget, s.tau, threshold,
+    return run_selector(data, s.selector, SelectRequest(s.sort_by, s.size, s.tau, threshold,
                                                         s.seed, size, s.fraction,
                                                         s.min_label_frequency,
                                                         drop_marked=s.drop_marked))
@@ -132,7 +132,8 @@ def input_stages(store: Store, run_id: str, need_vectors: bool) -> list[str]:
 
 
 class SelectStep(Step):
-    """Selection as one step: its key is the select settings and the versions of its inputs."""
+    """Selection as one step: its key is the select settings; a change in the versions of the
+    stages it reads selects again."""
 
     kind = layout.SELECT
     description = "the selection's report"
@@ -142,15 +143,17 @@ class SelectStep(Step):
         self.config, self.size_of = config, size_of
         self.size = selected_count(store, size_of) if size_of else None
         self.need_vectors = selector(config.select.selector).needs_vectors
-        self.inputs = {stage: store.stage_version(run_id, stage)
+        self.versions = {stage: store.stage_version(run_id, stage)
                        for stage in input_stages(store, run_id, self.need_vectors)}
         self.report: Any = None
         self.paths: dict[str, str] = {}
 
     def settings(self) -> dict[str, Any]:
         return {"select": self.config.select.model_dump(mode="json"),
-                "rate_threshold": self.config.rate.threshold, "size": self.size,
-                "inputs": self.inputs}
+                "rate_threshold": self.config.rate.threshold, "size": self.size}
+
+    def inputs(self) -> dict[str, Any]:
+        return self.versions  # a refreshed signal or pool: selected again
 
     def done(self, store: Store, run_id: str) -> bool:
         return store.has_stage(run_id, layout.SELECT) and store.exists(

@@ -407,9 +407,9 @@ def run_stage_against(stage: str, server: QuotaServer, store_url: str, run_id: s
                 json.dumps({"prompt": f"Question {run_id} {i}?", "answer": f"{side} answer {i}."})
                 + "\n" for i in range(rows)))
             paths.append(str(path))
-        values.update({f"evaluate.judge.{k}": v for k, v in endpoint.items()})
-        values.update({f"evaluate.judge_resources.{k}": v for k, v in resources.items()})
-        values.update({"evaluate.judge_cache": False})
+        values.update({f"evaluate.endpoint.{k}": v for k, v in endpoint.items()})
+        values.update({f"evaluate.resources.{k}": v for k, v in resources.items()})
+        values.update({"evaluate.cache": False})
         config = GleanerConfig().with_overrides({**values, **overrides})
         started = time.monotonic()
         result = evaluate_flow(run_id=run_id, config=config, answers_a=paths[0],

@@ -64,7 +64,7 @@ def build_viewer_run(root: Path, shared_data: Path, run_id: str = RUN_ID) -> Vie
     url = str(root / "store")
     config = GleanerConfig().with_overrides({
         "store.url": url, "select.selector": "deita", "select.sort_by": "rating",
-        "select.budget": 12, "select.tau": 0.9})
+        "select.size": 12, "select.tau": 0.9})
     store = Store(url)
     run_ingest([str(source)], store, run_id, config)
 
