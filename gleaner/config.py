@@ -827,6 +827,9 @@ def upgrade_document(document: dict[str, Any]) -> tuple[dict[str, Any], list[tup
             node = node.get(key) if isinstance(node, dict) else None
         if not isinstance(node, dict) or leaf not in node:
             continue
+        # a round-trip YAML mapping (gleaner config upgrade) keeps the key's place and comment
+        place = list(node).index(leaf)
+        comment = node.ca.items.pop(leaf, None) if hasattr(node, "ca") else None
         value = node.pop(leaf)
         *new_parents, new_leaf = new.split(".")
         target = data
@@ -834,7 +837,13 @@ def upgrade_document(document: dict[str, Any]) -> tuple[dict[str, Any], list[tup
             if not isinstance(target.get(key), dict):
                 target[key] = {}
             target = target[key]
-        target.setdefault(new_leaf, value)
+        if new_leaf not in target:
+            if target is node and hasattr(node, "insert"):
+                node.insert(place, new_leaf, value)
+            else:
+                target[new_leaf] = value
+            if comment is not None and hasattr(target, "ca"):
+                target.ca.items[new_leaf] = comment
         moved.append((old, new))
     return data, moved
 

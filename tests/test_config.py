@@ -153,3 +153,32 @@ def test_the_config_reference_is_made_from_the_schema_and_up_to_date() -> None:
     assert len(keys) > 400 and all(meaning.strip() for _, meaning in keys)
     assert all(config_key_exists(key) for key, _ in keys)
     assert "evaluate.generation.backend" in dict(keys)
+
+
+def test_config_upgrade_keeps_comments_and_upgrades_deployment_configs(tmp_path: Path) -> None:
+    """`gleaner config upgrade --write` renames keys in place, comments kept, and in a
+    prefect.yaml it upgrades the config each deployment carries in its parameters."""
+    from typer.testing import CliRunner
+
+    from gleaner.flows.cli import app
+
+    plain = tmp_path / "gleaner.yaml"
+    plain.write_text("select:\n  budget: 9   # how many to keep\n")
+    deployments = tmp_path / "prefect.yaml"
+    deployments.write_text(
+        "name: gleaner\n"
+        "deployments:\n"
+        "- name: nightly  # the refresh\n"
+        "  parameters:\n"
+        "    config:\n"
+        "      evaluate:\n"
+        "        judge: {model: gpt-4o}\n"
+        "- name: by-path\n"
+        "  parameters: {config: examples/openai.yaml}\n")
+    for path in (plain, deployments):
+        result = CliRunner().invoke(app, ["config", "upgrade", str(path), "--write"])
+        assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"select:\n  size: 9 +# how many to keep\n", plain.read_text())
+    upgraded = deployments.read_text()
+    assert "# the refresh" in upgraded and "endpoint: {model: gpt-4o}" in upgraded
+    assert "judge" not in upgraded and "config: examples/openai.yaml" in upgraded
