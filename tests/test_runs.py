@@ -141,7 +141,7 @@ def test_every_verb_says_in_one_line_that_an_s3_store_has_no_credentials(
     values = {"--run-id": ["--run-id", "r1"], "sources": [str(source)], "kind": ["complexity"],
               "--model": ["--model", "m"], "--config": [], "path": [str(config)],
               "--seeds": ["--seeds", str(source)], "--count": ["--count", "1"],
-              "run_id": ["r1"]}
+              "run_id": ["r1"], "--to-hub": ["--to-hub", "me/ds"]}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nothing looks beyond loopback
