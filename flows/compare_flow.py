@@ -7,19 +7,12 @@ from typing import Any
 from prefect import flow
 from prefect_ray import RayTaskRunner
 
-from gleaner.artifacts import artifact_key, run_name
+from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig
-from gleaner.engine.step import publish_markdown
 from gleaner.llm.offline import offline_endpoints
-from gleaner.runs import record_run
 from gleaner.runtime import execution_environment
 from gleaner.store import Store
-from gleaner.tasks.compare.run import (
-    gather_responses,
-    grade_responses,
-    make_pairs,
-    summary_markdown,
-)
+from gleaner.tasks.compare.run import compare
 
 
 @flow(name="compare", flow_run_name=run_name("compare"), task_runner=RayTaskRunner(),
@@ -30,15 +23,7 @@ def compare_flow(run_id: str, config: GleanerConfig,
     if not config.compare.endpoint.base_url:
         raise ValueError("compare.endpoint.base_url is not set: run_compare starts the offline "
                          "llama.cpp server, or configure an OpenAI-compatible endpoint")
-    store = Store(config.store.url, config.store.options)
-    gathered = gather_responses(store, run_id, config, responses, config.compare.limit)
-    grading = grade_responses(config, run_id, gathered.table.num_rows)
-    summary = make_pairs(store, run_id, config, gathered, grading)
-    record_run(store, run_id, config, compare={k: summary[k] for k in (
-        "prompts", "responses", "scored", "failed", "pairs", "ties_skipped", "pairs_path")})
-    publish_markdown(artifact_key("compare", "pairs", run_id), summary_markdown(summary),
-                     f"comparison data of run {run_id}")
-    return summary
+    return compare(Store(config.store.url, config.store.options), run_id, config, responses)
 
 
 def run_compare(config: GleanerConfig, run_id: str,

@@ -1,10 +1,14 @@
-"""Comparison data, plain steps: gather K responses per prompt, grade them, make the pairs.
+"""Comparison data: gather K responses per prompt, grade them, make the pairs.
 
-``gather_responses`` reads the sources and writes ``compare/responses`` (a global step);
-the grading is an engine stage (:class:`GradeStage`, batches on Ray, cached per (prompt,
-response, judge)); ``make_pairs`` joins the grades back and writes ``compare/pairs`` with
-its summary. Every response read ends judged (scored or failed), merged into an identical
-one, skipped as empty, or in a prompt with a single response (no pair possible): counted.
+``gather_responses`` reads the sources; the whole comparison is one step
+(:class:`CompareStep`, gleaner.engine.step): its key is the sources asked for, the limit
+and the grader's settings, its input the gathered responses themselves, so a rerun over the
+same responses writes and asks nothing. Inside it, ``compare/responses`` is written, the
+grading is an engine stage (:class:`GradeStage`, batches on Ray, cached per (prompt,
+response, judge)), and ``make_pairs`` joins the grades back and writes ``compare/pairs``
+with its summary. Every response read ends judged (scored or failed), merged into an
+identical one, skipped as empty, or in a prompt with a single response (no pair possible):
+counted.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import Any
 from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.engine import run_stage
+from gleaner.engine.step import Step, run_step
+from gleaner.runs import record_run
 from gleaner.store import Store
 from gleaner.tasks.compare.pairs import build_pairs
 from gleaner.tasks.compare.sources import Gathered, SourceContext, gather, resolve
 from gleaner.tasks.compare.stage import GRADE_SCHEMA, GradeStage
+from gleaner.tasks.train.run import table_version
 
 log = logging.getLogger("gleaner.compare")
 
@@ -39,20 +46,55 @@ def gather_responses(store: Store, run_id: str, config: GleanerConfig,
     distinct = c["responses"] + c["responses_single_prompt"] + c["responses_beyond_limit"]
     if c["responses_read"] != c["empty_skipped"] + c["duplicates_merged"] + distinct:
         raise RuntimeError(f"compare: response counts do not add up: {c}")
-    store.clear_stage(run_id, layout.COMPARE_RESPONSES)
-    store.write_part(run_id, layout.COMPARE_RESPONSES, 0, gathered.table)
     if c["prompts_single_response"]:
         log.warning("%d prompts have a single response (no pair possible): not judged",
                     c["prompts_single_response"])
     return gathered
 
 
-def grade_responses(config: GleanerConfig, run_id: str, rows: int) -> dict[str, Any]:
-    """The grading stage over the gathered responses (inside a flow run on Ray)."""
-    if rows == 0:
-        return {"examples": 0, "ok": 0, "failed": 0, "cached": 0, "requests": 0,
-                "prompt_tokens": 0, "completion_tokens": 0, "est_cost_usd": 0.0,
-                "skipped": "no prompt has two responses"}
+class CompareStep(Step):
+    """Gathered responses graded and paired (see the module)."""
+
+    kind = "compare"
+
+    def __init__(self, config: GleanerConfig, specs: list[str], gathered: Gathered):
+        self.config, self.specs, self.gathered = config, specs, gathered
+
+    def settings(self) -> dict[str, Any]:
+        return {"responses": self.specs, "limit": self.config.compare.limit,
+                "grader": GradeStage(self.config.compare).requested()}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"responses": table_version(self.gathered.table)}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.exists(layout.summary_path(store, run_id, layout.COMPARE_PAIRS))
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        store.clear_stage(run_id, layout.COMPARE_RESPONSES)
+        store.write_part(run_id, layout.COMPARE_RESPONSES, 0, self.gathered.table)
+        grading = grade_responses(self.config, run_id)
+        summary = make_pairs(store, run_id, self.config, self.gathered, grading)
+        record_run(store, run_id, self.config, compare={k: summary[k] for k in (
+            "prompts", "responses", "scored", "failed", "pairs", "ties_skipped", "pairs_path")})
+        return summary
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        return summary_markdown(summary)
+
+
+def compare(store: Store, run_id: str, config: GleanerConfig,
+            specs: list[str] | None = None) -> dict[str, Any]:
+    """The run's comparison data (a step: done once per set of gathered responses)."""
+    specs = list(specs or config.compare.responses)
+    gathered = gather_responses(store, run_id, config, specs, config.compare.limit)
+    return run_step(store, run_id, CompareStep(config, specs, gathered),
+                    force=config.compare.force)
+
+
+def grade_responses(config: GleanerConfig, run_id: str) -> dict[str, Any]:
+    """The grading stage over the gathered responses (inside a flow run on Ray); none
+    gathered (no prompt with two responses) is a stage of no rows, summarised as any."""
     return run_stage(GradeStage(config.compare), config, run_id)
 
 
