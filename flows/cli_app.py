@@ -20,7 +20,7 @@ LIFECYCLE: dict[str, tuple[str, ...]] = {
     "Judge it": ("rate", "score", "embed", "ifd", "length", "compare", "reward", "scorer"),
     "Choose": ("select", "preferences", "publish"),
     "Prove": ("finetune", "dpo", "evaluate", "mt-bench", "experiment"),
-    "Operate": ("curate", "plan", "runs", "view", "doctor", "config"),
+    "Operate": ("curate", "plan", "runs", "approve", "view", "doctor", "config"),
 }
 
 

@@ -32,6 +32,11 @@ from gleaner.store import Store
 from gleaner.tasks.cost.plan import plan_run
 from gleaner.tasks.cost.report import actual_cost, check_budget, keep_plan
 from gleaner.tasks.evaluate.eval_sets import check_evaluation_inputs
+from gleaner.tasks.publish.approval import (
+    approval_gate,
+    not_published_state,
+    publish_lock,
+)
 from gleaner.tasks.publish.release import previous_run, release
 from gleaner.tasks.select.marks import check_pool_left
 
@@ -78,11 +83,18 @@ def curate_flow(
         for name in cfg.curate.signals:
             summary[name] = pool_stage_flow(name=name, run_id=run_id, config=live)
         summary["select"] = select_flow(run_id=run_id, config=live)
-        summary.update(release(live, run_id, summary, before))
-        if downstream and cfg.curate.train:
+        # publish.approval: required: wait for a person (paused, or suspended off the worker)
+        decision = approval_gate(live, run_id, summary, actual_cost(st, run_id, plan))
+        publish = decision is None or decision["state"] == "approved"
+        if decision is not None:
+            summary["approval"] = decision
+        if publish:
+            with publish_lock(st, cfg.curate.dataset_name, run_id):  # one publish at a time
+                summary.update(release(live, run_id, summary, before))
+        if publish and downstream and cfg.curate.train:
             summary["finetune"] = finetune_flow(run_id=run_id, config=live)
-        if downstream and cfg.curate.evaluate:
+        if publish and downstream and cfg.curate.evaluate:
             summary["evaluate"] = evaluate_flow(run_id=run_id, config=live)
     summary["cost"] = actual_cost(st, run_id, plan)
     record_run(st, run_id, cfg, curate={k: v for k, v in summary.items() if k != "store"})
-    return summary
+    return summary if publish else not_published_state(summary)

@@ -76,12 +76,13 @@ def read_run(store: Store, run_id: str) -> dict[str, Any]:
 
 # ---- the approval marker ---------------------------------------------------------------------
 # A run that waits for a person before it goes on (an approval gate) says so in
-# runs/<id>/approval.json: {"state": "waiting" | "approved" | "rejected", "what": what waits
-# (e.g. "publish"), "requested_at": ISO time, "decided_at", "by", "note"}. The gate writes it
-# (request_approval / decide_approval); `gleaner runs` reads it: "waiting" is "awaiting
-# approval".
+# runs/<id>/approval.json: {"state": "waiting" | "approved" | "rejected" | "superseded" |
+# "timed out", "what": what waits (e.g. "publish"), "requested_at": ISO time, "decided_at":
+# ISO time, "by": who decided, "note": their comment, ...what the gate adds}. The gate writes
+# it (request_approval / decide_approval); `gleaner runs` reads it: "waiting" is "awaiting
+# approval"; the dataset card of an approved version reads who, when and the note.
 APPROVAL_FILE = "approval.json"
-APPROVAL_STATES = ("waiting", "approved", "rejected")
+APPROVAL_STATES = ("waiting", "approved", "rejected", "superseded", "timed out")
 
 
 def approval_path(store: Store, run_id: str) -> str:
@@ -102,10 +103,15 @@ def request_approval(store: Store, run_id: str, what: str, **extra: Any) -> dict
 
 
 def decide_approval(store: Store, run_id: str, approved: bool, by: str | None = None,
-                    note: str | None = None) -> dict[str, Any]:
-    """Record the decision on a waiting run (``approved`` or ``rejected``)."""
+                    note: str | None = None, state: str | None = None, **extra: Any
+                    ) -> dict[str, Any]:
+    """Record the decision on a waiting run: who (``by``), when (``decided_at``), the comment
+    (``note``); ``approved`` or ``rejected``, or ``state`` when the run ended unpublished for
+    another reason (``superseded``, ``timed out``)."""
+    if state is not None and state not in APPROVAL_STATES:
+        raise ValueError(f"approval state must be one of {', '.join(APPROVAL_STATES)}")
     record = read_approval(store, run_id) or {}
-    record.update(state="approved" if approved else "rejected", by=by, note=note,
-                  decided_at=dt.datetime.now(dt.UTC).isoformat())
+    record.update(state=state or ("approved" if approved else "rejected"), by=by, note=note,
+                  decided_at=dt.datetime.now(dt.UTC).isoformat(), **extra)
     store.write_json(approval_path(store, run_id), record)
     return record

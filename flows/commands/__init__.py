@@ -4,6 +4,7 @@ Add one import line per module here.
 """
 
 from gleaner.flows.commands import (
+    approve,  # noqa: F401
     compare,  # noqa: F401
     config,  # noqa: F401
     curate,  # noqa: F401

@@ -71,6 +71,11 @@ def format_summary(summary: dict[str, Any], api_url: str | None = None) -> str:
         lines.append(note)
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(select["reasons"].items()))
     lines.append(f"select: {select['selected']} selected ({reasons})")
+    approval = summary.get("approval")
+    if approval:
+        lines.append(f"approval: {approval.get('state')}"
+                     + (f" by {approval['by']}" if approval.get("by") else "")
+                     + (f" ({approval['note']})" if approval.get("note") else ""))
     version = summary.get("dataset")
     if version:
         diff = version["diff"]
@@ -171,3 +176,8 @@ def curate(
 
     summary, api_url = run_or_fail(run)
     emit(summary, as_json, format_summary(summary, api_url))
+    approval = summary.get("approval")
+    if approval and approval.get("state") != "approved":  # publish.approval: required
+        from gleaner.tasks.publish.approval import not_published_message
+
+        fail(f"run {run_id}: {not_published_message(approval)}", code=1)
