@@ -288,7 +288,7 @@ def not_published_message(record: dict[str, Any]) -> str:
     else:
         why = str(state)
     note = record.get("note")
-    return (f"Not published: {why}" + (f": {note}" if note and state != "superseded" else "")
+    return (f"Not published: {why}" + (f": {note}" if note and state == "rejected" else "")
             + "; the current version stays current")
 
 
