@@ -185,7 +185,7 @@ def build_config(config_file: Path | None, check_store: bool = True, **overrides
         from gleaner.store import Store, StoreUnavailable
 
         try:
-            Store(config.store.url, config.store.options).check_access()
+            Store.check(config.store.url, config.store.options)
         except StoreUnavailable as error:
             fail(str(error), code=1)
     return config

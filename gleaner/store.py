@@ -18,6 +18,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -128,6 +129,19 @@ class Store:
             if cause is None:
                 raise StoreUnavailable(self.url, f"{type(error).__name__}: {error}") from None
             raise StoreUnavailable(self.url, cause) from None
+
+    @classmethod
+    def check(cls, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        """:meth:`check_access` without making anything: a local store is checked on its
+        nearest existing folder (a command refused later must not leave an empty store)."""
+        if "://" in url and not url.startswith("file://"):
+            cls(url, storage_options).check_access()
+            return
+        folder = Path(url.removeprefix("file://")).expanduser().absolute()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreUnavailable(url, f"permission denied: {folder}")
 
     def __repr__(self) -> str:  # never show storage options: they may carry credentials
         return f"Store({self.url!r})"

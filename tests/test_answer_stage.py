@@ -95,9 +95,10 @@ def test_endpoint_backend_answers_the_vicuna_prompts_in_order(
     prompts = load_eval_set("vicuna", str(shared_data / "eval_sets"), limit=5)
     with local_llm_server() as server:
         config = GleanerConfig().with_overrides({
-            "store.url": store.url, "evaluate.generation.max_tokens": 6,
+            "store.url": store.url,
             "evaluate.generation": {
-                "backend": "endpoint", "prompts_per_part": 2, "batch_size": 1,
+                "backend": "endpoint", "prompts_per_part": 2, "forward_batch_size": 1,
+                "max_tokens": 6,
                 "endpoint": {"base_url": server.base_url},
                 "served_models": {str(tiny_model_dir): server.model}}})
         model, renderer = resolve_model(store, "ep", config, str(tiny_model_dir), tmp_path)

@@ -139,7 +139,7 @@ def test_plan_json_dry_run_and_a_refused_curate_send_nothing(shared_data: Path,
     settings = {
         "store": {"url": str(store)},
         "rate": {"endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}},
-        "evaluate": {"judge": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o",
+        "evaluate": {"endpoint": {"base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o",
                                "api": "batch"},
                      "test_sets": ["vicuna"], "test_sets_dir": str(shared_data / "eval_sets")},
         "budget": {"max_usd": 0.01}}

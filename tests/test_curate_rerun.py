@@ -55,8 +55,9 @@ def test_a_finished_curate_run_reruns_as_a_no_op_over_every_step(
             "overrides": {"max_steps": 1, "effective_batch_size": 2,
                           "per_device_batch_size": 2, "max_length": 64}}
         document["evaluate"] = {
-            "judge": {"base_url": stub.base_url, "model": "gpt-4"}, "test_sets": ["vicuna"],
-            "limit": 2, "max_new_tokens": 4, "test_sets_dir": str(shared_data / "eval_sets")}
+            "endpoint": {"base_url": stub.base_url, "model": "gpt-4"}, "test_sets": ["vicuna"],
+            "limit": 2, "generation": {"max_tokens": 4},
+            "test_sets_dir": str(shared_data / "eval_sets")}
         path.write_text(yaml.safe_dump(document))
         command = ["curate", str(sample), "--config", str(path), "--run-id", "again",
                    "--json"]

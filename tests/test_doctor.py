@@ -46,7 +46,7 @@ def write_config(tmp_path: Path, shared_data: Path, endpoint: str, **sections: A
         "rate": {"mode": "score-only",
                  "endpoint": {"base_url": endpoint, "model": "stub-model",
                               "api_key_env": KEY_ENV, "max_retries": 0}},
-        "evaluate": {"judge": {"base_url": endpoint, "model": "stub-model",
+        "evaluate": {"endpoint": {"base_url": endpoint, "model": "stub-model",
                                "api_key_env": KEY_ENV, "max_retries": 0},
                      "test_sets": ["vicuna"], "test_sets_dir": str(shared_data / "eval_sets")},
     }

@@ -61,11 +61,11 @@ def grid_config(tmp_path: Path, shared_data: Path, tiny_model_dir: Path, judge_u
         "finetune": {"base_model": str(tiny_model_dir), "overrides": {
             "max_steps": 2, "effective_batch_size": 4, "per_device_batch_size": 2,
             "max_length": 128, "learning_rate": 5e-3, "checkpoint_every_steps": 1}},
-        "evaluate": {"judge": {"base_url": judge_url, "model": "gpt-4"},
-                     "test_sets": ["vicuna"], "limit": 3, "max_new_tokens": 8,
-                     "generation": {"batch_size": 3},
+        "evaluate": {"endpoint": {"base_url": judge_url, "model": "gpt-4"},
+                     "test_sets": ["vicuna"], "limit": 3,
+                     "generation": {"forward_batch_size": 3, "max_tokens": 8},
                      "test_sets_dir": str(shared_data / "eval_sets")},
-        "mt_bench": {"question_ids": [81, 101], "max_new_tokens": 6},
+        "mt_bench": {"question_ids": [81, 101], "answers": {"max_tokens": 6}},
         "experiment": {"name": "tiny", "arms": arms, **experiment},
     }
 
@@ -82,11 +82,11 @@ def test_short_forms_names_and_shared_selections() -> None:
 
     config = GleanerConfig.model_validate({"experiment": {"arms": [
         "full", "random@9k", "alpagasus@τ4.5", "deita@6k", "ifd@5%", "longest@1k",
-        {"name": "random-again", "selector": "random", "budget": 9000},
+        {"name": "random-again", "selector": "random", "size": 9000},
         {"name": "same-size", "selector": "random", "size_of": "alpagasus-t4_5"}],
         "baseline": "full"}})
     arms = {a.name: a for a in config.experiment.arms}
-    assert (arms["random-9k"].budget, arms["ifd-5pct"].fraction) == (9000, 0.05)
+    assert (arms["random-9k"].size, arms["ifd-5pct"].fraction) == (9000, 0.05)
     assert (arms["alpagasus-t4_5"].selector, arms["alpagasus-t4_5"].threshold) == (
         "threshold", 4.5)
     selections = plan_selections(config, "pool-run")
@@ -126,7 +126,7 @@ def test_arms_naming_the_same_selection_share_one_dataset_version(shared_data: P
     config = GleanerConfig.model_validate({"store": {"url": str(tmp_path / "store")},
                                            "experiment": {"name": "share", "pool": {
                                                "run_id": "pool"}, "arms": [
-        "full", "random@10", {"name": "random-ten", "selector": "random", "budget": 10},
+        "full", "random@10", {"name": "random-ten", "selector": "random", "size": 10},
         {"name": "same-as-full", "selector": "random", "size_of": "random-10", "seed": 3}]}})
     selections = plan_selections(config, "pool")
     for _ in range(2):  # a rerun publishes nothing new
@@ -392,7 +392,7 @@ def test_the_grid_asks_selectors_for_traits_not_names() -> None:
         register("selector", "spread")(Selector(selector("deita").run, "evol",
                                                 needs_vectors=True, uses_tau=True))
     config = GleanerConfig.model_validate({"experiment": {"arms": [
-        "full", {"name": "spread-6", "selector": "spread", "budget": 6, "tau": 0.5}]}})
+        "full", {"name": "spread-6", "selector": "spread", "size": 6, "tau": 0.5}]}})
     spread = next(s for s in plan_selections(config, "pool") if s.name == "spread-6")
     assert spread.settings["tau"] == 0.5 and "seed" not in spread.settings
     from gleaner.arm_spec import parse_arm
@@ -410,7 +410,7 @@ def test_a_dpo_arm_shares_its_twins_fine_tune_whatever_the_twins_name() -> None:
     from gleaner.tasks.experiment.arms import plan_selections
 
     config = GleanerConfig.model_validate({"experiment": {"arms": [
-        "random@8+dpo", {"name": "mine", "selector": "random", "budget": 8}]}})
+        "random@8+dpo", {"name": "mine", "selector": "random", "size": 8}]}})
     dpo, twin = plan_selections(config, "pool")
     assert dpo.dpo and not twin.dpo and dpo.key != twin.key
     assert dpo.sft_model == twin.sft_model == twin.model != dpo.model  # trained once

@@ -120,7 +120,7 @@ def test_tag_then_select_on_a_loopback_tagger(prefect_api, ray_local, shared_dat
     assert all(r["tag_count"] == len(r["tags"]) for r in rows.values() if r["status"] == "ok")
 
     selected = runner.invoke(app, ["select", "--run-id", "tags", "--store", store.url,
-                                   "--selector", "instag", "--budget", "6", "--json"])
+                                   "--selector", "instag", "--size", "6", "--json"])
     assert selected.exit_code == 0, selected.output
     manifest = {r["id"]: r for r in store.read_stage("tags", "select").to_pylist()}
     ids = sorted(rows)
@@ -140,7 +140,7 @@ def test_curate_plan_and_grid_reach_the_stage_by_its_registration(tmp_path: Path
     config = GleanerConfig.model_validate({
         "curate": {"signals": ["tag"]},
         "experiment": {"arms": ["full", {"name": "instag-6", "selector": "instag",
-                                         "budget": 6}]}})
+                                         "size": 6}]}})
     assert "tag" in [s.name for s in llm_stages(config)]  # priced before anything is sent
     assert needed_stages(plan_selections(config, "pool")) == ["tag"]
     with pytest.raises(ValueError, match="unknown pool_stage 'tags'"):

@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import typer.main
 from typer.testing import CliRunner
 
@@ -127,11 +129,20 @@ def leaf_commands() -> dict[str, list[str]]:
 NO_STORE = {"config upgrade": "rewrites a local config file"}
 
 
-def test_every_verb_says_in_one_line_that_an_s3_store_has_no_credentials(
-    s3, tmp_path, monkeypatch
-) -> None:
+@pytest.fixture
+def fresh_s3_filesystems() -> Iterator[None]:
+    """fsspec keeps one S3 filesystem per set of options: one made without credentials here
+    must not serve the next test, whatever this one's outcome."""
     import s3fs
 
+    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem made with credentials earlier
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_every_verb_says_in_one_line_that_an_s3_store_has_no_credentials(
+    s3, tmp_path, monkeypatch, fresh_s3_filesystems
+) -> None:
     config = tmp_path / "gleaner.yaml"
     url = s3["url"]
     config.write_text(json.dumps({"store": {"url": url,
@@ -147,7 +158,6 @@ def test_every_verb_says_in_one_line_that_an_s3_store_has_no_credentials(
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nothing looks beyond loopback
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
-    s3fs.S3FileSystem.clear_instance_cache()  # no filesystem made with credentials earlier
 
     runner = CliRunner()
     verbs = leaf_commands()
@@ -171,7 +181,6 @@ def test_every_verb_says_in_one_line_that_an_s3_store_has_no_credentials(
             "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or give the machine a role)"], (verb, output)
         checked.append(verb)
     assert len(checked) >= 25, checked
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_a_missing_bucket_and_a_read_only_folder_are_one_line(s3, tmp_path, monkeypatch

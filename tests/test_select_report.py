@@ -20,7 +20,7 @@ def test_report_counts_histograms_and_similarity_effect(tmp_path):
     assert manifest.selected_ids == ["e00", "e02", "e04", "e05", "e06"]
     columns = {"evol": evol, "complexity": np.sqrt(evol),
                "rating": np.array([5, 4.5, 4, 3.5, 5, 5, 2, 1, 0, 4.5, np.nan, 3])}
-    report = build_report(manifest, columns, {"selector": "deita", "budget": 5, "tau": 0.9},
+    report = build_report(manifest, columns, {"selector": "deita", "size": 5, "tau": 0.9},
                           tau=0.9)
     assert report.counts == {"kept": 5, "below_threshold": 0, "above_threshold": 0,
                              "too_similar": 2, "over_budget": 4, "failed_upstream": 1,

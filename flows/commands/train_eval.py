@@ -119,7 +119,7 @@ def finetune(
     if baseline not in (None, "none", "pool", "random"):
         fail(f"--baseline must be none, pool or random, not {baseline!r}")
     num_workers, gpu = training_gpus(num_gpus, num_workers, gpu)
-    config = build_config(config_file, **{
+    config = build_config(config_file, check_store=not plan, **{
         "store.url": store, "finetune.preset": preset, "finetune.base_model": base_model,
         "finetune.baseline": baseline, "finetune.num_workers": num_workers,
         "finetune.use_gpu": gpu, "finetune.force": True if force else None,

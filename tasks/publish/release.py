@@ -14,7 +14,7 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
-from gleaner.engine.step import Step, run_step
+from gleaner.engine.step import Step, read_step, run_step
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.publish.versions import (
@@ -86,10 +86,9 @@ def counts_markdown(run_id: str, summary: dict[str, Any]) -> str:
 
 
 class PublishStep(Step):
-    """The dataset version of a run's selection: its key is the dataset and the curated set.
-
-    Done when the run has published a version of that curated set; a rerun then sends no
-    event. ``force`` publishes the run's selection as a new version."""
+    """The dataset version of a run's selection: its key is the dataset, its input the curated
+    set. Done when the run has published a version of that curated set; a rerun then sends
+    no event. Another curated set of the run, or ``force``, is published as a new version."""
 
     kind = "publish"
     artifact = "curate"  # the table a person reads first, named after the run
@@ -100,9 +99,16 @@ class PublishStep(Step):
         self.config, self.summary, self.before, self.force = config, summary, before, force
         self.run_id = run_id
         self.curated = store.stage_version(run_id, layout.CURATED)
+        record = read_step(store, run_id, self.kind)
+        # the run published another selection before: this one is a new version (a record
+        # missing after a publish, a crash in between, finds the run's version and keeps it)
+        self.reselected = record is not None and record.get("inputs") != self.inputs()
 
     def settings(self) -> dict[str, Any]:
-        return {"dataset": self.config.curate.dataset_name, "curated": self.curated}
+        return {"dataset": self.config.curate.dataset_name}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"curated": self.curated}  # another selection: published as a new version
 
     def done(self, store: Store, run_id: str) -> bool:
         return any(v["run_id"] == run_id for v in list_versions(store, self.config.curate
@@ -112,7 +118,7 @@ class PublishStep(Step):
         rate = self.summary.get("rate") or {}
         version = publish_version(self.config, run_id, {
             "requests_sent": rate.get("requests", 0), "requests_saved": rate.get("cached", 0)},
-            again=self.force)
+            again=self.force or self.reselected)
         out: dict[str, Any] = {"dataset": version}
         if self.before is not None:
             out["pool_diff"] = diff_ingest(store, self.before, run_id, stage=layout.INGEST)

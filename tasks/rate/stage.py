@@ -58,7 +58,7 @@ async def rate_batch(rows: list[dict[str, Any]], client: LLMClient, prompt: Rati
     options = options or RateOptions()
     stage = RateStage(RateConfig(endpoint=client.endpoint, mode=mode,
                                  parse_retries=options.parse_retries,
-                                 explain_max_tokens=options.explain_max_tokens,
+                                 max_tokens=options.explain_max_tokens,
                                  top_logprobs=options.top_logprobs))
     stage.prompt = prompt
     return await RateWorker(stage).aprocess(pa.Table.from_pylist(rows), client)

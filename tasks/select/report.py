@@ -103,7 +103,7 @@ def markdown(report: Report, total: int, tau: float | None) -> str:
     s = report.settings
     if s:
         lines.append(
-            f"Selector **{s.get('selector')}** by `{s.get('sort_by')}`, budget {s.get('budget')}, "
+            f"Selector **{s.get('selector')}** by `{s.get('sort_by')}`, size {s.get('size')}, "
             f"tau {s.get('tau')}, threshold {s.get('threshold')}, seed {s.get('seed')}"
         )
         lines.append("")
