@@ -31,7 +31,7 @@ from tests.support.pipeline import (
     write_sample,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]  # whole curate runs
 ROWS = 16
 
 

@@ -192,7 +192,8 @@ def test_the_rebuild_config_is_a_loadable_config(run: ViewerRun) -> None:
 # ---- the recorded command rebuilds the selection ---------------------------------------------
 
 
-@pytest.mark.slow  # two small curate runs (Prefect, Ray, MiniLM; a loopback OpenAI server)
+@pytest.mark.slow
+@pytest.mark.e2e  # two small curate runs (Prefect, Ray, MiniLM; a loopback OpenAI server)
 def test_provenance_rebuilds_the_same_selection_from_the_same_store(
         prefect_api, ray_local, shared_data: Path, tmp_path: Path) -> None:
     from gleaner.flows.cli import app
