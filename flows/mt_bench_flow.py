@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from prefect_ray import RayTaskRunner
 
-from gleaner.artifacts import artifact_key, run_name
+from gleaner.artifacts import run_name
 from gleaner.config import GleanerConfig
 from gleaner.llm.offline import offline_endpoints
 from gleaner.runs import record_run
 from gleaner.store import Store
-from gleaner.tasks.mtbench.run import markdown, run_mt_bench
+from gleaner.tasks.mtbench.run import run_mt_bench
 
 
 @flow(name="mt-bench", flow_run_name=run_name("mt-bench"), task_runner=RayTaskRunner(),
@@ -23,9 +22,7 @@ def mt_bench_flow(run_id: str, config: GleanerConfig, model: str) -> dict[str, A
     store = Store(config.store.url, config.store.options)
     with offline_endpoints(config, "judge") as live:
         summary = run_mt_bench(store, run_id, live, model)
-    create_markdown_artifact(markdown=markdown(summary),
-                             key=artifact_key("mt-bench", run_id, summary["model"]),
-                             description=f"MT-Bench of {model} (FastChat's single grading)")
-    record_run(store, run_id, config, mt_bench={summary["model"]: {
-        k: summary[k] for k in ("overall", "turns", "graded", "failed")}})
+    if not summary["reused"]:
+        record_run(store, run_id, config, mt_bench={summary["model"]: {
+            k: summary[k] for k in ("overall", "turns", "graded", "failed")}})
     return summary

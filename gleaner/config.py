@@ -597,6 +597,7 @@ class MTBenchAnswersConfig(Section):
         "writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
         "reasoning": 0.0, "stem": 0.1, "humanities": 0.1})
 
+
 class MTBenchConfig(StageSection):
     """MT-Bench as FastChat's llm_judge runs it: two-turn answers, single-answer grading 1-10
     (math, reasoning and coding against reference answers). The judge is ``evaluate.endpoint``."""

@@ -17,6 +17,7 @@ import pyarrow as pa
 from gleaner import layout
 from gleaner.config import GleanerConfig
 from gleaner.engine import run_stage
+from gleaner.engine.step import Step, run_step
 from gleaner.engine.summary import estimate_cost
 from gleaner.store import Store
 from gleaner.tasks.mtbench.answers import answer_mt_bench
@@ -53,12 +54,57 @@ def scores(requests: pa.Table, grades: pa.Table) -> dict[str, Any]:
     }
 
 
+class MTBenchStep(Step):
+    """One model's MT-Bench on the step contract: its key the questions, how they are
+    answered and graded; its input the model's version (a retrained model is asked again)."""
+
+    kind = "mt_bench"
+
+    def __init__(self, store: Store, run_id: str, config: GleanerConfig, reference: str,
+                 questions: list[Any]):
+        from gleaner.tasks.evaluate.run import label_of, model_identity
+
+        self.config, self.reference, self.questions = config, reference, questions
+        self.label = label_of(reference)
+        self.version = model_identity(store, run_id, config, reference)
+
+    @property
+    def name(self) -> str:
+        return f"mt_bench/{self.label}"
+
+    def settings(self) -> dict[str, Any]:
+        m, g = self.config.mt_bench, self.config.evaluate.generation
+        return {"questions": [q.question_id for q in self.questions],
+                "answers": m.answers.model_dump(mode="json"),
+                "generation": {"backend": g.backend, "dtype": g.dtype},
+                "grader": {"model": self.config.evaluate.endpoint.model,
+                           "max_tokens": m.max_tokens}}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"model": self.version}
+
+    def done(self, store: Store, run_id: str) -> bool:
+        return store.exists(layout.mt_bench_summary_path(store, run_id, self.label))
+
+    def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
+        return _mt_bench(store, run_id, self.config, self.reference, self.questions)
+
+    def markdown(self, summary: dict[str, Any]) -> str:
+        return markdown(summary)
+
+
 def run_mt_bench(store: Store, run_id: str, config: GleanerConfig, reference: str
                  ) -> dict[str, Any]:
-    """One model's MT-Bench score (needs a judge endpoint, Ray and a flow run to grade)."""
+    """One model's MT-Bench score (needs a judge endpoint, Ray and a flow run to grade); a
+    step: a rerun for the same model version and settings asks nothing."""
+    step = MTBenchStep(store, run_id, config, reference, load_questions(config))
+    return run_step(store, run_id, step, force=config.mt_bench.force)
+
+
+def _mt_bench(store: Store, run_id: str, config: GleanerConfig, reference: str,
+              questions: list[Any]) -> dict[str, Any]:
     from gleaner.tasks.evaluate.run import label_of
 
-    questions = load_questions(config)
     label = label_of(reference)
     answers = answer_mt_bench(store, run_id, config, reference, questions)
     requests = request_rows(answers, {q.question_id: q.references for q in questions})

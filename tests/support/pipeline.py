@@ -93,15 +93,16 @@ def prefect_cli(*args: str, env: dict[str, str], timeout_s: float = 300
 class Worker:
     """``prefect worker start`` as its own process group; its log is kept for inspection."""
 
-    def __init__(self, pool: str, env: dict[str, str], log_path: Path):
-        self.pool, self.env, self.log_path = pool, env, log_path
+    def __init__(self, pool: str, env: dict[str, str], log_path: Path, limit: int | None = 1):
+        self.pool, self.env, self.log_path, self.limit = pool, env, log_path, limit
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
         log = open(self.log_path, "wb")  # noqa: SIM115 (the worker owns it)
+        limit = ["--limit", str(self.limit)] if self.limit is not None else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool,
-             "--type", "process", "--limit", "1"],
+             "--type", "process", *limit],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
