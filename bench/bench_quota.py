@@ -77,8 +77,12 @@ def main() -> None:
     import ray
 
     from gleaner.config import GleanerConfig
+    from gleaner.engine.stage import resolve_resources
     from gleaner.llm.ratelimit import ensure_rate_limiter, limiter_name
     from gleaner.runtime import init_ray, prefect_api, start_prefect_server
+    from gleaner.tasks.deita.stages import EndpointScoreStage
+    from gleaner.tasks.evaluate.stage import JudgeStage
+    from gleaner.tasks.rate.stage import RateStage
     from tests.support.quota_server import STAGES, QuotaServer, run_stage_against
 
     unknown = set(stages) - set(STAGES)
@@ -117,8 +121,10 @@ def main() -> None:
                           "judge": "evaluate.resources"}[stage]
                 if args.task_cpus:
                     overrides[f"{prefix}.cpus"] = args.task_cpus
-                defaults = {"rate": config.rate.resources, "score": config.score.resources,
-                            "judge": config.evaluate.resources}[stage]
+                defaults = resolve_resources(*{
+                    "rate": (RateStage.declared, config.rate.resources),
+                    "score": (EndpointScoreStage.declared, config.score.resources),
+                    "judge": (JudgeStage.declared, config.evaluate.resources)}[stage])
                 batch_size = args.batch_size or defaults.batch_size
                 concurrency = args.concurrency or defaults.concurrency
                 with QuotaServer(rate=args.rate, latency_s=args.latency,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from gleaner.artifacts import artifact_key, run_name
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import publish_markdown
 from gleaner.runs import new_run_id
 from gleaner.tasks.train.run import finetune_task, report_markdown
 
@@ -31,6 +31,7 @@ def finetune_flow(run_id: str | None = None, config: GleanerConfig | None = None
     summaries = {"curated": finetune_task(run_id, config, "curated", dataset)}
     if baseline != "none":
         summaries["baseline"] = finetune_task(run_id, config, "baseline", dataset, baseline)
-    create_markdown_artifact(key=artifact_key("finetune", run_id), markdown=report_markdown(
-        list(summaries.values())), description=f"fine-tuning of run {run_id}")
+    if not all(s.get("reused") for s in summaries.values()):
+        publish_markdown(artifact_key("finetune", run_id), report_markdown(
+            list(summaries.values())), f"fine-tuning of run {run_id}")
     return summaries

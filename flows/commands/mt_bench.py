@@ -26,10 +26,11 @@ def mt_bench(
     store: str | None = StoreOption,
     judge_base_url: str | None = typer.Option(None, "--judge-base-url"),
     judge_model: str | None = typer.Option(None, "--judge-model", help="Default gpt-4."),
-    test_sets_dir: str | None = typer.Option(None, "--eval-sets-dir"),
+    test_sets_dir: str | None = typer.Option(None, "--test-sets-dir", "--eval-sets-dir"),
     question_ids: list[int] | None = typer.Option(None, "--question-id", help="Repeatable."),
     per_category: int | None = typer.Option(None, "--per-category", min=1),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", min=1),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", "--max-new-tokens", min=1,
+                                          help="Token cap of each answer."),
     config_file: Path | None = ConfigOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -38,7 +39,7 @@ def mt_bench(
         "store.url": store, "evaluate.endpoint.base_url": judge_base_url,
         "evaluate.endpoint.model": judge_model, "evaluate.test_sets_dir": test_sets_dir,
         "mt_bench.question_ids": question_ids or None, "mt_bench.per_category": per_category,
-        "mt_bench.answers.max_tokens": max_new_tokens})
+        "mt_bench.answers.max_tokens": max_tokens})
     from gleaner.flows.mt_bench_flow import mt_bench_flow
     from gleaner.runtime import execution_environment
     from gleaner.tasks.mtbench.run import markdown

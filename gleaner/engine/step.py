@@ -11,8 +11,11 @@ through one function, :func:`run_step`:
 - **another key**: refused, naming the changed settings (``PlanMismatch``), unless
   ``force`` (``Step.clear``, then afresh);
 - **other inputs** (``Step.inputs()``: the versions of what it reads, e.g. a retrained model,
-  a refreshed stage): made again, as a stage that follows its input is; what is unchanged
-  below it (answers, judgements) is reused by its own cache;
+  a refreshed stage, other training data): made again from the start (``Step.clear``), as a
+  stage that follows its input is; what is unchanged below it (answers, judgements) is
+  reused by its own cache;
+- **an output made before steps kept records** is adopted when it is what the step would
+  make (``Step.adopt``), so an older store is not redone;
 - **extent**: a step whose work grows by units (a training run's steps) keeps that
   out of its key: more units than on record continue from the record (the trainer
   resumes from its checkpoint), fewer are refused;
@@ -70,6 +73,8 @@ class Step(abc.ABC):
     kind: ClassVar[str] = ""  # ingest | select | publish | train | arm ... (the record's name)
     description: ClassVar[str] = ""
     artifact: ClassVar[str] = ""  # its artifact's key, before the run id (default: its name)
+    # how a person makes it afresh, named in a refusal (a CLI flag or a config key)
+    force_hint: ClassVar[str] = "--force"
 
     @property
     def name(self) -> str:
@@ -93,7 +98,12 @@ class Step(abc.ABC):
         return True
 
     def clear(self, store: Store, run_id: str) -> None:  # noqa: B027 (optional hook)
-        """Remove the output before a forced run."""
+        """Remove the output before it is made afresh (forced, or other inputs)."""
+
+    def adopt(self, store: Store, run_id: str) -> dict[str, Any] | None:
+        """The summary of an output made before steps kept records, when it is what this
+        step would make (then it is recorded and reused); None: make it."""
+        return None
 
     @abc.abstractmethod
     def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
@@ -119,17 +129,29 @@ def check_step(store: Store, run_id: str, step: Step, force: bool = False
         raise PlanMismatch(
             f"run {run_id!r} already has {step.name} made with other settings "
             f"({', '.join(differing)}); rerun with the same settings, "
-            "or --force to make it afresh")
+            f"or {step.force_hint} to make it afresh")
     asked, held = step.extent(), record.get("extent")
     if asked is not None and held is not None and asked < held:
         raise PlanMismatch(
             f"run {run_id!r}: {step.name} holds {held} steps of work and {asked} were asked; "
-            "a run cannot be made shorter: --force to make it afresh")
+            f"a run cannot be made shorter: {step.force_hint} to make it afresh")
     if record.get("inputs", {}) != step.inputs():
         return None
     if (asked is None or held is None or asked == held) and step.done(store, run_id):
         return record
     return None
+
+
+def _record(store: Store, run_id: str, step: Step, summary: dict[str, Any], seconds: float
+            ) -> dict[str, Any]:
+    """The step's record (its summary with the engine's fields), written."""
+    key = settings_key(step.settings())
+    summary = {**summary, "step": step.name, "key": key, "reused": False,
+               "seconds": round(seconds, 2)}
+    record = {"step": step.name, "key": key, "settings": step.settings(),
+              "inputs": step.inputs(), "extent": step.extent(), "summary": summary}
+    store.write_json(step_record_path(store, run_id, step.name), record)
+    return record
 
 
 def run_step(store: Store, run_id: str, step: Step, *, force: bool = False) -> dict[str, Any]:
@@ -138,20 +160,19 @@ def run_step(store: Store, run_id: str, step: Step, *, force: bool = False) -> d
     if record is not None:
         return {**record["summary"], "reused": True}
     previous = None if force else read_step(store, run_id, step.name)
-    if previous is not None and previous.get("inputs", {}) != step.inputs():
-        previous = None  # other inputs: made again, not continued
-    if force:  # the record goes first: a forced attempt killed half-way leaves none
+    if previous is None and not force:
+        adopted = step.adopt(store, run_id)
+        if adopted is not None:
+            return {**_record(store, run_id, step, adopted, 0.0)["summary"], "reused": True}
+    other_inputs = previous is not None and previous.get("inputs", {}) != step.inputs()
+    if force or other_inputs:  # the record goes first: an attempt killed half-way leaves none
         path = step_record_path(store, run_id, step.name)
         if store.exists(path):
             store.fs.rm(path)
         step.clear(store, run_id)
     started = time.perf_counter()
-    summary = step.run(store, run_id, resume=previous is not None)
-    summary = {**summary, "step": step.name, "key": settings_key(step.settings()),
-               "reused": False, "seconds": round(time.perf_counter() - started, 2)}
-    store.write_json(step_record_path(store, run_id, step.name), {
-        "step": step.name, "key": summary["key"], "settings": step.settings(),
-        "inputs": step.inputs(), "extent": step.extent(), "summary": summary})
+    summary = step.run(store, run_id, resume=previous is not None and not other_inputs)
+    summary = _record(store, run_id, step, summary, time.perf_counter() - started)["summary"]
     markdown = step.markdown(summary)
     if markdown is not None:
         publish_markdown(f"{step.artifact or step.name}-{run_id}", markdown,

@@ -56,6 +56,7 @@ class CompareStep(Step):
     """Gathered responses graded and paired (see the module)."""
 
     kind = "compare"
+    force_hint = "--force (gleaner compare)"
 
     def __init__(self, config: GleanerConfig, specs: list[str], gathered: Gathered):
         self.config, self.specs, self.gathered = config, specs, gathered

@@ -241,7 +241,7 @@ def priced(plan: StagePlan, price: PriceConfig | None) -> StagePlan:
 # ---- the judge (its answers do not exist before the run) ---------------------------------------
 def plan_judge(config: GleanerConfig) -> list[StagePlan]:
     """Both orders of every prompt of the test sets; each answer counted at its cap
-    (``evaluate.generation.max_tokens``), the review at ``judge_max_tokens``: upper bounds."""
+    (``evaluate.generation.max_tokens``), the review at ``evaluate.max_tokens``: upper bounds."""
     from gleaner.llm.client import chat_request, request_body
     from gleaner.tasks.evaluate.eval_sets import load_eval_set
     from gleaner.tasks.evaluate.judge import JUDGE_TEMPERATURE, judge_messages

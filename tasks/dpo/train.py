@@ -19,12 +19,13 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
-from gleaner.engine.step import read_step, run_step
+from gleaner.engine.step import run_step
 from gleaner.runs import record_run
 from gleaner.runtime import STATE_DIR
 from gleaner.store import Store
 from gleaner.tasks.compare.preferences import preference_rows, preference_set, run_pairs
 from gleaner.tasks.dpo.objective import DirectPreference
+from gleaner.tasks.evaluate.run import model_identity
 from gleaner.tasks.publish.preferences import version_pairs
 from gleaner.tasks.train.model_card import model_card
 from gleaner.tasks.train.run import (
@@ -73,13 +74,13 @@ def run_dpo_train(store: Store, run_id: str, config: GleanerConfig) -> dict[str,
                                                   settings.seed, "dpo", published)
     if settings.preferences:
         pairs_run = f"dataset:{settings.preferences}"
-    sft = None if settings.base_model else read_step(store, run_id, f"train/{settings.sft_model}")
+    start = settings.base_model or f"{settings.sft_model}@" + model_identity(
+        store, run_id, config, settings.sft_model)
     step = TrainStep(name, settings, table_version(pairs), "dpo",
                      lambda: _dpo(store, run_id, config, pairs_run, pairs, train_pairs,
                                   heldout_pairs),
-                     beta=settings.beta, heldout_fraction=settings.heldout_fraction,
-                     seed=settings.seed, start=settings.base_model or
-                     f"{settings.sft_model}@{(sft or {}).get('key')}")
+                     "dpo.force", start=start, beta=settings.beta,
+                     heldout_fraction=settings.heldout_fraction, seed=settings.seed)
     return run_step(store, run_id, step, force=settings.force)
 
 

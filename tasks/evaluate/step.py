@@ -20,10 +20,24 @@ from gleaner.engine.step import Step
 from gleaner.store import Store
 
 
+def verdict_settings(config: GleanerConfig) -> dict[str, Any]:
+    """What shapes the answers and the verdicts besides the test sets (the grid's arms key
+    on the same)."""
+    e = config.evaluate
+    g = e.generation
+    return {"judge": e.endpoint.model, "max_tokens": e.max_tokens,
+            "max_new_tokens": g.max_tokens, "do_sample": g.do_sample,
+            "temperature": g.temperature if g.do_sample else None,
+            "generation": {"backend": g.backend, "dtype": g.dtype},
+            "likert": e.likert.model_dump(mode="json", include={
+                "samples", "resamples", "seed", "max_tokens"}) if e.likert.enabled else None}
+
+
 class EvaluateStep(Step):
     """Model A against model B on the test sets (answers, both orders judged, the report)."""
 
     kind = "evaluate"
+    force_hint = "evaluate.force: true (gleaner evaluate --force)"
 
     def __init__(self, store: Store, run_id: str, config: GleanerConfig, comparison: str,
                  references: tuple[str, str], test_sets: list[str], limit: int | None,
@@ -40,15 +54,8 @@ class EvaluateStep(Step):
         return f"evaluate/{self.comparison}"
 
     def settings(self) -> dict[str, Any]:
-        e = self.config.evaluate
-        return {"test_sets": self.test_sets, "limit": self.limit,
-                "rule": self.rule, "judge": e.endpoint.model, "max_tokens":
-                e.max_tokens, "max_new_tokens": e.generation.max_tokens,
-                "do_sample": e.generation.do_sample, "temperature": e.generation.temperature
-                if e.generation.do_sample else None,
-                "generation": {"backend": e.generation.backend, "dtype": e.generation.dtype},
-                "likert": e.likert.model_dump(mode="json", include={
-                    "samples", "resamples", "seed", "max_tokens"}) if e.likert.enabled else None}
+        return {"test_sets": self.test_sets, "limit": self.limit, "rule": self.rule,
+                **verdict_settings(self.config)}
 
     def inputs(self) -> dict[str, Any]:
         return {"models": self.models}  # a retrained model is judged again

@@ -125,9 +125,12 @@ def run_scorer_train(store: Store, run_id: str, config: GleanerConfig, kind: str
                            training_records(kind, train_items.to_pylist()),
                            name=layout.scorer_model_name(kind))
     seeds = set(items.column("seed_id").to_pylist())
+    saved = posixpath.join(layout.finetune_dir(store, run_id, layout.scorer_model_name(kind)),
+                           "report.json")
+    report = store.read_json(saved) if summary.get("reused") and store.exists(saved) else \
+        scorer_report(store, run_id, config, kind, heldout)  # the same model: its report
     return {**summary, "kind": kind, "items": items.num_rows, "seeds": len(seeds),
-            "train_items": train_items.num_rows,
-            "report": scorer_report(store, run_id, config, kind, heldout)}
+            "train_items": train_items.num_rows, "report": report}
 
 
 @task(name="scorer-model", retries=0)

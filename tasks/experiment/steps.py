@@ -22,6 +22,7 @@ from gleaner.engine.step import Step
 from gleaner.store import Store
 from gleaner.tasks.evaluate.eval_sets import EvalPrompt, load_eval_set
 from gleaner.tasks.evaluate.stage import JUDGEMENT_SCHEMA
+from gleaner.tasks.evaluate.step import verdict_settings
 from gleaner.tasks.experiment.arms import Selection
 from gleaner.tasks.publish.versions import read_version
 
@@ -166,6 +167,7 @@ class ArmStep(Step):
     judged against and the evaluation settings; its result file is its output."""
 
     kind = "arm"
+    force_hint = "another experiment.name (or --run-id)"
 
     def __init__(self, config: GleanerConfig, arm: str, selection: Selection,
                  baseline: Selection, chosen: dict[str, Any],
@@ -179,13 +181,13 @@ class ArmStep(Step):
         return f"arm/{self.config.experiment.name}/{self.arm}"
 
     def settings(self) -> dict[str, Any]:
-        e = self.config.evaluate
+        e, m = self.config.evaluate, self.config.mt_bench
         return {"selection": self.selection.key, "dataset": self.dataset,
-                "baseline": self.baseline.key, "judge": e.endpoint.model,
-                "test_sets": list(e.test_sets), "rule": e.rule, "limit": e.limit,
-                "max_new_tokens": e.generation.max_tokens, "do_sample": e.generation.do_sample,
-                "temperature": e.generation.temperature if e.generation.do_sample else None,
-                "mt_bench": self.config.experiment.mt_bench}
+                "baseline": self.baseline.key, "test_sets": list(e.test_sets),
+                "rule": e.rule, "limit": e.limit, **verdict_settings(self.config),
+                "mt_bench": m.model_dump(mode="json", include={
+                    "question_ids", "per_category", "answers", "max_tokens"})
+                if self.config.experiment.mt_bench else None}
 
     def done(self, store: Store, run_id: str) -> bool:
         return store.exists(layout.experiment_arm_path(store, run_id, self.config.experiment

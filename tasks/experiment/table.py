@@ -20,6 +20,7 @@ from typing import Any
 from gleaner import layout
 from gleaner.artifacts import artifact_key
 from gleaner.config import GleanerConfig
+from gleaner.engine.step import publish_markdown
 from gleaner.store import Store
 
 
@@ -171,18 +172,16 @@ def write_result(store: Store, run_id: str, result: dict[str, Any]) -> dict[str,
 
 def publish(store: Store, run_id: str, result: Mapping[str, Any]) -> None:
     """The table (the plot inline) and a per-arm table artifact, in the Prefect UI."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     png = store.read_bytes(posixpath.join(layout.experiment_dir(
         store, run_id, result["experiment"]), "winning_score.png"))
     image = f"\n![winning score](data:image/png;base64,{base64.b64encode(png).decode()})\n"
     key = artifact_key("experiment", result["experiment"], run_id)
-    create_markdown_artifact(key=key, markdown=result["markdown"] + image,
-                             description=f"experiment {result['experiment']}: the grid")
     rows = []
     for arm in result["arms"]:
         for name, part in ((arm.get("evaluation") or {}).get("test_sets") or {}).items():
             rows.append({"arm": arm["arm"], "test_set": name, **{
                 k: part.get(k) for k in ("win", "tie", "lose", "failed", "winning_score",
                                          "lc_win_rate")}})
-    create_table_artifact(key=key[:94] + "-table", table=rows or [{"arm": "none judged"}])
+    publish_markdown(key, result["markdown"] + image,
+                     f"experiment {result['experiment']}: the grid",
+                     table=rows or [{"arm": "none judged"}])

@@ -359,6 +359,7 @@ class IngestStep(Step):
 
     kind = INGEST_STAGE
     description = "where every record read went"
+    force_hint = "--force (gleaner ingest; curate: another --run-id)"
 
     def __init__(self, plan: list[tuple[SourceFile, str, str | None]], config: GleanerConfig):
         self.plan, self.config = plan, config
@@ -374,6 +375,15 @@ class IngestStep(Step):
     def clear(self, store: Store, run_id: str) -> None:
         for stage in STAGES:
             store.clear_stage(run_id, stage)
+
+    def adopt(self, store: Store, run_id: str) -> dict[str, Any] | None:
+        """An ingest made before steps kept records, of the same sources and settings."""
+        if not self.done(store, run_id):
+            return None
+        previous = store.read_json(summary_path(store, run_id))
+        same = (previous.get("source_files"), previous.get("settings")) == (
+            self.urls, self.settings_record)
+        return previous if same else None
 
     def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
         self.clear(store, run_id)  # it streams: an interrupted attempt is redone from scratch

@@ -59,6 +59,7 @@ class MTBenchStep(Step):
     answered and graded; its input the model's version (a retrained model is asked again)."""
 
     kind = "mt_bench"
+    force_hint = "mt_bench.force: true"
 
     def __init__(self, store: Store, run_id: str, config: GleanerConfig, reference: str,
                  questions: list[Any]):
@@ -75,6 +76,8 @@ class MTBenchStep(Step):
     def settings(self) -> dict[str, Any]:
         m, g = self.config.mt_bench, self.config.evaluate.generation
         return {"questions": [q.question_id for q in self.questions],
+                "files": [m.questions_file, m.references_file,
+                          self.config.evaluate.test_sets_dir],
                 "answers": m.answers.model_dump(mode="json"),
                 "generation": {"backend": g.backend, "dtype": g.dtype},
                 "grader": {"model": self.config.evaluate.endpoint.model,

@@ -182,9 +182,13 @@ def approval_gate(config: GleanerConfig, run_id: str, summary: dict[str, Any],
     dataset = config.curate.dataset_name
     if already_published(config, store, run_id):
         return None  # a rerun: the publish step reuses the version this run published
+    from gleaner.tasks.publish.release import PublishStep
+
+    curated = PublishStep(config, store, run_id, {}, None).curated  # what would be published
     record = read_approval(store, run_id)
-    if record is not None and record.get("state") == "approved":
-        return record  # approved, then stopped before publishing: a rerun publishes
+    if record is not None and record.get("state") == "approved" \
+            and record.get("curated") == curated:
+        return record  # these examples approved, then stopped before publishing: publish
     context = FlowRunContext.get()
     current = context.flow_run if context is not None else None
     flow_run_id = str(current.id) if current is not None else None
@@ -195,6 +199,7 @@ def approval_gate(config: GleanerConfig, run_id: str, summary: dict[str, Any],
         change = change_against_current(store, dataset, run_id)
         deadline = (_now() + dt.timedelta(seconds=timeout_s)).isoformat(timespec="seconds")
         request_approval(store, run_id, "publish", dataset=dataset, flow_run_id=flow_run_id,
+                         curated=curated,
                          api_url=_api_url(), deployment=deployment, timeout_s=timeout_s,
                          deadline=deadline, change=change_counts(change))
         publish_markdown(f"approval-{run_id}",
@@ -419,6 +424,9 @@ def publish_lock(store: Store, dataset: str, run_id: str, wait_s: float = 600.0,
         time.sleep(poll_s)
     try:
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            store.delete(path)
+    finally:  # only its own lock: a waiter may have taken a stale one over
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            holder = store.read_json(path)
+            if (holder.get("run_id"), holder.get("pid"), holder.get("host")) == (
+                    me["run_id"], me["pid"], me["host"]):
+                store.delete(path)

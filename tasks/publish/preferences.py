@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gleaner import layout
 from gleaner.schema import TURN_TYPE
@@ -26,7 +27,12 @@ from gleaner.tasks.compare.pairs import PAIRS_SCHEMA
 from gleaner.tasks.compare.preferences import read_pairs
 from gleaner.tasks.evaluate.stage import JUDGEMENT_SCHEMA, pair_id
 from gleaner.tasks.evaluate.verdicts import LOSE, WIN, verdict
-from gleaner.tasks.publish.versions import publish_dataset_version, read_version
+from gleaner.tasks.publish.versions import (
+    ids_digest,
+    list_versions,
+    publish_dataset_version,
+    read_version,
+)
 
 PREFERENCE_VERSION_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
@@ -128,8 +134,14 @@ def publish_preferences(store: Store, run_id: str, name: str, origin: str,
         raise ValueError(f"run {run_id!r}: no {origin} pair to publish (every prompt tied or "
                          "failed?)")
     table = version_rows(pairs, source)
+    digest = ids_digest(pc.unique(table.column("id").combine_chunks()))
+    mine = [v for v in list_versions(store, name) if v["run_id"] == run_id]
+    for version in reversed(mine):
+        if version.get("ids_sha256") == digest:
+            return version  # these pairs are published already
     return publish_dataset_version(store, name, run_id, table, {"preference_source": source},
-                                   provenance={"kind": "preferences", "origin": source})
+                                   provenance={"kind": "preferences", "origin": source},
+                                   again=bool(mine))  # other pairs of the run: a new version
 
 
 def version_pairs(store: Store, spec: str) -> pa.Table:

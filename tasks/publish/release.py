@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.compute as pc
 from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
-from gleaner.engine.step import Step, read_step, run_step
+from gleaner.engine.step import Step, run_step
 from gleaner.schema import EXAMPLE_SCHEMA
 from gleaner.store import Store
 from gleaner.tasks.publish.versions import (
     diff_ingest,
+    ids_digest,
     latest_version,
     list_versions,
     publish_dataset_version,
@@ -87,10 +89,12 @@ def counts_markdown(run_id: str, summary: dict[str, Any]) -> str:
 
 class PublishStep(Step):
     """The dataset version of a run's selection: its key is the dataset, its input the curated
-    set. Done when the run has published a version of that curated set; a rerun then sends
-    no event. Another curated set of the run, or ``force``, is published as a new version."""
+    set (its example ids). Done when the run has published a version of those examples; a
+    rerun then sends no event. Other examples (another selection of the run), or ``force``,
+    are published as a new version; a publish killed before its record finds its version."""
 
     kind = "publish"
+    force_hint = "another --run-id"
     artifact = "curate"  # the table a person reads first, named after the run
     description = "where every example went"
 
@@ -98,11 +102,8 @@ class PublishStep(Step):
                  summary: dict[str, Any], before: str | None, force: bool = False):
         self.config, self.summary, self.before, self.force = config, summary, before, force
         self.run_id = run_id
-        self.curated = store.stage_version(run_id, layout.CURATED)
-        record = read_step(store, run_id, self.kind)
-        # the run published another selection before: this one is a new version (a record
-        # missing after a publish, a crash in between, finds the run's version and keeps it)
-        self.reselected = record is not None and record.get("inputs") != self.inputs()
+        ids = store.read_stage(run_id, layout.CURATED, columns=["id"]).column("id")
+        self.curated = ids_digest(pc.unique(ids.combine_chunks()) if ids.num_chunks else ids)
 
     def settings(self) -> dict[str, Any]:
         return {"dataset": self.config.curate.dataset_name}
@@ -110,15 +111,24 @@ class PublishStep(Step):
     def inputs(self) -> dict[str, Any]:
         return {"curated": self.curated}  # another selection: published as a new version
 
+    def mine(self, store: Store, run_id: str) -> list[dict[str, Any]]:
+        return [v for v in list_versions(store, self.config.curate.dataset_name)
+                if v["run_id"] == run_id]
+
     def done(self, store: Store, run_id: str) -> bool:
-        return any(v["run_id"] == run_id for v in list_versions(store, self.config.curate
-                                                                .dataset_name))
+        return any(v.get("ids_sha256") == self.curated for v in self.mine(store, run_id))
 
     def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
         rate = self.summary.get("rate") or {}
-        version = publish_version(self.config, run_id, {
-            "requests_sent": rate.get("requests", 0), "requests_saved": rate.get("cached", 0)},
-            again=self.force or self.reselected)
+        mine = self.mine(store, run_id)
+        published = next((v for v in reversed(mine) if v.get("ids_sha256") == self.curated),
+                         None)
+        if published is not None and not self.force:
+            version = published  # published before its record was written: not again
+        else:
+            version = publish_version(self.config, run_id, {
+                "requests_sent": rate.get("requests", 0),
+                "requests_saved": rate.get("cached", 0)}, again=self.force or bool(mine))
         out: dict[str, Any] = {"dataset": version}
         if self.before is not None:
             out["pool_diff"] = diff_ingest(store, self.before, run_id, stage=layout.INGEST)

@@ -42,7 +42,8 @@ def run_reward_train(store: Store, run_id: str, config: GleanerConfig) -> dict[s
                                                   settings.seed, "reward.train")
     step = TrainStep(layout.REWARD_MODEL, settings, table_version(pairs), "reward",
                      lambda: _reward(store, run_id, config, pairs, train_pairs, heldout_pairs),
-                     heldout_fraction=settings.heldout_fraction, seed=settings.seed)
+                     "reward.train.force", heldout_fraction=settings.heldout_fraction,
+                     seed=settings.seed)
     return run_step(store, run_id, step, force=settings.force)
 
 

@@ -126,9 +126,9 @@ def run_status(store: Store, run_id: str, versions: dict[str, list[dict[str, Any
             summaries[folder] = _read(store, path)
         elif folder and name == layout.PLAN_FILE:
             touched.add(folder)
-    # a stage: a plan, a summary or a lease (a stage writes its plan before any part;
-    # ingest and other steps write parts without one, and are steps, not stages)
-    names = sorted(set(summaries) | set(leases) | touched)
+    # a stage: a plan or a lease (an engine stage writes its plan before any part); a summary
+    # without either is a step's output (ingest, select, compare's pairs), counted as its step
+    names = sorted(set(leases) | touched)
     stages = []
     for name in names:
         summary = summaries.get(name)
@@ -150,8 +150,12 @@ def run_status(store: Store, run_id: str, versions: dict[str, list[dict[str, Any
     counts["done"] += len(step_rows)
     approval = _read(store, store.run_path(run_id, APPROVAL_FILE))
     waiting = bool(approval and approval.get("state") == "waiting")
+    if waiting and (approval.get("deadline") or "9999") < dt.datetime.now(dt.UTC).isoformat(
+            timespec="seconds"):  # a suspended run past its timeout never came back to say so
+        waiting, approval = False, {**approval, "state": "timed out"}
     plan = _read(store, layout.cost_plan_path(store, run_id))
-    spent = [s.get("est_cost_usd") or 0.0 for s in (*stages, *step_rows)]
+    # what was spent is the stages' (a step's summary repeats the cost of the stages in it)
+    spent = [s.get("est_cost_usd") or 0.0 for s in stages]
     if versions is None:
         versions = published_versions(store)
     if counts["running"]:

@@ -137,6 +137,7 @@ class SelectStep(Step):
 
     kind = layout.SELECT
     description = "the selection's report"
+    force_hint = "--force (gleaner select; curate: another --run-id)"
 
     def __init__(self, store: Store, run_id: str, config: GleanerConfig,
                  size_of: str | None = None):

@@ -235,17 +235,21 @@ def table_version(table: pa.Table) -> str:
 class TrainStep(Step):
     """A training run of a trainer section, on the step contract.
 
-    Its key: the base model, the data, the recipe (preset and overrides, less the layout
-    and the step count), PEFT and the objective; not the strategy, world size or workers.
-    More steps than on record continue from the Ray Train checkpoint in the store; ``force``
-    removes the model and its checkpoints and trains afresh."""
+    Its key: the base model, the recipe (preset and overrides, less the layout and the step
+    count), PEFT and the objective; not the strategy, world size or workers. Its inputs: the
+    data (its content) and, for a policy, the model it starts from: other data (another
+    selection of the run) trains afresh, never from the old checkpoints. More steps than on
+    record continue from the Ray Train checkpoint in the store; ``force`` removes the model
+    and its checkpoints and trains afresh."""
 
     kind = "train"
 
     def __init__(self, model: str, section: Any, data: str, objective: str,
-                 fit: Callable[[], dict[str, Any]], **extra: Any):
+                 fit: Callable[[], dict[str, Any]], force_key: str,
+                 start: str | None = None, **extra: Any):
         self.model, self.section, self.data, self.objective = model, section, data, objective
-        self.fit, self.extra = fit, extra
+        self.fit, self.start, self.extra = fit, start, extra
+        self.force_hint = f"{force_key}: true (--force)"
 
     @property
     def name(self) -> str:
@@ -256,7 +260,10 @@ class TrainStep(Step):
         return {"base_model": s.base_model, "preset": s.preset, "objective": self.objective,
                 "recipe": {k: v for k, v in sorted(s.overrides.items()) if k not in LAYOUT_ONLY},
                 "peft": s.peft, "lora": s.lora.model_dump(mode="json") if s.peft != "none"
-                else None, "data": self.data, **self.extra}
+                else None, **self.extra}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"data": self.data, **({"start": self.start} if self.start else {})}
 
     def extent(self) -> int | None:
         steps = self.section.overrides.get("max_steps")
@@ -271,6 +278,12 @@ class TrainStep(Step):
         folder = layout.finetune_dir(store, run_id, self.model)
         if store.fs.exists(folder):
             store.fs.rm(folder, recursive=True)
+
+    def adopt(self, store: Store, run_id: str) -> dict[str, Any] | None:
+        """A model trained before steps kept records: reused as it was then."""
+        if not self.done(store, run_id):
+            return None
+        return store.read_json(layout.finetune_file(store, run_id, self.model, "summary.json"))
 
     def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
         return self.fit()
@@ -340,7 +353,8 @@ def run_finetune(store: Store, run_id: str, config: GleanerConfig,
     if table.num_rows == 0:
         raise ValueError(f"fine-tuning {name!r}: the dataset is empty")
     step = TrainStep(name, config.finetune, table_version(table), "sft",
-                     lambda: _finetune(store, run_id, config, table, dataset, name, summary_path))
+                     lambda: _finetune(store, run_id, config, table, dataset, name, summary_path),
+                     "finetune.force")
     return run_step(store, run_id, step, force=config.finetune.force)
 
 
