@@ -141,7 +141,8 @@ def published(run: ViewerRun) -> dict:
 def test_the_dataset_and_card_built_for_the_push(run: ViewerRun, published: dict) -> None:
     from huggingface_hub import DatasetCard
 
-    from gleaner.tasks.publish.hub import find_version, hub_card, version_dataset
+    from gleaner.tasks.publish.hub import hub_card, version_dataset
+    from gleaner.tasks.publish.versions import find_version
 
     manifest = find_version(run.store, "hub-test", None)
     dataset = version_dataset(run.store, manifest)

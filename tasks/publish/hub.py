@@ -17,24 +17,13 @@ from typing import Any
 
 from gleaner.store import Store
 from gleaner.tasks.publish.card import PROVENANCE_FILE, README_FILE
-from gleaner.tasks.publish.versions import list_versions, version_label
+from gleaner.tasks.publish.versions import find_version
 
 HUB_DATA_FILES = "data/train-*"  # where push_to_hub puts a single train split
 
 
 class HubUnavailable(RuntimeError):
     """The Hub cannot take the push: the message names the endpoint and the cause."""
-
-
-def find_version(store: Store, name: str, version: int | None) -> dict[str, Any]:
-    """The manifest of ``name``'s version ``version`` (the latest when None)."""
-    versions = list_versions(store, name)
-    if version is not None:
-        versions = [m for m in versions if m["version"] == version]
-    if not versions:
-        which = "any version" if version is None else version_label(version)
-        raise FileNotFoundError(f"dataset {name!r} has no {which} in {store.uri(store.root)}")
-    return versions[-1]
 
 
 def version_dataset(store: Store, manifest: dict[str, Any]) -> Any:

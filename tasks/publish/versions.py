@@ -79,15 +79,20 @@ def latest_version(store: Store, name: str) -> dict[str, Any] | None:
     return versions[-1] if versions else None
 
 
-def read_version(store: Store, name: str, version: int | None = None) -> pa.Table:
-    """A published dataset (the latest when ``version`` is None)."""
+def find_version(store: Store, name: str, version: int | None = None) -> dict[str, Any]:
+    """The manifest of ``name``'s version ``version`` (the latest when None)."""
     versions = list_versions(store, name)
     if version is not None:
         versions = [m for m in versions if m["version"] == version]
     if not versions:
         which = "any version" if version is None else version_label(version)
         raise FileNotFoundError(f"dataset {name!r} has no {which} in {store.uri(store.root)}")
-    return _read(store, versions[-1]["path"])
+    return versions[-1]
+
+
+def read_version(store: Store, name: str, version: int | None = None) -> pa.Table:
+    """A published dataset (the latest when ``version`` is None)."""
+    return _read(store, find_version(store, name, version)["path"])
 
 
 def _read(store: Store, path: str) -> pa.Table:
