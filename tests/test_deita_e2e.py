@@ -152,7 +152,7 @@ def test_select_on_alpaca_9k(shared_data, tmp_path, prefect_api):
 
     # A same-size random baseline (seeded) and AlpaGasus' plain threshold, on the same run.
     result = runner.invoke(app, [
-        "select", "--run-id", RUN, "--store", store_url, "--selector", "random",
+        "select", "--run-id", RUN, "--store", store_url, "--selector", "random", "--force",
         "--budget", "400", "--seed", "3", "--json",
     ])
     assert result.exit_code == 0, result.output
@@ -160,7 +160,7 @@ def test_select_on_alpaca_9k(shared_data, tmp_path, prefect_api):
     assert random_summary["selected"] == 400
     assert sum(random_summary["reasons"].values()) == len(ids)
     result = runner.invoke(app, [
-        "select", "--run-id", RUN, "--store", store_url, "--selector", "threshold",
+        "select", "--run-id", RUN, "--store", store_url, "--selector", "threshold", "--force",
         "--threshold", "4.5", "--json",
     ])
     threshold_summary = json.loads(result.stdout.strip().splitlines()[-1])
