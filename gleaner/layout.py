@@ -8,6 +8,7 @@
     <root>/runs/<run_id>/<stage>/_batch/state.json         Batch API: batches and file ids sent
     <root>/runs/<run_id>/<stage>/_batch/{requests,keys,answers,usage}/...   its files
     <root>/runs/<run_id>/cost_plan.json                    the cost plan made before the run
+    <root>/runs/<run_id>/steps/<step>.json                 a step's key, inputs and summary
     <root>/runs/<run_id>/generate/part-NNNNN.parquet       self-instruct round N: its requests
                                                            and their tasks (kept / filtered why)
     <root>/runs/<run_id>/regenerate/part-NNNNN.parquet     teacher answers beside the originals

@@ -146,8 +146,12 @@ def test_a_fatal_error_stops_submission(prefect_api, tmp_path) -> None:
     write_ids(control, "fatal.json", ids_of(examples)[:10])  # the first batch
     with pytest.raises(FatalStageError, match="key was rejected"):
         run(store, "x", control)
-    # at most the batches already in flight ran; the rest were never submitted
-    assert len(store.finished_parts("x", "toy")) <= 4
+    # at most the batches already in flight ran (the engine's window: two per CPU of the Ray
+    # this process uses, whichever test started it); the rest were never submitted
+    import ray
+
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    assert window < 10 and len(store.finished_parts("x", "toy")) <= window
     assert store.read_json(layout.summary_path(store, "x", "toy"))["status"] == "stopped"
     (control / "fatal.json").unlink()
     assert run(store, "x", control)["ok"] == 100

@@ -169,6 +169,15 @@ def test_rerun_reuses_redo_needs_force_and_interrupted_attempts_are_redone(tmp_p
     first, store = ingest(tmp_path, a)
     again, _ = ingest(tmp_path, a, store=store)
     assert again["reused"] is True and again["kept"] == first["kept"]
+    # a store from before steps kept records: its ingest is adopted, not redone or replaced
+    store.fs.rm(store.run_path("r", "steps", "ingest.json"))
+    adopted, _ = ingest(tmp_path, a, store=store)
+    assert adopted["reused"] is True and store.exists(store.run_path("r", "steps",
+                                                                     "ingest.json"))
+    store.fs.rm(store.run_path("r", "steps", "ingest.json"))
+    with pytest.raises(PlanMismatch, match="already holds an ingest of other sources"):
+        ingest(tmp_path, b, store=store)
+    ingest(tmp_path, a, store=store)  # adopted again: the record is back
     with pytest.raises(PlanMismatch, match="other settings .source_files"):
         ingest(tmp_path, b, store=store)
     replaced, _ = ingest(tmp_path, b, store=store, force=True)

@@ -1,8 +1,8 @@
 """A step that makes its output whole (not in batches), on the same contract as a stage.
 
-Ingest, selection, a dataset version, a training run and a grid arm each make
-one output at once. They share the batched stages' rules (gleaner.engine.plan)
-through one function, :func:`run_step`:
+Ingest, selection, a dataset version, a training run, a pairwise evaluation, the
+comparison data, MT-Bench and a grid arm each make one output at once. They share the
+batched stages' rules (gleaner.engine.plan) through one function, :func:`run_step`:
 
 - **the key**: a hash of the settings that make the output (``Step.settings()``),
   kept with the step's summary in ``runs/<id>/steps/<name>.json``;

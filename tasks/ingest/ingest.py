@@ -27,6 +27,7 @@ from prefect import task
 
 from gleaner import layout
 from gleaner.config import GleanerConfig, IngestConfig
+from gleaner.engine.plan import PlanMismatch
 from gleaner.engine.step import Step, run_step
 from gleaner.runs import record_run
 from gleaner.schema import EXAMPLE_SCHEMA, QUARANTINE_SCHEMA, Example
@@ -381,9 +382,12 @@ class IngestStep(Step):
         if not self.done(store, run_id):
             return None
         previous = store.read_json(summary_path(store, run_id))
-        same = (previous.get("source_files"), previous.get("settings")) == (
-            self.urls, self.settings_record)
-        return previous if same else None
+        if (previous.get("source_files"), previous.get("settings")) != (
+                self.urls, self.settings_record):
+            raise PlanMismatch(
+                f"run {run_id!r} already holds an ingest of other sources or settings; "
+                f"rerun with the same ones, or {self.force_hint} to replace it")
+        return previous
 
     def run(self, store: Store, run_id: str, *, resume: bool) -> dict[str, Any]:
         self.clear(store, run_id)  # it streams: an interrupted attempt is redone from scratch
