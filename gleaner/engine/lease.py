@@ -54,12 +54,16 @@ def holder_is_stale(holder: dict[str, Any], ttl_s: float = 60.0) -> bool:
 
 
 class Lease:
-    """``with Lease(store, run_id, stage):`` holds the stage for this process."""
+    """``with Lease(store, run_id, stage):`` holds the stage for this process. ``path``: a
+    lease on something else of the store (a dataset's publishing); ``wait_s``: wait that
+    long for a live holder instead of refusing at once."""
 
     def __init__(self, store: Store, run_id: str, stage: str, ttl_s: float = 60.0,
-                 heartbeat_s: float = 10.0):
+                 heartbeat_s: float = 10.0, path: str | None = None, wait_s: float = 0.0,
+                 poll_s: float = 1.0):
         self.store, self.run_id, self.stage = store, run_id, stage
-        self.path = layout.lease_path(store, run_id, stage)
+        self.path = path or layout.lease_path(store, run_id, stage)
+        self.wait_s, self.poll_s = wait_s, poll_s
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         from gleaner.flow_runs import current_flow_run_id
 
@@ -82,7 +86,10 @@ class Lease:
             return None
 
     def acquire(self) -> None:
-        for _ in range(3):
+        deadline = time.monotonic() + self.wait_s
+        tries = 0
+        while tries < 3:
+            tries += 1
             if self.store.create_exclusive(self.path, self._document()):
                 self._start_heartbeat()
                 return
@@ -94,9 +101,15 @@ class Lease:
                 self.store.delete(self.path)  # the holder stopped heartbeating: take over
                 self._took_over(holder)
                 continue
+            if time.monotonic() < deadline:  # a live holder: wait for it
+                time.sleep(self.poll_s)
+                tries = 0
+                continue
             raise LeaseHeld(
                 f"stage {self.stage!r} of run {self.run_id!r} is being run by "
-                f"{holder.get('host')} pid {holder.get('pid')} (runner {holder.get('runner')}), "
+                f"{holder.get('host')} pid {holder.get('pid')} (runner {holder.get('runner')}"
+                + (f", run {holder.get('run_id')!r}" if holder.get("run_id") != self.run_id
+                   else "") + "), "
                 f"last heartbeat {age:.0f}s ago; wait for it to finish, or for its lease to go "
                 f"stale ({self.ttl_s:.0f}s without a heartbeat) if it died"
             )

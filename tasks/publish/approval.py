@@ -27,12 +27,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import getpass
-import json
-import os
 import posixpath
-import socket
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
@@ -43,6 +39,7 @@ from pydantic import Field
 
 from gleaner import layout
 from gleaner.config import GleanerConfig
+from gleaner.engine.lease import Lease, LeaseHeld
 from gleaner.engine.step import publish_markdown
 from gleaner.runs import decide_approval, read_approval, request_approval
 from gleaner.store import Store
@@ -53,7 +50,6 @@ POLL_S = 3  # how often a paused CLI run asks the API whether it was resumed
 SAMPLE = 5  # added and removed examples shown
 NOT_PUBLISHED = "Not published"  # the name of the final state of a run that did not publish
 LOCK_FILE = "_publish.lock"
-LOCK_STALE_S = 3600.0  # a lock older than this (its holder died elsewhere) is taken over
 
 
 class ApprovalError(ValueError):
@@ -401,32 +397,17 @@ def answer_approval(store: Store, run_id: str, approve: bool, by: str | None = N
 @contextlib.contextmanager
 def publish_lock(store: Store, dataset: str, run_id: str, wait_s: float = 600.0,
                  poll_s: float = 1.0) -> Iterator[None]:
-    """Hold ``datasets/<name>/_publish.lock`` (created exclusively) while publishing; another
-    holder is waited for (up to ``wait_s``), a dead one (its process gone, or older than an
-    hour) is taken over."""
-    from gleaner.engine.lease import holder_is_stale
-
-    path = posixpath.join(dataset_dir(store, dataset), LOCK_FILE)
-    me = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-          "heartbeat": time.time(), "ttl_s": LOCK_STALE_S}
-    deadline = time.monotonic() + wait_s
-    while not store.create_exclusive(path, json.dumps(me).encode()):
-        try:
-            holder = store.read_json(path)
-        except (FileNotFoundError, ValueError):
-            continue  # released (or half-written) between the two calls: try again
-        if holder_is_stale(holder):
-            store.delete(path)
-            continue
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"dataset {dataset!r}: run {holder.get('run_id')} has been "
-                               f"publishing for over {wait_s:.0f}s ({store.uri(path)})")
-        time.sleep(poll_s)
+    """Hold ``datasets/<name>/_publish.lock`` while publishing: the store's lease (created
+    exclusively, heartbeated, a dead holder's taken over, only its own released); another
+    live holder is waited for up to ``wait_s``."""
+    lease = Lease(store, run_id, f"publish of {dataset}", wait_s=wait_s, poll_s=poll_s,
+                  path=posixpath.join(dataset_dir(store, dataset), LOCK_FILE))
+    try:
+        lease.acquire()
+    except LeaseHeld as error:
+        raise TimeoutError(f"dataset {dataset!r}: not published within {wait_s:.0f}s: "
+                           f"{error}") from None
     try:
         yield
-    finally:  # only its own lock: a waiter may have taken a stale one over
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            holder = store.read_json(path)
-            if (holder.get("run_id"), holder.get("pid"), holder.get("host")) == (
-                    me["run_id"], me["pid"], me["host"]):
-                store.delete(path)
+    finally:
+        lease.release()
