@@ -18,24 +18,14 @@ PAIR_COLUMNS = ("id", "test_set", "key", "question", "answer_a", "answer_b", "a_
 
 
 def comparisons(store: Store, run_id: str) -> list[dict[str, Any]]:
-    """Every ``evaluate/<a>-vs-<b>/summary.json`` of the run (the grid's arms' included)."""
-    base = store.run_path(run_id, "evaluate")
-    try:
-        paths = store.fs.glob(posixpath.join(base, "*", "summary.json"))
-    except FileNotFoundError:
-        return []
-    out = []
-    for path in sorted(paths):
-        summary = store.read_json(path)
-        if "test_sets" not in summary:  # mt_bench/<model>/summary.json and the like
-            continue
-        name = posixpath.basename(posixpath.dirname(path))
-        out.append({"comparison": name, "model_a": summary.get("model_a"),
-                    "model_b": summary.get("model_b"), "rule": summary.get("rule"),
-                    "judge_model": summary.get("judge_model"),
-                    "test_sets": summary.get("test_sets", {}),
-                    "overall": summary.get("overall", {})})
-    return out
+    """Every pairwise evaluation of the run (the grid's arms' included)."""
+    from gleaner.tasks.evaluate.run import stored_comparisons
+
+    return [{"comparison": name, "model_a": summary.get("model_a"),
+             "model_b": summary.get("model_b"), "rule": summary.get("rule"),
+             "judge_model": summary.get("judge_model"),
+             "test_sets": summary.get("test_sets", {}), "overall": summary.get("overall", {})}
+            for name, summary in stored_comparisons(store, run_id).items()]
 
 
 def arms(store: Store, run_id: str) -> list[dict[str, Any]]:

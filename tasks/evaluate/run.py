@@ -239,6 +239,22 @@ def report(store: Store, run_id: str, config: GleanerConfig, comparison: str, la
     return summary
 
 
+def stored_comparisons(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
+    """Every pairwise evaluation the run holds (``evaluate/<a>-vs-<b>/summary.json``, the
+    grid's arms' included), by comparison name."""
+    base = store.run_path(run_id, "evaluate")
+    try:
+        paths = store.fs.glob(posixpath.join(base, "*", "summary.json"))
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for path in sorted(paths):
+        summary = store.read_json(path)
+        if "test_sets" in summary:  # not mt_bench/<model>/summary.json and the like
+            out[posixpath.basename(posixpath.dirname(path))] = summary
+    return out
+
+
 # ---- LIMA's absolute evaluation (tasks/evaluate/likert.py) ------------------------------------
 def likert_samples(config: GleanerConfig) -> int:
     """Answers per prompt and model: ``evaluate.likert.samples`` when it rates, else 1."""

@@ -13,7 +13,6 @@ chosen; ties and judge failures make no pair. A side's score is its mean over bo
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -95,11 +94,10 @@ def verdict_pairs(judgements: pa.Table, rule: str) -> list[dict[str, Any]]:
 def comparison_verdicts(store: Store, run_id: str, comparison: str | None
                         ) -> tuple[str, str, pa.Table]:
     """(comparison, rule, every test set's judgements) of one pairwise evaluation of the run."""
-    base = store.run_path(run_id, "evaluate")
-    summaries = sorted(p for p in (store.fs.glob(posixpath.join(base, "*", "summary.json"))
-                                   if store.fs.exists(base) else []))
-    names = [posixpath.basename(posixpath.dirname(p)) for p in summaries]
-    names = [n for n in names if n not in ("answers", "mt_bench")]
+    from gleaner.tasks.evaluate.run import stored_comparisons
+
+    stored = stored_comparisons(store, run_id)
+    names = list(stored)
     if comparison is None:
         if len(names) != 1:
             raise ValueError(
@@ -110,8 +108,7 @@ def comparison_verdicts(store: Store, run_id: str, comparison: str | None
     elif comparison not in names:
         raise FileNotFoundError(f"run {run_id!r} has no evaluation {comparison!r} "
                                 f"(it has: {', '.join(names) or 'none'})")
-    summary = store.read_json(posixpath.join(layout.comparison_dir(store, run_id, comparison),
-                                             "summary.json"))
+    summary = stored[comparison]
     tables = [store.read_stage(run_id, layout.judge_stage(comparison, name),
                                schema=JUDGEMENT_SCHEMA) for name in summary["test_sets"]
               if store.has_stage(run_id, layout.judge_stage(comparison, name))]
