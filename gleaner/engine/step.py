@@ -47,6 +47,16 @@ def read_step(store: Store, run_id: str, name: str) -> dict[str, Any] | None:
     return store.read_json(path) if store.exists(path) else None
 
 
+def step_records(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
+    """Every step record of the run, by step name."""
+    try:
+        paths = store.fs.glob(posixpath.join(store.run_path(run_id, STEPS_DIR), "*.json"))
+    except FileNotFoundError:
+        return {}
+    records = (store.read_json(path) for path in sorted(paths))
+    return {record["step"]: record for record in records if record.get("step")}
+
+
 def publish_markdown(key: str, markdown: str, description: str,
                      table: list[dict[str, Any]] | None = None) -> None:
     """A markdown artifact (and a table artifact, ``<key>-table``, when ``table`` is given)

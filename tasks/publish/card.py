@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from gleaner import layout
+from gleaner.engine.step import step_records
 from gleaner.store import Store
 
 README_FILE = "README.md"
@@ -142,16 +143,6 @@ def stage_plans(store: Store, run_id: str) -> dict[str, Any]:
         plan = store.read_json(path)
         out[stage] = {"key": plan.get("key"), "requested": plan.get("requested"),
                       "resolved": plan.get("resolved")}
-    return out
-
-
-def step_records(store: Store, run_id: str) -> dict[str, Any]:
-    """Every step's record: settings, settings key, and its summary's counts."""
-    directory = store.run_path(run_id, "steps")
-    out: dict[str, Any] = {}
-    for path in sorted(store.fs.glob(posixpath.join(directory, "*.json"))):
-        record = store.read_json(path)
-        out[record.get("step") or posixpath.basename(path)[:-5]] = record
     return out
 
 
