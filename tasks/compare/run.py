@@ -32,7 +32,8 @@ log = logging.getLogger("gleaner.compare")
 
 def gather_responses(store: Store, run_id: str, config: GleanerConfig,
                      specs: list[str] | None = None, limit: int | None = None) -> Gathered:
-    """Read every source, write the distinct (prompt, response) rows to judge."""
+    """Read every source: the distinct (prompt, response) rows to judge (CompareStep writes
+    them)."""
     specs = specs or config.compare.responses
     if len(set(specs)) != len(specs):
         raise ValueError(f"--responses names a source twice: {specs}")

@@ -173,12 +173,11 @@ class SelectStep(Step):
         return report_markdown(self.store, self.report, self.paths)
 
 
-def select_examples(store: Store, run_id: str, config: GleanerConfig,
-                    size_of: str | None = None, size: int | None = None
+def select_examples(store: Store, run_id: str, config: GleanerConfig, size: int | None = None
                     ) -> tuple[dict[str, Any], Any, dict[str, str]]:
-    """Select; write manifest, curated examples, report and summary. (summary, report, paths)"""
+    """Select (``size``: as many as another selection kept); write manifest, curated
+    examples, report and summary. (summary, report, paths)"""
     started = time.perf_counter()
-    size = selected_count(store, size_of) if size_of else size
     data = load_candidates(store, run_id, need_vectors=selector(config.select.selector)
                            .needs_vectors)
     manifest = select_manifest(data, config, size)
